@@ -1,0 +1,121 @@
+"""A client's personal state: in `context.state`, mirrored to a per-node folder on disk.
+
+What persists (expert, gates, the received extractor, own head, config) is
+written atomically as safetensors under `<state-dir>/<run-key>/partition-<id>.safetensors`
+when the node config names a `state-dir`; a restarted SuperNode reads it back.
+Safetensors holds tensors only (no pickled code), so loading it is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from safetensors.torch import load_file, save_file
+
+CONFIG_KEY = "nmoe-config"
+PERSISTED_PREFIXES = ("model/",)  # scratch entries (caches, pending queries) stay in memory
+SEP = "::"
+
+
+class PersonalState:
+    """Named groups of arrays (`model/expert`, `scratch/cache` ...) plus the run config."""
+
+    def __init__(self, context: Context, config_json: str | None = None) -> None:
+        self.context = context
+        self.state = context.state
+        self.partition_id = int(context.node_config.get("partition-id", 0))
+        self.num_partitions = int(context.node_config.get("num-partitions", 1))
+        state_dir = context.node_config.get("state-dir")
+        self.state_dir = Path(str(state_dir)) if state_dir else None
+        if config_json is not None:
+            self.set_config(config_json)
+        has_models = any(name.startswith(PERSISTED_PREFIXES) for name in self.state.array_records)
+        path = self.file_path()
+        if not has_models and path is not None and path.is_file():
+            self.load_file(path)  # a restarted node gets its personal state back
+
+    # --- config -----------------------------------------------------------------
+    def set_config(self, config_json: str) -> None:
+        self.state[CONFIG_KEY] = ConfigRecord({"json": config_json})
+
+    def config_json(self) -> str:
+        if CONFIG_KEY not in self.state.config_records:
+            raise ValueError("this node has no run configuration yet (send query.info or a train message first)")
+        return str(self.state[CONFIG_KEY]["json"])
+
+    # --- arrays -----------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.state.array_records
+
+    def get(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self.state.array_records:
+            raise ValueError(f"this node holds no '{name}' yet (run the stage that creates it first)")
+        return {k: v.numpy() for k, v in self.state[name].items()}
+
+    def put(self, name: str, arrays: dict[str, Any]) -> None:
+        self.state[name] = ArrayRecord({k: Array(np.ascontiguousarray(_to_numpy(v))) for k, v in arrays.items()})
+
+    def drop(self, name: str) -> None:
+        if name in self.state.array_records:
+            del self.state[name]
+
+    # --- disk ---------------------------------------------------------------------
+    def run_key(self) -> str:
+        """Folder name that separates runs: the config's `state_key` or the Flower run id."""
+        cfg = json.loads(self.config_json())
+        return str(cfg.get("state_key") or f"run-{self.context.run_id}")
+
+    def file_path(self) -> Path | None:
+        if self.state_dir is None or CONFIG_KEY not in self.state.config_records:
+            return None
+        return self.state_dir / self.run_key() / f"partition-{self.partition_id}.safetensors"
+
+    def persist(self) -> Path | None:
+        """Write every persisted group atomically (temp file, fsync, rename)."""
+        path = self.file_path()
+        if path is None:
+            return None
+        tensors = {
+            f"{name}{SEP}{key}": torch.from_numpy(np.array(arr.numpy()))
+            for name, record in self.state.array_records.items() if name.startswith(PERSISTED_PREFIXES)
+            for key, arr in record.items()
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"config": self.config_json()})
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def load_file(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for full_key, tensor in load_file(str(path)).items():
+            name, key = full_key.split(SEP, 1)
+            groups.setdefault(name, {})[key] = tensor.numpy()
+        for name, arrays in groups.items():
+            self.put(name, arrays)
+        if "config" in metadata and CONFIG_KEY not in self.state.config_records:
+            self.set_config(metadata["config"])
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)

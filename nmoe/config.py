@@ -1,0 +1,237 @@
+"""Typed configuration: Hydra composes `conf/`, these dataclasses type-check it.
+
+Both entry points (the ServerApp under `flwr run` and the Hydra CLI) call
+`compose_config`, so one set of defaults and one validation serve them all.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+FE_METHODS = ("fedce", "fedsc", "hybrid")
+GATE_METHODS = ("rangate", "rollgate", "fedgate")
+DATASETS = ("digits", "cifar10")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+EXTRACTORS = ("cnn", "resnet")
+TOPOLOGIES = ("full", "ring", "regular", "geometric")
+ROLL_ORDERS = ("fixed", "shuffled")
+BASELINES = (
+    "fedavg",
+    "shared_fe_own_head",
+    "local_only",
+    "centralized",
+    "rangate",
+    "rollgate",
+    "fedgate",
+)
+LOG_LEVELS = ("quiet", "info", "verbose")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, mistyped or out of range."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    path: Optional[str] = None  # local torchvision-style folder (cifar10)
+    hf_name: str = "uoft-cs/cifar10"
+    local_test_fraction: float = 0.2
+    global_test_fraction: float = 0.2
+    max_samples: int = 0  # 0 = all; cap for quick runs on large datasets
+
+
+@dataclass
+class PartitionConfig:
+    kind: str = "dirichlet"
+    alpha: float = 0.3
+    classes_per_client: int = 2
+    min_partition_size: int = 10
+
+
+@dataclass
+class ModelConfig:
+    extractor: str = "cnn"
+    feature_dim: int = 64
+    cnn_channels: int = 32
+    resnet_width: int = 16
+    resnet_blocks: int = 1
+    expert_hidden: int = 64
+    gate_hidden: int = 32
+    projector_dim: int = 64
+
+
+@dataclass
+class FEConfig:
+    method: str = "fedce"
+    rounds: int = 5
+    local_epochs: int = 1
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    ssl_weight: float = 1.0  # lambda in CE + lambda * SSL (hybrid)
+    embedding_clip: float = 1.0  # FedSC norm clip of projector outputs
+    share_correlation: bool = False
+    correlation_noise: float = 0.0  # std of Gaussian noise on shared correlations
+    probe_epochs: int = 50  # linear probe of F on the global test (fedsc/hybrid)
+
+
+@dataclass
+class ExpertConfig:
+    epochs: int = 15
+    lr: float = 0.01
+    batch_size: int = 32
+    shared_expert: bool = False
+    shared_rounds: int = 5
+
+
+@dataclass
+class GateConfig:
+    method: str = "fedgate"
+    k: int = 2
+    rounds: int = 5
+    local_epochs: int = 2
+    lr: float = 0.05
+    batch_size: int = 32
+    noise_std: float = 1.0
+    sync_trunk_every: int = 1  # FedGate: average the trunk every s rounds (0 = never)
+    sync_head_every: int = 0  # FedGate: average the output layer every s rounds (0 = never)
+    roll_order: str = "fixed"
+
+
+@dataclass
+class TopologyConfig:
+    kind: str = "full"
+    degree: int = 3
+    radius: float = 0.5
+
+
+@dataclass
+class SimulationConfig:
+    """Settings of the in-process simulation used by the Hydra CLI."""
+
+    num_clients: int = 6
+    client_cpus: float = 1.0
+    ray_address: Optional[str] = None  # attach to an existing Ray cluster
+
+
+@dataclass
+class NMoEConfig:
+    seed: int = 0
+    output_dir: str = "outputs/latest"
+    log_level: str = "info"
+    round_timeout_s: float = 600.0
+    min_nodes: int = 2
+    baselines: list[str] = field(default_factory=list)
+    feature_noise_std: float = 0.0  # Gaussian noise on features sent to peers
+    max_query_batch: int = 100_000  # clients refuse larger feature batches
+    client_threads: int = 1  # torch threads per client process (0 = torch default)
+    min_reply_fraction: float = 0.5  # a round counts if at least this fraction replied
+    round_retries: int = 1  # retries of a round that got too few replies
+    audit_messages: bool = False  # describe every message crossing the grid in messages.jsonl
+    state_key: Optional[str] = None  # folder name of the clients' saved state (default: run id)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fe: FEConfig = field(default_factory=FEConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, f"got '{value}', allowed values: {', '.join(allowed)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise `ConfigError` naming the key of the first invalid value."""
+    _choice(cfg.dataset.name, "dataset.name", DATASETS)
+    _choice(cfg.partition.kind, "partition.kind", PARTITIONS)
+    _choice(cfg.model.extractor, "model.extractor", EXTRACTORS)
+    _choice(cfg.fe.method, "fe.method", FE_METHODS)
+    _choice(cfg.gate.method, "gate.method", GATE_METHODS)
+    _choice(cfg.gate.roll_order, "gate.roll_order", ROLL_ORDERS)
+    _choice(cfg.topology.kind, "topology.kind", TOPOLOGIES)
+    _choice(cfg.log_level, "log_level", LOG_LEVELS)
+    for name in cfg.baselines:
+        _choice(name, "baselines", BASELINES)
+    _require(cfg.partition.alpha > 0, "partition.alpha", f"must be > 0, got {cfg.partition.alpha}")
+    _require(cfg.partition.classes_per_client > 0, "partition.classes_per_client", "must be > 0")
+    for key in ("fe.rounds", "gate.rounds", "expert.epochs", "expert.shared_rounds",
+                "fe.local_epochs", "gate.local_epochs", "fe.batch_size",
+                "expert.batch_size", "gate.batch_size", "model.feature_dim",
+                "model.expert_hidden", "model.gate_hidden", "model.projector_dim",
+                "gate.k", "min_nodes", "max_query_batch", "simulation.num_clients"):
+        value = OmegaConf.select(cfg, key)
+        _require(value > 0, key, f"must be > 0, got {value}")
+    for key in ("fe.lr", "expert.lr", "gate.lr", "round_timeout_s"):
+        value = OmegaConf.select(cfg, key)
+        _require(value > 0, key, f"must be > 0, got {value}")
+    for key in ("gate.noise_std", "feature_noise_std", "fe.correlation_noise",
+                "fe.ssl_weight", "gate.sync_trunk_every", "gate.sync_head_every"):
+        value = OmegaConf.select(cfg, key)
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    for key in ("dataset.local_test_fraction", "dataset.global_test_fraction"):
+        value = OmegaConf.select(cfg, key)
+        _require(0 < value < 1, key, f"must be in (0, 1), got {value}")
+    _require(0 < cfg.min_reply_fraction <= 1, "min_reply_fraction", f"must be in (0, 1], got {cfg.min_reply_fraction}")
+    _require(cfg.round_retries >= 0, "round_retries", f"must be >= 0, got {cfg.round_retries}")
+    _require(cfg.client_threads >= 0, "client_threads", f"must be >= 0, got {cfg.client_threads}")
+    _require(cfg.topology.degree > 0, "topology.degree", "must be > 0")
+    _require(cfg.topology.radius > 0, "topology.radius", "must be > 0")
+
+
+def to_structured(raw: DictConfig | dict[str, Any]) -> DictConfig:
+    """Merge a raw config into the typed schema, then validate it."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(NMoEConfig), raw)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
+    assert isinstance(cfg, DictConfig)
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(text: str) -> list[str]:
+    """Split a Hydra override string (`"gate=rangate fe.rounds=2"`) into a list."""
+    return shlex.split(text or "")
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose `conf/` with Hydra overrides and return the validated config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            raw = compose(config_name=config_name, overrides=list(overrides or []))
+    except HydraException as err:
+        raise ConfigError(f"invalid override in {overrides}: {err}") from err
+    OmegaConf.set_struct(raw, False)
+    raw.pop("hydra", None)
+    return to_structured(raw)
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved plain-dict copy of a config (for results.json)."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(out, dict)
+    return out

@@ -1,0 +1,163 @@
+"""Torch modules: feature extractor F, expert H, gate G, heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+GROUPS_PER_NORM = 4
+CNN_POOLED_SIDE = 2
+
+
+class CNNExtractor(nn.Module):
+    """Two conv layers, pooled to a 2x2 map, projected to `feature_dim` features."""
+
+    def __init__(self, in_channels: int, channels: int, feature_dim: int) -> None:
+        super().__init__()
+        half = max(1, channels // 2)
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, half, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(half, channels, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(CNN_POOLED_SIDE), nn.Flatten(),
+        )
+        self.proj = nn.Sequential(nn.Linear(channels * CNN_POOLED_SIDE**2, feature_dim), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.conv(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with GroupNorm (no running statistics to average)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(min(GROUPS_PER_NORM, cout), cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.GroupNorm(min(GROUPS_PER_NORM, cout), cout),
+        )
+        self.skip = (
+            nn.Identity() if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(min(GROUPS_PER_NORM, cout), cout))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class ResNetExtractor(nn.Module):
+    """ResNet-style extractor for 32x32 RGB: 3 stages of `blocks` blocks, widths w, 2w, 4w."""
+
+    def __init__(self, in_channels: int, width: int, blocks: int, feature_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.GroupNorm(min(GROUPS_PER_NORM, width), width), nn.ReLU(),
+        ]
+        cin = width
+        for stage, mult in enumerate((1, 2, 4)):
+            for b in range(blocks):
+                stride = 2 if stage > 0 and b == 0 else 1
+                layers.append(BasicBlock(cin, width * mult, stride))
+                cin = width * mult
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.body = nn.Sequential(*layers)
+        self.proj = nn.Sequential(nn.Linear(cin, feature_dim), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(x))
+
+
+class Expert(nn.Module):
+    """Personal expert H: features -> class logits."""
+
+    def __init__(self, feature_dim: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class Gate(nn.Module):
+    """Gate G: features -> one score per expert id. `trunk` and `head` sync separately."""
+
+    def __init__(self, feature_dim: int, hidden: int, num_experts: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_experts)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(h))
+
+
+class Projector(nn.Module):
+    """SSL projector on top of F."""
+
+    def __init__(self, feature_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, out_dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class ExtractorBundle(nn.Module):
+    """Everything stage 1 trains and shares: F (`fe`), a linear CE head, an SSL projector."""
+
+    def __init__(self, fe: nn.Module, head: nn.Linear, projector: Projector) -> None:
+        super().__init__()
+        self.fe = fe
+        self.head = head
+        self.projector = projector
+
+
+def build_extractor(model_cfg: Any, image_shape: tuple[int, ...]) -> nn.Module:
+    """Feature extractor F for the configured architecture."""
+    channels = image_shape[0]
+    if model_cfg.extractor == "cnn":
+        return CNNExtractor(channels, int(model_cfg.cnn_channels), int(model_cfg.feature_dim))
+    if model_cfg.extractor == "resnet":
+        return ResNetExtractor(channels, int(model_cfg.resnet_width), int(model_cfg.resnet_blocks), int(model_cfg.feature_dim))
+    raise ValueError(f"unknown extractor '{model_cfg.extractor}'")
+
+
+def build_bundle(model_cfg: Any, image_shape: tuple[int, ...], num_classes: int, seed: int) -> ExtractorBundle:
+    """F + linear head + projector, initialised from `seed` (identical on every node)."""
+    torch.manual_seed(seed)
+    fe = build_extractor(model_cfg, image_shape)
+    dim = int(model_cfg.feature_dim)
+    return ExtractorBundle(fe, nn.Linear(dim, num_classes), Projector(dim, int(model_cfg.projector_dim)))
+
+
+def build_expert(model_cfg: Any, num_classes: int, seed: int) -> Expert:
+    """A freshly initialised expert."""
+    torch.manual_seed(seed)
+    return Expert(int(model_cfg.feature_dim), int(model_cfg.expert_hidden), num_classes)
+
+
+def build_gate(model_cfg: Any, num_experts: int, seed: int) -> Gate:
+    """A freshly initialised gate over `num_experts` expert ids."""
+    torch.manual_seed(seed)
+    return Gate(int(model_cfg.feature_dim), int(model_cfg.gate_hidden), num_experts)
+
+
+def state_numpy(module: nn.Module, prefix: str = "") -> dict[str, Any]:
+    """A module's parameters as numpy arrays, optionally keeping only one prefix."""
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items() if k.startswith(prefix)}
+
+
+def load_numpy(module: nn.Module, arrays: dict[str, Any], strict: bool = True) -> None:
+    """Load numpy arrays into a module; shapes and (with `strict`) key sets must match."""
+    own = module.state_dict()
+    unknown = sorted(set(arrays) - set(own))
+    if unknown:
+        raise ValueError(f"unknown parameter keys: {unknown[:5]}")
+    if strict and set(arrays) != set(own):
+        raise ValueError(f"missing parameter keys: {sorted(set(own) - set(arrays))[:5]}")
+    for key, value in arrays.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"shape mismatch for '{key}': got {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+        if not torch.isfinite(torch.as_tensor(value)).all():
+            raise ValueError(f"non-finite values (NaN/Inf) in '{key}'")
+    module.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()}, strict=False)

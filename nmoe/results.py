@@ -1,0 +1,64 @@
+"""The results file (see DESIGN.md, results contract) and atomic JSON writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """Write JSON to a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def method_entry(per_client: list[float]) -> dict[str, Any]:
+    """`{"mean": float, "per_client": [float]}` for one method."""
+    values = [float(v) for v in per_client]
+    return {"mean": statistics.fmean(values) if values else float("nan"), "per_client": values}
+
+
+class Results:
+    """Accumulates everything results.json holds, in the contract's shape."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.data: dict[str, Any] = {
+            "config": config,
+            "accuracy": {},
+            "accuracy_global": {},
+            "comm_bytes": {},
+            "wall_time_s": {},
+            "history": [],
+            "extra": {},
+        }
+
+    def set_accuracy(self, method: str, local: list[float], global_: list[float]) -> None:
+        self.data["accuracy"][method] = method_entry(local)
+        self.data["accuracy_global"][method] = method_entry(global_)
+
+    def log_round(self, **row: Any) -> None:
+        self.data["history"].append(row)
+
+    def write(self, output_dir: str | Path) -> Path:
+        return write_json_atomic(Path(output_dir) / "results.json", self.data)
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a results.json."""
+    with Path(path).open() as handle:
+        return json.load(handle)

@@ -1,0 +1,65 @@
+"""Top-k routing over a neighbour mask and the weighted combination of expert logits."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_scores(scores: torch.Tensor, reachable: torch.Tensor) -> torch.Tensor:
+    """Scores with unreachable experts set to -inf. `reachable` is a bool (E,) mask."""
+    return scores.masked_fill(~reachable.to(torch.bool), float("-inf"))
+
+
+def topk_weights(
+    scores: torch.Tensor,
+    reachable: torch.Tensor,
+    k: int,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Dense (B, E) weights: softmax over the top-k reachable (noisy) scores, zero elsewhere."""
+    num_reachable = int(reachable.sum())
+    if k > num_reachable:
+        raise ValueError(f"k={k} is larger than the neighbourhood ({num_reachable} reachable experts)")
+    if noise_std > 0:
+        noise = torch.randn(scores.shape, generator=generator, dtype=scores.dtype) * noise_std
+        scores = scores + noise
+    scores = masked_scores(scores, reachable)
+    top_values, top_index = scores.topk(k, dim=1)
+    weights = torch.zeros_like(scores)
+    return weights.scatter(1, top_index, torch.softmax(top_values, dim=1))
+
+
+def random_weights(
+    batch: int, reachable: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """RanGate: k random reachable experts per sample, equal weights 1/k."""
+    scores = torch.rand((batch, reachable.numel()), generator=generator)
+    scores = masked_scores(scores, reachable)
+    num_reachable = int(reachable.sum())
+    if k > num_reachable:
+        raise ValueError(f"k={k} is larger than the neighbourhood ({num_reachable} reachable experts)")
+    top_index = scores.topk(k, dim=1).indices
+    return torch.zeros_like(scores).scatter(1, top_index, 1.0 / k)
+
+
+def combine(
+    weights: torch.Tensor, expert_logits: torch.Tensor, answered: torch.Tensor, fallback: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = sum_j w_j * logits_j over the chosen experts that answered, weights renormalised.
+
+    weights (B, E), expert_logits (B, E, C), answered bool (B, E). A sample none of
+    whose chosen experts answered falls back to expert `fallback` (the requester's
+    own, always present). Returns (combined logits (B, C), degraded bool (B,)): the
+    samples for which at least one chosen expert did not answer.
+    """
+    chosen = weights > 0
+    degraded = (chosen & ~answered).any(dim=1)
+    kept = weights * answered.to(weights.dtype)
+    total = kept.sum(dim=1, keepdim=True)
+    orphaned = total.squeeze(1) <= 0
+    if bool(orphaned.any()):
+        kept[orphaned, fallback] = 1.0
+        total = kept.sum(dim=1, keepdim=True)
+    kept = kept / total
+    return (kept.unsqueeze(-1) * expert_logits).sum(dim=1), degraded

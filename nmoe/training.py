@@ -1,0 +1,176 @@
+"""Local training and evaluation loops on in-memory tensors (no Flower here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import clip_embeddings, correlation, spectral_contrastive_loss
+from .models import ExtractorBundle
+from .routing import topk_weights
+
+INFERENCE_BATCH = 512
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Shuffled index batches covering range(n) once."""
+    yield from torch.randperm(n, generator=generator).split(batch_size)
+
+
+@torch.no_grad()
+def forward_batched(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Evaluate `module` on `x` in chunks, without gradients."""
+    if isinstance(module, nn.Module):
+        module.eval()
+    if len(x) == 0:
+        raise ValueError("empty batch")
+    return torch.cat([module(chunk) for chunk in x.split(INFERENCE_BATCH)])
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy."""
+    return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else 0.0
+
+
+@dataclass
+class ExtractorResult:
+    loss: float
+    ce_loss: float
+    ssl_loss: float
+    correlation: torch.Tensor | None  # average projector correlation (for FedSC sharing)
+
+
+def train_extractor(
+    bundle: ExtractorBundle,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    method: str,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    batch_size: int,
+    seed: int,
+    ssl_weight: float = 1.0,
+    embedding_clip: float = 1.0,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    others_corr: torch.Tensor | None = None,
+    others_weight: float = 0.0,
+) -> ExtractorResult:
+    """Stage 1 local update. method: fedce (CE), fedsc (spectral contrastive), hybrid (CE + w * SSL)."""
+    use_ce = method in ("fedce", "hybrid")
+    use_ssl = method in ("fedsc", "hybrid")
+    if use_ssl and augment is None:
+        raise ValueError(f"method '{method}' needs an augmentation")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    optimiser = torch.optim.SGD(bundle.parameters(), lr=lr, momentum=momentum)
+    bundle.train()
+    totals = {"loss": 0.0, "ce": 0.0, "ssl": 0.0}
+    corr_sum, steps = None, 0
+    for _ in range(epochs):
+        for idx in minibatches(len(x), batch_size, generator):
+            if use_ssl and len(idx) < 2:
+                continue
+            xb, yb = x[idx], y[idx]
+            loss = torch.zeros(())
+            if use_ce:
+                ce = F.cross_entropy(bundle.head(bundle.fe(xb)), yb)
+                loss = loss + ce
+                totals["ce"] += float(ce)
+            if use_ssl:
+                assert augment is not None
+                z1 = clip_embeddings(bundle.projector(bundle.fe(augment(xb))), embedding_clip)
+                z2 = clip_embeddings(bundle.projector(bundle.fe(augment(xb))), embedding_clip)
+                ssl = spectral_contrastive_loss(z1, z2, others_corr, others_weight)
+                loss = loss + (ssl_weight if use_ce else 1.0) * ssl
+                totals["ssl"] += float(ssl)
+                c = correlation(z1.detach(), z2.detach())
+                corr_sum = c if corr_sum is None else corr_sum + c
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            totals["loss"] += float(loss)
+            steps += 1
+    steps = max(steps, 1)
+    return ExtractorResult(
+        totals["loss"] / steps, totals["ce"] / steps, totals["ssl"] / steps,
+        None if corr_sum is None else corr_sum / steps,
+    )
+
+
+def train_classifier(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int, seed: int
+) -> float:
+    """Supervised training of a small module (expert, head, probe) with Adam; returns last-epoch loss."""
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(module.parameters(), lr=lr)
+    module.train()
+    epoch_loss = 0.0
+    for _ in range(epochs):
+        epoch_loss, n = 0.0, 0
+        for idx in minibatches(len(x), batch_size, generator):
+            loss = F.cross_entropy(module(x[idx]), y[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            epoch_loss += float(loss) * len(idx)
+            n += len(idx)
+        epoch_loss /= max(n, 1)
+    return epoch_loss
+
+
+def train_gate(
+    gate: nn.Module,
+    feats: torch.Tensor,
+    y: torch.Tensor,
+    expert_logits: torch.Tensor,
+    reachable: torch.Tensor,
+    *,
+    k: int,
+    noise_std: float,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> float:
+    """Train the gate on cached expert outputs (n, E, C): CE of the noisy top-k mixture."""
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(gate.parameters(), lr=lr)
+    gate.train()
+    epoch_loss = 0.0
+    for _ in range(epochs):
+        epoch_loss, n = 0.0, 0
+        for idx in minibatches(len(feats), batch_size, generator):
+            weights = topk_weights(gate(feats[idx]), reachable, k, noise_std, generator)
+            mixture = (weights.unsqueeze(-1) * expert_logits[idx]).sum(dim=1)
+            loss = F.cross_entropy(mixture, y[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            epoch_loss += float(loss) * len(idx)
+            n += len(idx)
+        epoch_loss /= max(n, 1)
+    return epoch_loss
+
+
+@torch.no_grad()
+def gate_weights(gate: nn.Module, feats: torch.Tensor, reachable: torch.Tensor, k: int) -> torch.Tensor:
+    """Inference routing weights: plain top-k over reachable experts (no noise)."""
+    gate.eval()
+    return topk_weights(forward_batched(gate, feats), reachable, k)
+
+
+def linear_probe(
+    train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+    *, num_classes: int, epochs: int, lr: float, batch_size: int, seed: int,
+) -> float:
+    """Accuracy of a linear classifier trained on frozen features."""
+    torch.manual_seed(seed)
+    probe = nn.Linear(train_f.shape[1], num_classes)
+    train_classifier(probe, train_f, train_y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    return accuracy(forward_batched(probe, test_f), test_y)

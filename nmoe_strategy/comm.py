@@ -1,0 +1,80 @@
+"""Byte accounting and message auditing around the Grid."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload bytes of a RecordDict (arrays, configs and metrics, keys included)."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+class CommLedger:
+    """Bytes sent down (server -> clients) and up (clients -> server) per stage."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
+
+    def add(self, stage: str, up: int = 0, down: int = 0) -> None:
+        self.bytes[stage]["up"] += up
+        self.bytes[stage]["down"] += down
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {stage: dict(v) for stage, v in self.bytes.items()}
+
+    def load(self, saved: dict[str, dict[str, int]]) -> None:
+        for stage, v in saved.items():
+            self.add(stage, up=int(v["up"]), down=int(v["down"]))
+
+
+def describe_message(message: Message, direction: str, stage: str) -> dict[str, Any]:
+    """What crossed the grid: type, node, and every array key with shape and dtype."""
+    row: dict[str, Any] = {
+        "direction": direction,
+        "stage": stage,
+        "type": message.metadata.message_type,
+        "node": message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id,
+        "error": message.error.reason if message.has_error() else None,
+        "arrays": {},
+    }
+    if message.has_content():
+        for rname, record in message.content.array_records.items():
+            for key, arr in record.items():
+                row["arrays"][f"{rname}/{key}"] = {"shape": list(arr.shape), "dtype": arr.dtype}
+    return row
+
+
+class CountingGrid:
+    """Wraps a Grid: every send_and_receive is counted in the ledger under the current stage
+    and, when `audit_path` is set, described (keys, shapes, dtypes) in a JSON-lines file."""
+
+    def __init__(self, grid: Grid, ledger: CommLedger, audit_path: str | Path | None = None) -> None:
+        self.grid = grid
+        self.ledger = ledger
+        self.stage = "setup"
+        self.audit_path = Path(audit_path) if audit_path else None
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        messages = list(messages)
+        down = sum(content_bytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        up = sum(content_bytes(r.content) for r in replies if r.has_content())
+        self.ledger.add(self.stage, up=up, down=down)
+        if self.audit_path is not None:
+            with self.audit_path.open("a") as handle:
+                for m in messages:
+                    handle.write(json.dumps(describe_message(m, "down", self.stage)) + "\n")
+                for r in replies:
+                    handle.write(json.dumps(describe_message(r, "up", self.stage)) + "\n")
+        return replies
