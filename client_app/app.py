@@ -34,7 +34,7 @@ from .state import PersonalState
 
 FE_ACTIONS = {"fe_ce": "fedce", "fe_sc": "fedsc", "fe_hybrid": "hybrid"}
 CORR_KEY = "fedsc.corr"
-SPLITS = ("train", "test", "global")
+SPLITS = ("train", "gate", "test", "global")
 MODES = ("infer", "cache")
 GATE_NAMES = ("rangate", "rollgate", "fedgate")
 LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
@@ -89,9 +89,16 @@ class Node:
         return forward_batched(self.bundle(self.state.get("model/fe")).fe, x)
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if name not in SPLITS:
+        """`expert` / `gate`: the local training data divided by `expert.gate_holdout_fraction`
+        (the gate learns on samples the own expert never saw); `test`, `global`: evaluation."""
+        if name not in SPLITS + ("expert",):
             raise ValueError(f"unknown split '{name}', allowed: {', '.join(SPLITS)}")
         d = self.data
+        if name in ("expert", "gate"):
+            order = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(self.seed(10)))
+            held = int(len(order) * float(self.cfg.expert.gate_holdout_fraction))
+            index = order[held:] if name == "expert" or held == 0 else order[:held]
+            return d.train_x[index], d.train_y[index]
         return {"train": (d.train_x, d.train_y), "test": (d.test_x, d.test_y), "global": (d.global_x, d.global_y)}[name]
 
 
@@ -219,18 +226,20 @@ def train_expert(msg: Message, context: Context) -> Message:
     fe_arrays = received_arrays(msg)
     bundle = node.bundle(fe_arrays)
     node.state.put("model/fe", fe_arrays)
-    feats = forward_batched(bundle.fe, node.data.train_x)
+    x, y = node.split("expert")
+    feats = forward_batched(bundle.fe, x)
     test_feats = forward_batched(bundle.fe, node.data.test_x)
     ex = node.cfg.expert
     expert = build_expert(node.cfg.model, node.num_classes, node.seed())
-    loss = train_classifier(expert, feats, node.data.train_y, epochs=int(ex.epochs), lr=float(ex.lr),
+    loss = train_classifier(expert, feats, y, epochs=int(ex.epochs), lr=float(ex.lr),
                             batch_size=int(ex.batch_size), seed=node.seed(3))
     node.state.put("model/expert", state_numpy(expert))
-    metrics: dict[str, Any] = {"num-examples": len(node.data.train_y), "loss": loss,
+    metrics: dict[str, Any] = {"num-examples": len(y), "loss": loss,
                                "test-acc": accuracy(forward_batched(expert, test_feats), node.data.test_y)}
     if bool(config_value(msg, "own-head")):  # FedPer/FedRep-style baseline: the global head, fine-tuned locally
         head = bundle.head
-        train_classifier(head, feats, node.data.train_y, epochs=int(ex.epochs), lr=float(ex.lr),
+        all_feats = forward_batched(bundle.fe, node.data.train_x)
+        train_classifier(head, all_feats, node.data.train_y, epochs=int(ex.epochs), lr=float(ex.lr),
                          batch_size=int(ex.batch_size), seed=node.seed(4))
         node.state.put("model/own_head", state_numpy(head))
     node.state.persist()
@@ -294,13 +303,14 @@ def train_gate_handler(msg: Message, context: Context) -> Message:
     if node.state.has(group):
         load_numpy(gate, node.state.get(group))
     load_numpy(gate, received_arrays(msg), strict=False)
-    metrics: dict[str, Any] = {"num-examples": len(node.data.train_y)}
+    metrics: dict[str, Any] = {"num-examples": len(node.split("gate")[1])}
     if not bool(config_value(msg, "install")):
         cache = node.state.get("scratch/cache")
         logits, answered = torch.from_numpy(cache["logits"]), torch.from_numpy(cache["answered"]) > 0
+        x, y = node.split("gate")
         gc = node.cfg.gate
         metrics["loss"] = train_gate(
-            gate, node.features(node.data.train_x), node.data.train_y, logits, answered.all(dim=0),
+            gate, node.features(x), y, logits, answered.all(dim=0),
             k=int(gc.k), noise_std=float(gc.noise_std), epochs=int(gc.local_epochs), lr=float(gc.lr),
             batch_size=int(gc.batch_size), seed=node.seed(8, int(config_value(msg, "server-round"))),
         )

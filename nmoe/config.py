@@ -72,8 +72,8 @@ class ModelConfig:
 @dataclass
 class FEConfig:
     method: str = "fedce"
-    rounds: int = 5
-    local_epochs: int = 1
+    rounds: int = 10
+    local_epochs: int = 3
     lr: float = 0.05
     momentum: float = 0.9
     batch_size: int = 32
@@ -89,6 +89,7 @@ class ExpertConfig:
     epochs: int = 15
     lr: float = 0.01
     batch_size: int = 32
+    gate_holdout_fraction: float = 0.2  # local training data kept from the expert for the gate
     shared_expert: bool = False
     shared_rounds: int = 5
 
@@ -99,7 +100,7 @@ class GateConfig:
     k: int = 2
     rounds: int = 5
     local_epochs: int = 2
-    lr: float = 0.05
+    lr: float = 0.01
     batch_size: int = 32
     noise_std: float = 1.0
     sync_trunk_every: int = 1  # FedGate: average the trunk every s rounds (0 = never)
@@ -185,6 +186,8 @@ def validate(cfg: DictConfig) -> None:
                 "fe.ssl_weight", "gate.sync_trunk_every", "gate.sync_head_every"):
         value = OmegaConf.select(cfg, key)
         _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(0 <= cfg.expert.gate_holdout_fraction < 1, "expert.gate_holdout_fraction",
+             f"must be in [0, 1), got {cfg.expert.gate_holdout_fraction}")
     for key in ("dataset.local_test_fraction", "dataset.global_test_fraction"):
         value = OmegaConf.select(cfg, key)
         _require(0 < value < 1, key, f"must be in (0, 1), got {value}")

@@ -81,20 +81,20 @@ def train_extractor(
             if use_ce:
                 ce = F.cross_entropy(bundle.head(bundle.fe(xb)), yb)
                 loss = loss + ce
-                totals["ce"] += float(ce)
+                totals["ce"] += float(ce.detach())
             if use_ssl:
                 assert augment is not None
                 z1 = clip_embeddings(bundle.projector(bundle.fe(augment(xb))), embedding_clip)
                 z2 = clip_embeddings(bundle.projector(bundle.fe(augment(xb))), embedding_clip)
                 ssl = spectral_contrastive_loss(z1, z2, others_corr, others_weight)
                 loss = loss + (ssl_weight if use_ce else 1.0) * ssl
-                totals["ssl"] += float(ssl)
+                totals["ssl"] += float(ssl.detach())
                 c = correlation(z1.detach(), z2.detach())
                 corr_sum = c if corr_sum is None else corr_sum + c
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            totals["loss"] += float(loss)
+            totals["loss"] += float(loss.detach())
             steps += 1
     steps = max(steps, 1)
     return ExtractorResult(
@@ -118,7 +118,7 @@ def train_classifier(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            epoch_loss += float(loss) * len(idx)
+            epoch_loss += float(loss.detach()) * len(idx)
             n += len(idx)
         epoch_loss /= max(n, 1)
     return epoch_loss
@@ -152,7 +152,7 @@ def train_gate(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            epoch_loss += float(loss) * len(idx)
+            epoch_loss += float(loss.detach()) * len(idx)
             n += len(idx)
         epoch_loss /= max(n, 1)
     return epoch_loss

@@ -275,7 +275,7 @@ def route_configs(run: Run, query: str, split: str, mode: str, gate: str, seed: 
 
 def fill_gate_cache(run: Run) -> None:
     """Fetch every reachable expert's logits on each client's training features once."""
-    report = run.router.run(route_configs(run, f"cache-{uuid.uuid4().hex[:8]}", "train", "cache", "cache"))
+    report = run.router.run(route_configs(run, f"cache-{uuid.uuid4().hex[:8]}", "gate", "cache", "cache"))
     run.results.data["extra"]["gate_cache"] = {"clients": sorted(report.metrics), "failed_experts": report.failed_experts}
 
 
