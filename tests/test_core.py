@@ -1,0 +1,146 @@
+"""Strategy aggregation, routing and combination, data split determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from nmoe.config import ConfigError, compose_config
+from nmoe.data import federation_spec, load_client_data
+from nmoe.inference import assemble, plan_route
+from nmoe.routing import combine, random_weights, topk_weights
+from nmoe_strategy.comm import CommLedger
+from nmoe_strategy.strategy import NMoEStrategy
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages built outside a running app need the identity Flower sets for a task."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _reply(node_id: int, arrays: dict[str, np.ndarray], num_examples: int) -> Message:
+    request = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node_id, message_type="train.fe_ce")
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": num_examples, "loss": float(node_id)}),
+    })
+    return Message(content, reply_to=request)
+
+
+def test_strategy_averages_exactly_the_shared_keys() -> None:
+    counts = [10, 30, 60]
+    shared = {f"fe.w{i}": [RNG.normal(size=(3, 4)).astype(np.float32) for _ in counts] for i in range(2)}
+    personal = [RNG.normal(size=(5,)).astype(np.float32) for _ in counts]
+    replies = [
+        _reply(n + 1, {**{k: v[n] for k, v in shared.items()}, "net.0.weight": personal[n]}, counts[n])
+        for n in range(len(counts))
+    ]
+    arrays, metrics = NMoEStrategy(CommLedger()).aggregate_shared(1, replies, shared.keys())
+    assert arrays is not None and set(arrays.keys()) == set(shared)
+    for key, values in shared.items():
+        expected = sum(c * v for c, v in zip(counts, values)) / sum(counts)
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
+    assert metrics is not None
+    assert metrics["loss"] == pytest.approx(sum(c * (i + 1) for i, c in enumerate(counts)) / sum(counts))
+
+
+def test_strategy_rejects_reply_missing_a_shared_key() -> None:
+    replies = [_reply(1, {"fe.a": np.ones(2, np.float32)}, 5), _reply(2, {"fe.b": np.ones(2, np.float32)}, 5)]
+    with pytest.raises(ValueError, match="lacks shared keys"):
+        NMoEStrategy(CommLedger()).aggregate_shared(1, replies, ["fe.a"])
+
+
+def test_strategy_reply_fraction() -> None:
+    strategy = NMoEStrategy(CommLedger(), min_reply_fraction=0.5)
+    assert strategy.enough_replies(3, 6) and not strategy.enough_replies(2, 6)
+
+
+def test_topk_selects_best_reachable_and_softmaxes() -> None:
+    scores = torch.tensor([[5.0, 4.0, 1.0, 0.0], [0.0, 1.0, 3.0, 2.0]])
+    reachable = torch.tensor([False, True, True, True])  # expert 0 masked despite the top score
+    weights = topk_weights(scores, reachable, k=2)
+    assert weights[:, 0].eq(0).all()
+    expected_row0 = torch.softmax(torch.tensor([4.0, 1.0]), 0)
+    torch.testing.assert_close(weights[0, 1:3], expected_row0)
+    torch.testing.assert_close(weights[1, 2:4], torch.softmax(torch.tensor([3.0, 2.0]), 0))
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+
+
+def test_masked_experts_never_chosen_even_with_noise() -> None:
+    generator = torch.Generator().manual_seed(0)
+    reachable = torch.tensor([True, False, True, False, True, False])
+    for _ in range(50):
+        scores = torch.randn(64, 6, generator=generator) * 10
+        assert topk_weights(scores, reachable, 3, noise_std=5.0, generator=generator)[:, ~reachable].eq(0).all()
+        rand = random_weights(64, reachable, 2, generator)
+        assert rand[:, ~reachable].eq(0).all() and torch.allclose(rand.sum(1), torch.ones(64))
+
+
+def test_k_larger_than_neighbourhood_is_an_error() -> None:
+    with pytest.raises(ValueError, match="larger than the neighbourhood"):
+        topk_weights(torch.zeros(2, 4), torch.tensor([True, True, False, False]), 3)
+
+
+def test_combination_equals_weighted_sum_of_expert_logits() -> None:
+    """The routed pieces reassembled on the requester equal sum_j w_j H_j(h) computed locally."""
+    torch.manual_seed(0)
+    feats = torch.randn(16, 8)
+    experts = [torch.nn.Linear(8, 5) for _ in range(4)]
+    weights = topk_weights(torch.randn(16, 4), torch.ones(4, dtype=torch.bool), 2)
+    own = 1
+    plan = plan_route(weights, feats, {own: experts[own]})
+    remote = {e: experts[e](feats[index]).detach() for e, index in plan.remote_index.items()}
+    logits, answered = assemble(plan, remote, 5)
+    combined, degraded = combine(weights, logits, answered, fallback=own)
+    with torch.no_grad():
+        direct = sum(weights[:, j : j + 1] * experts[j](feats) for j in range(4))
+    torch.testing.assert_close(combined, direct)
+    assert not degraded.any()
+
+
+def test_failed_expert_renormalises_and_falls_back_to_own() -> None:
+    weights = torch.tensor([[0.0, 0.25, 0.75], [0.0, 0.0, 1.0]])
+    logits = torch.stack([torch.full((2, 3), float(j)) for j in range(3)], dim=1)
+    answered = torch.tensor([[True, True, False], [True, True, False]])  # expert 2 failed
+    combined, degraded = combine(weights, logits, answered, fallback=0)
+    torch.testing.assert_close(combined[0], torch.full((3,), 1.0))  # all weight on expert 1
+    torch.testing.assert_close(combined[1], torch.full((3,), 0.0))  # nothing left: own expert 0
+    assert degraded.tolist() == [True, True]
+
+
+def test_partitions_are_deterministic_disjoint_and_global_test_balanced() -> None:
+    cfg = compose_config(["partition=dirichlet", "partition.alpha=0.3"])
+    spec = federation_spec(cfg)
+    clients = [load_client_data(spec, pid, 6) for pid in range(6)]
+    again = load_client_data(spec, 2, 6)
+    torch.testing.assert_close(again.train_x, clients[2].train_x)
+    counts = torch.bincount(clients[0].global_y, minlength=10)
+    assert counts.min() == counts.max() > 0
+    sizes = [len(c.train_y) + len(c.test_y) for c in clients]
+    assert sum(sizes) + len(clients[0].global_y) == 1797
+    label_shares = [torch.bincount(c.train_y, minlength=10).float() / len(c.train_y) for c in clients]
+    assert max(float(s.max()) for s in label_shares) > 0.4  # alpha 0.3 is visibly skewed
+
+
+def test_partition_id_out_of_range() -> None:
+    spec = federation_spec(compose_config([]))
+    with pytest.raises(ValueError, match="partition-id 6"):
+        load_client_data(spec, 6, 6)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("fe.rounds=0", "fe.rounds"), ("partition.alpha=0", "partition.alpha"), ("gate.k=-1", "gate.k"),
+    ("baselines=[fedprox]", "baselines"), ("fe.method=fedfoo", "fe.method"),
+    ("dataset.name=mnist", "dataset.name"), ("expert.epochs=0", "expert.epochs"),
+])
+def test_invalid_config_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        compose_config([override])

@@ -1,0 +1,109 @@
+"""A real `flwr run` of all three stages against a SuperLink started by the test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nmoe.config import compose_config
+from nmoe.models import build_bundle, build_expert, state_numpy
+
+from .flwr_harness import LocalFederation
+
+NUM_CLIENTS = 6
+RUN_TIMEOUT_S = 400
+CHANCE = 0.1
+WIDE_MARGIN_ACC = 0.5  # five times chance on 10 classes
+OVERRIDES = (
+    "partition=dirichlet partition.alpha=0.3 gate=fedgate audit_messages=true "
+    "baselines=[fedavg,shared_fe_own_head] fe.rounds=8"
+)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    fed = LocalFederation(tmp_path_factory.mktemp("flwr_home"), NUM_CLIENTS).start()
+    yield fed
+    fed.stop()
+
+
+@pytest.fixture(scope="module")
+def finished_run(federation: LocalFederation, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("run")
+    run_id = federation.run_app(f"{OVERRIDES} output_dir={out}")
+    status = federation.wait(run_id, RUN_TIMEOUT_S)
+    return status, out, run_id
+
+
+def test_run_completes_with_results_contract(finished_run) -> None:
+    status, out, _ = finished_run
+    assert status == "finished:completed"
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["partition"]["alpha"] == 0.3
+    for table in ("accuracy", "accuracy_global"):
+        for method in ("local_expert", "nmoe", "fedgate", "fedavg", "shared_fe_own_head"):
+            entry = results[table][method]
+            assert len(entry["per_client"]) == NUM_CLIENTS
+            assert all(0.0 <= v <= 1.0 for v in entry["per_client"])
+            assert entry["mean"] == pytest.approx(np.mean(entry["per_client"]))
+    for stage in ("fe_ce", "expert", "gate_cache", "fedgate", "inference"):
+        assert results["comm_bytes"][stage]["up"] > 0 and results["comm_bytes"][stage]["down"] > 0
+        assert results["wall_time_s"][stage] > 0
+    fe_rounds = [h for h in results["history"] if h["stage"] == "fe_ce"]
+    assert [h["round"] for h in fe_rounds] == list(range(1, 9))
+    assert all(h["replies"] == NUM_CLIENTS for h in fe_rounds)
+
+
+def test_nmoe_and_local_expert_beat_chance_widely(finished_run) -> None:
+    _, out, _ = finished_run
+    results = json.loads((out / "results.json").read_text())
+    for method in ("nmoe", "local_expert"):
+        assert results["accuracy"][method]["mean"] >= WIDE_MARGIN_ACC > CHANCE
+
+
+def test_strategy_byte_record_matches_model_size(finished_run) -> None:
+    """Stage 1 sends the full F+head+projector to every client every round, and gets it back."""
+    _, out, _ = finished_run
+    results = json.loads((out / "results.json").read_text())
+    cfg = compose_config(["partition=dirichlet"])
+    model_bytes = sum(v.nbytes for v in state_numpy(build_bundle(cfg.model, (1, 8, 8), 10, 0)).values())
+    payload = NUM_CLIENTS * 8 * model_bytes
+    fe = results["comm_bytes"]["fe_ce"]
+    assert payload <= fe["down"] < 1.1 * payload
+    assert payload <= fe["up"] < 1.1 * payload
+
+
+def test_no_expert_or_raw_input_crosses_the_grid(finished_run) -> None:
+    _, out, _ = finished_run
+    cfg = compose_config([])
+    feature_dim, num_classes = cfg.model.feature_dim, 10
+    expert_keys = set(state_numpy(build_expert(cfg.model, num_classes, 0)))
+    rows = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in rows} >= {"query.info", "train.fe_ce", "train.expert", "train.gate",
+                                          "evaluate", "query.route", "query.expert", "query.combine"}
+    for row in rows:
+        for key, meta in row["arrays"].items():
+            record, name = key.split("/", 1)
+            shape = meta["shape"]
+            assert shape[-2:] != [8, 8], f"image-shaped array {key} in {row['type']}"
+            if row["direction"] == "up" and row["type"] != "train.shared_expert":
+                assert name not in expert_keys, f"expert key {key} sent up in {row['type']}"
+            if row["type"] == "query.route" and row["direction"] == "up":
+                assert record == "features" and shape[1] == feature_dim and meta["dtype"] == "float32"
+            if row["type"] == "query.expert":
+                assert shape[1] == (feature_dim if row["direction"] == "down" else num_classes)
+            if row["type"] == "train.gate" and row["direction"] == "up":
+                assert name.startswith("trunk."), f"personal gate key {key} sent to the server"
+    ups = [r for r in rows if r["direction"] == "up"]
+    assert not any(r["error"] for r in ups)
+
+
+def test_invalid_override_fails_before_training(federation: LocalFederation, tmp_path: Path) -> None:
+    run_id = federation.run_app(f"gate.k=0 output_dir={tmp_path}")
+    status = federation.wait(run_id, RUN_TIMEOUT_S)
+    assert status == "finished:failed"
+    assert "config key 'gate.k'" in federation.logs(run_id)
+    assert not (tmp_path / "results.json").exists()
