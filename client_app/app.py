@@ -109,8 +109,8 @@ def open_node(msg: Message, context: Context) -> Node:
         config_json = str(msg.content["config"]["nmoe"])
     state = PersonalState(context, config_json)
     cfg = OmegaConf.create(json.loads(state.config_json()))
-    if int(cfg.client_threads) > 0:
-        torch.set_num_threads(int(cfg.client_threads))
+    if int(cfg.torch_threads) > 0:
+        torch.set_num_threads(int(cfg.torch_threads))
     spec = federation_spec(cfg)
     data = load_client_data(spec, state.partition_id, state.num_partitions)
     return Node(cfg, state, data, num_classes(spec, state.num_partitions))

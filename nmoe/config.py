@@ -134,7 +134,7 @@ class NMoEConfig:
     baselines: list[str] = field(default_factory=list)
     feature_noise_std: float = 0.0  # Gaussian noise on features sent to peers
     max_query_batch: int = 100_000  # clients refuse larger feature batches
-    client_threads: int = 1  # torch threads per client process (0 = torch default)
+    torch_threads: int = 1  # torch threads per process, clients and server (0 = torch default)
     min_reply_fraction: float = 0.5  # a round counts if at least this fraction replied
     round_retries: int = 1  # retries of a round that got too few replies
     audit_messages: bool = False  # describe every message crossing the grid in messages.jsonl
@@ -193,7 +193,7 @@ def validate(cfg: DictConfig) -> None:
         _require(0 < value < 1, key, f"must be in (0, 1), got {value}")
     _require(0 < cfg.min_reply_fraction <= 1, "min_reply_fraction", f"must be in (0, 1], got {cfg.min_reply_fraction}")
     _require(cfg.round_retries >= 0, "round_retries", f"must be >= 0, got {cfg.round_retries}")
-    _require(cfg.client_threads >= 0, "client_threads", f"must be >= 0, got {cfg.client_threads}")
+    _require(cfg.torch_threads >= 0, "torch_threads", f"must be >= 0, got {cfg.torch_threads}")
     _require(cfg.topology.degree > 0, "topology.degree", "must be > 0")
     _require(cfg.topology.radius > 0, "topology.radius", "must be > 0")
 

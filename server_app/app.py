@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
@@ -16,6 +17,8 @@ from .stages import open_run, run_all
 
 def run_job(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     """Run one configured job on `grid` and return the results written to results.json."""
+    if int(cfg.torch_threads) > 0:
+        torch.set_num_threads(int(cfg.torch_threads))
     output_dir = Path(str(cfg.output_dir)).expanduser().resolve()
     run = open_run(grid, cfg, output_dir)
     return run_all(run)
