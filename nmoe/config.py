@@ -33,6 +33,7 @@ BASELINES = (
     "fedgate",
 )
 LOG_LEVELS = ("quiet", "info", "verbose")
+MODES = ("train", "inference")
 
 
 class ConfigError(ValueError):
@@ -139,6 +140,8 @@ class NMoEConfig:
     round_retries: int = 1  # retries of a round that got too few replies
     audit_messages: bool = False  # describe every message crossing the grid in messages.jsonl
     state_key: Optional[str] = None  # folder name of the clients' saved state (default: run id)
+    mode: str = "train"  # train | inference (reuse the state saved under state_key)
+    record_predictions: bool = False  # store every routed prediction in results.json
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -168,6 +171,9 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.gate.roll_order, "gate.roll_order", ROLL_ORDERS)
     _choice(cfg.topology.kind, "topology.kind", TOPOLOGIES)
     _choice(cfg.log_level, "log_level", LOG_LEVELS)
+    _choice(cfg.mode, "mode", MODES)
+    _require(cfg.mode != "inference" or bool(cfg.state_key), "state_key",
+             "inference mode needs the state_key under which the training run saved the clients' state")
     for name in cfg.baselines:
         _choice(name, "baselines", BASELINES)
     _require(cfg.partition.alpha > 0, "partition.alpha", f"must be > 0, got {cfg.partition.alpha}")

@@ -351,9 +351,19 @@ def stage_rollgate(run: Run) -> None:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def routed_accuracy(run: Run, gate: str, split: str, return_predictions: bool = False) -> dict[int, MetricRecord]:
+def routed_accuracy(run: Run, gate: str, split: str) -> dict[int, MetricRecord]:
+    """One routed query per client on `split`; records latency, failures and (optionally) predictions."""
+    record = bool(run.cfg.record_predictions)
+    started = time.perf_counter()
     report = run.router.run(route_configs(run, f"{gate}-{split}-{uuid.uuid4().hex[:8]}", split, "infer", gate,
-                                          seed=int(run.cfg.seed), return_predictions=return_predictions))
+                                          seed=int(run.cfg.seed), return_predictions=record))
+    seconds = time.perf_counter() - started
+    samples = sum(int(m["num-examples"]) for m in report.metrics.values())
+    run.results.data.setdefault("inference_latency", {}).setdefault(gate, {})[split] = {
+        "seconds": round(seconds, 4), "samples": samples, "ms_per_sample": round(1000 * seconds / max(samples, 1), 4)}
+    if record:
+        run.results.data.setdefault("predictions", {}).setdefault(gate, {})[split] = {
+            str(p): [int(v) for v in m["predictions"]] for p, m in report.metrics.items()}
     if report.failed_experts or report.failed_requesters:
         run.results.data["extra"].setdefault("inference_failures", []).append({
             "gate": gate, "split": split, "failed_experts": report.failed_experts,
@@ -434,9 +444,21 @@ def baseline_centralized(run: Run) -> None:
 
 
 # ---------------------------------------------------------------------------- the whole run
+def run_inference_only(run: Run) -> dict[str, Any]:
+    """Collaborative inference with the personal state the clients saved under `state_key`."""
+    gate = str(run.cfg.gate.method)
+    run.timed("evaluate_local", lambda: evaluate_local(run, None))
+    run.timed("inference", lambda: evaluate_routed(run, [gate], gate))
+    path = run.results.write(run.output_dir)
+    log(INFO, "Results written to %s", path.resolve())
+    return run.results.data
+
+
 def run_all(run: Run) -> dict[str, Any]:
     """Stages 1-3, baselines and evaluation; results.json is rewritten after every stage."""
     cfg = run.cfg
+    if cfg.mode == "inference":
+        return run_inference_only(run)
     method = str(cfg.fe.method)
     bundle = run.timed(FE_ACTION[method], lambda: stage_feature_extractor(run, method, FE_ACTION[method]))
     fedavg_bundle = None
