@@ -38,6 +38,7 @@ SPLITS = ("train", "gate", "test", "global")
 MODES = ("infer", "cache")
 GATE_NAMES = ("rangate", "rollgate", "fedgate")
 LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
+PERSONAL_GROUPS = ("model/fe", "model/expert", "model/gate.fedgate", "model/gate.rollgate")
 
 app = ClientApp()
 
@@ -177,6 +178,7 @@ def info(msg: Message, context: Context) -> Message:
         "partition-id": node.pid, "num-partitions": node.num_partitions,
         "num-train": len(node.data.train_y), "num-test": len(node.data.test_y),
         "label-counts": [int((node.data.train_y == c).sum()) for c in range(node.num_classes)],
+        **{f"has:{name}": int(node.state.has(name)) for name in PERSONAL_GROUPS},
     })
 
 

@@ -142,6 +142,7 @@ class NMoEConfig:
     state_key: Optional[str] = None  # folder name of the clients' saved state (default: run id)
     mode: str = "train"  # train | inference (reuse the state saved under state_key)
     record_predictions: bool = False  # store every routed prediction in results.json
+    resume: Optional[str] = None  # output dir of an interrupted run: continue from its checkpoint
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

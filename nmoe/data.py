@@ -75,7 +75,9 @@ def load_cifar10_folder(path: str) -> ArrayDataset:
     if not present:
         raise DatasetUnavailableError(
             f"no CIFAR-10 batches under '{root}': expected torchvision's "
-            "'cifar-10-batches-py/data_batch_1..5, test_batch'"
+            "'cifar-10-batches-py/data_batch_1..5, test_batch'. Fix: set dataset.path to the folder "
+            "that holds cifar-10-batches-py (e.g. from torchvision.datasets.CIFAR10(root, download=True)), "
+            "or leave dataset.path unset to load dataset.hf_name from the HF cache"
         )
     images, labels = [], []
     for file in present:

@@ -23,10 +23,9 @@ from omegaconf import DictConfig
 
 from client_app.app import app as client_app
 from nmoe.config import CONF_DIR, to_structured
-from nmoe.results import load_results
 
 from .app import make_server_app
-from .report import RESULTS_FILE, summarize_sweep, write_plots
+from .report import RESULTS_FILE, summarize_sweep
 
 OUTPUT_DIR_KEY = "output_dir"
 
@@ -46,8 +45,9 @@ def backend_config(cfg: DictConfig) -> dict[str, Any]:
     return config
 
 
-def run_job(cfg: DictConfig) -> list[Path]:
-    """Simulate `cfg.simulation.num_clients` SuperNodes running the job; return the plots written."""
+def run_job(cfg: DictConfig) -> Path:
+    """Simulate `cfg.simulation.num_clients` SuperNodes running the job (the ServerApp writes
+    results.json and the plots); return the output dir."""
     run_simulation(
         server_app=make_server_app(cfg),
         client_app=client_app,
@@ -55,9 +55,10 @@ def run_job(cfg: DictConfig) -> list[Path]:
         backend_config=backend_config(cfg),
     )
     output_dir = Path(str(cfg.output_dir)).expanduser().resolve()
-    plots = write_plots(output_dir, load_results(output_dir / RESULTS_FILE))
-    log.info("Results and %d plots in %s", len(plots), output_dir)
-    return plots
+    if not (output_dir / RESULTS_FILE).is_file():
+        raise RuntimeError(f"the simulation wrote no {RESULTS_FILE} in {output_dir}: see the log above")
+    log.info("Results and plots in %s", output_dir)
+    return output_dir
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)

@@ -28,6 +28,9 @@ from nmoe_strategy.comm import CommLedger, CountingGrid
 from nmoe_strategy.router import NodeDirectory, Router, discover, replies_by_node
 from nmoe_strategy.strategy import NMoEStrategy
 
+from . import checkpoint
+from .checkpoint import Checkpoint
+
 FE_ACTION = {"fedce": "fe_ce", "fedsc": "fe_sc", "hybrid": "fe_hybrid"}
 CORR_KEY = "fedsc.corr"
 TRAINABLE_GATES = ("rollgate", "fedgate")
@@ -78,6 +81,7 @@ class Run:
     progress: Progress
     num_classes: int
     image_shape: tuple[int, ...]
+    checkpoint: Checkpoint
 
     @property
     def cfg_json(self) -> str:
@@ -98,13 +102,37 @@ class Run:
         return record
 
     def timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        """Run one stage: time it, count its bytes, then write results.json and a checkpoint."""
         self.grid.stage = stage
         self.progress.start(stage)
         out = fn()
         self.results.data["wall_time_s"][stage] = round(self.progress.done(stage), 3)
         self.results.data["comm_bytes"] = self.strategy.ledger.as_dict()
         self.results.write(self.output_dir)
+        if stage not in self.checkpoint.completed:
+            self.checkpoint.completed.append(stage)
+        self.checkpoint.in_progress = {}
+        self.checkpoint.arrays.pop(f"{stage}:partial", None)
+        if isinstance(out, ArrayRecord):
+            self.checkpoint.arrays[stage] = out
+        self.save_checkpoint()
         return out
+
+    def save_checkpoint(self) -> None:
+        self.checkpoint.results = self.results.data
+        self.checkpoint.ledger = self.strategy.ledger.as_dict()
+        checkpoint.save(self.output_dir, self.checkpoint)
+
+    def resumable(self, stage: str, fn: Callable[[], Any]) -> Any:
+        """`timed`, unless a resumed checkpoint already completed this server-side stage."""
+        if stage in self.checkpoint.completed:
+            log(INFO, "[%s] restored from checkpoint", stage)
+            return self.checkpoint.arrays.get(stage)
+        return self.timed(stage, fn)
+
+    def clients_hold(self, group: str) -> bool:
+        """Whether every client reported holding personal state `group` (after a resume)."""
+        return all(int(self.directory.info[p].get(f"has:{group}", 0)) for p in self.pids)
 
 
 def open_run(grid: Any, cfg: DictConfig, output_dir: Path) -> Run:
@@ -130,8 +158,14 @@ def open_run(grid: Any, cfg: DictConfig, output_dir: Path) -> Run:
         if int(cfg.gate.k) > len(nb) + (1 if cfg.expert.shared_expert else 0):
             raise ValueError(f"config key 'gate.k': k={cfg.gate.k} exceeds client {pid}'s neighbourhood ({len(nb)} experts)")
     strategy = NMoEStrategy(ledger, float(cfg.min_reply_fraction))
+    saved = checkpoint.Checkpoint()
+    if cfg.resume:
+        saved = checkpoint.load(str(cfg.resume))
+        results.data.update({k: v for k, v in saved.results.items() if k not in ("config", "nodes")})
+        ledger.load(saved.ledger)
+        log(INFO, "Resuming from %s: completed %s, in progress %s", cfg.resume, saved.completed, saved.in_progress)
     return Run(cfg, counting, strategy, directory, Router(counting, directory, timeout), results,
-               neighbours, output_dir, Progress(str(cfg.log_level)), num_classes(spec, n), shape)
+               neighbours, output_dir, Progress(str(cfg.log_level)), num_classes(spec, n), shape, saved)
 
 
 # ---------------------------------------------------------------------------- federated rounds
@@ -146,13 +180,21 @@ def federated_rounds(
     peer_arrays: Callable[[dict[int, Message]], dict[int, ArrayRecord]] | None = None,
     on_round: Callable[[int, ArrayRecord], dict[str, Any]] | None = None,
     outgoing: Callable[[int, ArrayRecord], ArrayRecord] = lambda r, current: current,
+    checkpoint_rounds: bool = False,
 ) -> ArrayRecord:
     """`rounds` rounds of `train.<action>`: send, retry if too few replies, aggregate shared keys.
 
     `arrays` holds the server's copy of every key; `outgoing` picks what a round sends.
+    With `checkpoint_rounds` (server-side state only) every round is checkpointed and a
+    resumed run continues after the last completed round.
     """
     peers: dict[int, ArrayRecord] = {}
-    for rnd in range(1, rounds + 1):
+    first = 1
+    if checkpoint_rounds and run.checkpoint.round_done(stage):
+        first = run.checkpoint.round_done(stage) + 1
+        arrays = run.checkpoint.arrays[f"{stage}:partial"]
+        log(INFO, "[%s] resuming after round %d", stage, first - 1)
+    for rnd in range(first, rounds + 1):
         keys = shared_keys(rnd)
         for attempt in range(int(run.cfg.round_retries) + 1):
             node_ids = [run.directory.node_of[p] for p in run.pids]
@@ -184,6 +226,10 @@ def federated_rounds(
             row.update(on_round(rnd, arrays))
         run.results.log_round(stage=stage, round=rnd, replies=len(valid), **row)
         run.progress.round(stage, rnd, rounds, row)
+        if checkpoint_rounds:
+            run.checkpoint.in_progress = {"stage": stage, "round": rnd}
+            run.checkpoint.arrays[f"{stage}:partial"] = arrays
+            run.save_checkpoint()
     return arrays
 
 
@@ -243,7 +289,8 @@ def stage_feature_extractor(run: Run, method: str, stage: str) -> ArrayRecord:
         return {"probe-acc": probe_accuracy(run, current)} if method != "fedce" else {}
 
     return federated_rounds(run, stage, FE_ACTION[method], arrays, int(run.cfg.fe.rounds), lambda r: shared,
-                            peer_arrays=others_average if share_corr else None, on_round=probe)
+                            peer_arrays=others_average if share_corr else None, on_round=probe,
+                            checkpoint_rounds=True)
 
 
 # ---------------------------------------------------------------------------- stage 2
@@ -449,8 +496,6 @@ def run_inference_only(run: Run) -> dict[str, Any]:
     gate = str(run.cfg.gate.method)
     run.timed("evaluate_local", lambda: evaluate_local(run, None))
     run.timed("inference", lambda: evaluate_routed(run, [gate], gate))
-    path = run.results.write(run.output_dir)
-    log(INFO, "Results written to %s", path.resolve())
     return run.results.data
 
 
@@ -460,28 +505,27 @@ def run_all(run: Run) -> dict[str, Any]:
     if cfg.mode == "inference":
         return run_inference_only(run)
     method = str(cfg.fe.method)
-    bundle = run.timed(FE_ACTION[method], lambda: stage_feature_extractor(run, method, FE_ACTION[method]))
+    bundle = run.resumable(FE_ACTION[method], lambda: stage_feature_extractor(run, method, FE_ACTION[method]))
     fedavg_bundle = None
     if "fedavg" in cfg.baselines and method == "fedsc":  # FedSC trains no head: FedAvg needs its own FedCE run
-        fedavg_bundle = run.timed("baseline_fedavg", lambda: stage_feature_extractor(run, "fedce", "baseline_fedavg"))
-    run.timed("expert", lambda: stage_experts(run, bundle))
+        fedavg_bundle = run.resumable("baseline_fedavg", lambda: stage_feature_extractor(run, "fedce", "baseline_fedavg"))
+    # Client-side stages are skipped on resume only if every client still holds their result.
+    if not ("expert" in run.checkpoint.completed and run.clients_hold("model/expert")):
+        run.timed("expert", lambda: stage_experts(run, bundle))
     nmoe_gate = str(cfg.gate.method)
     gates = [nmoe_gate] + [g for g in ("rangate", "rollgate", "fedgate") if g in cfg.baselines and g != nmoe_gate]
-    if any(g in TRAINABLE_GATES for g in gates):
+    to_train = [g for g in gates if g in TRAINABLE_GATES
+                and not (g in run.checkpoint.completed and run.clients_hold(f"model/gate.{g}"))]
+    if to_train:
         run.timed("gate_cache", lambda: fill_gate_cache(run))
-    for gate in gates:
-        if gate == "fedgate":
-            run.timed("fedgate", lambda: stage_fedgate(run))
-        elif gate == "rollgate":
-            run.timed("rollgate", lambda: stage_rollgate(run))
+    for gate in to_train:
+        run.timed(gate, lambda gate=gate: stage_fedgate(run) if gate == "fedgate" else stage_rollgate(run))
     if "local_only" in cfg.baselines:
-        run.timed("baseline_local_only", lambda: baseline_local_only(run))
+        run.resumable("baseline_local_only", lambda: baseline_local_only(run))
     if "centralized" in cfg.baselines:
-        run.timed("baseline_centralized", lambda: baseline_centralized(run))
+        run.resumable("baseline_centralized", lambda: baseline_centralized(run))
     run.timed("evaluate_local", lambda: evaluate_local(run, fedavg_bundle))
     run.timed("inference", lambda: evaluate_routed(run, gates, nmoe_gate))
     run.results.data["comm_bytes"] = run.strategy.ledger.as_dict()
-    path = run.results.write(run.output_dir)
-    log(INFO, "Results written to %s", path.resolve())
     return run.results.data
 
