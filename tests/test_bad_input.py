@@ -1,0 +1,155 @@
+"""Every bad input to a live ClientApp gets an error reply naming the reason; the node keeps
+serving and its state (in memory and on disk) is unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client_app.app import app as client_app
+from nmoe.config import compose_config, to_dict
+from nmoe.models import build_bundle, state_numpy
+
+NUM_PARTITIONS = 3
+MAX_BATCH = 50
+FEATURE_DIM = 64
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class LiveNode:
+    """A real ClientApp with its Context, answering messages in-process."""
+
+    def __init__(self, state_dir: Path) -> None:
+        cfg = compose_config(["experiment=smoke", f"max_query_batch={MAX_BATCH}", "state_key=bad-input"])
+        self.cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
+        self.state_dir = state_dir
+        self.context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                               node_config={"partition-id": 0, "num-partitions": NUM_PARTITIONS,
+                                            "state-dir": str(state_dir)})
+        bundle = build_bundle(cfg.model, (1, 8, 8), 10, 0)
+        self.bundle = ArrayRecord({k: Array(v) for k, v in state_numpy(bundle).items()})
+
+    def send(self, message_type: str, records: dict) -> Message:
+        msg = Message(RecordDict(records), dst_node_id=1, message_type=message_type)
+        return client_app(msg, self.context)
+
+    def config(self, **values) -> ConfigRecord:
+        return ConfigRecord({"nmoe": self.cfg_json, **values})
+
+    def snapshot(self) -> dict[str, str]:
+        """Digest of every persisted group in memory and of the state files on disk."""
+        out = {name: hashlib.sha256(b"".join(a.data for a in rec.values())).hexdigest()
+               for name, rec in self.context.state.array_records.items() if name.startswith("model/")}
+        for path in sorted(self.state_dir.rglob("*.safetensors")):
+            out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return out
+
+
+def features(rows: int = 4, dim: int = FEATURE_DIM, dtype=np.float32, fill: float | None = None) -> RecordDict:
+    value = np.random.default_rng(0).normal(size=(rows, dim)).astype(dtype)
+    if fill is not None and rows:
+        value[0, 0] = fill
+    return {"features": ArrayRecord({"from_1": Array(value)})}
+
+
+def route_config(node: LiveNode, **changes) -> dict:
+    values = {"query-id": "q", "split": "test", "mode": "infer", "gate": "rangate", "k": 2,
+              "neighbours": "0,1,2", "seed": 0, "return-predictions": False}
+    values.update(changes)
+    return {"config": node.config(**{k: v for k, v in values.items() if v is not None})}
+
+
+def bad_bundle(node: LiveNode, change: Callable[[dict], None]) -> dict:
+    arrays = {k: v.numpy().copy() for k, v in node.bundle.items()}
+    change(arrays)
+    return {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "config": node.config(**{"server-round": 1})}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> LiveNode:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    live = LiveNode(tmp_path_factory.mktemp("state"))
+    assert not live.send("query.info", {"config": live.config()}).has_error()
+    reply = live.send("train.expert", {"arrays": live.bundle, "config": live.config(**{"own-head": False})})
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    return live
+
+
+BAD_INPUTS: list[tuple[str, str, Callable[[LiveNode], dict], str]] = [
+    ("wrong shape", "query.expert", lambda n: features(dim=FEATURE_DIM - 1), "shape (4, 63)"),
+    ("feature dim mismatch, 3-D", "query.expert",
+     lambda n: {"features": ArrayRecord({"from_1": Array(np.zeros((2, 4, FEATURE_DIM), np.float32))})}, "expected (n, 64)"),
+    ("wrong dtype", "query.expert", lambda n: features(dtype=np.float64), "dtype float64"),
+    ("NaN", "query.expert", lambda n: features(fill=np.nan), "non-finite"),
+    ("Inf", "query.expert", lambda n: features(fill=np.inf), "non-finite"),
+    ("empty batch", "query.expert", lambda n: features(rows=0), "empty batch"),
+    ("batch over the limit", "query.expert", lambda n: features(rows=MAX_BATCH + 1), f"max_query_batch={MAX_BATCH}"),
+    ("missing record", "query.expert", lambda n: {"config": n.config()}, "lacks array record 'features'"),
+    ("k larger than neighbourhood", "query.route", lambda n: route_config(n, k=NUM_PARTITIONS + 1), "larger than the neighbourhood"),
+    ("missing config key", "query.route", lambda n: route_config(n, k=None), "lacks config key 'k'"),
+    ("k not positive", "query.route", lambda n: route_config(n, k=0), "k must be > 0"),
+    ("unknown mode", "query.route", lambda n: route_config(n, mode="teleport"), "unknown mode 'teleport'"),
+    ("unknown split", "query.route", lambda n: route_config(n, split="validation"), "unknown split 'validation'"),
+    ("unknown gate", "query.route", lambda n: route_config(n, gate="oracle"), "unknown gate 'oracle'"),
+    ("neighbours without self", "query.route", lambda n: route_config(n, neighbours="1,2"), "must include the requester"),
+    ("neighbour out of range", "query.route", lambda n: route_config(n, neighbours="0,7"), "outside [0, 3)"),
+    ("parameters for unknown keys", "train.fe_ce",
+     lambda n: bad_bundle(n, lambda a: a.update({"fe.backdoor": np.zeros(3, np.float32)})), "unknown parameter keys"),
+    ("parameter shape mismatch", "train.fe_ce",
+     lambda n: bad_bundle(n, lambda a: a.update({"head.bias": np.zeros(11, np.float32)})), "shape mismatch for 'head.bias'"),
+    ("NaN parameters", "train.expert",
+     lambda n: {**bad_bundle(n, lambda a: a["head.weight"].fill(np.nan)), "config": n.config(**{"own-head": False})},
+     "non-finite values"),
+    ("missing parameter keys", "train.expert",
+     lambda n: {**bad_bundle(n, lambda a: a.pop("head.bias")), "config": n.config(**{"own-head": False})},
+     "missing parameter keys"),
+    ("untrainable gate", "train.gate",
+     lambda n: {"arrays": ArrayRecord(), "config": n.config(gate="rangate", install=False, **{"return-keys": ""})},
+     "not trainable"),
+    ("combine for an unknown query", "query.combine",
+     lambda n: {"logits": ArrayRecord(), "config": n.config(**{"query-id": "nope", "mode": "infer", "failed": ""})},
+     "no 'scratch/pending.nope'"),
+]
+
+
+@pytest.mark.parametrize("case,message_type,content,reason", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_error_reply_and_node_keeps_serving(node: LiveNode, case, message_type, content, reason) -> None:
+    before = node.snapshot()
+    reply = node.send(message_type, content(node))
+    assert reply.has_error(), f"{case}: accepted"
+    assert reason in str(reply.error.reason), reply.error.reason
+    assert node.snapshot() == before, f"{case}: state changed"
+    good = node.send("query.expert", features())
+    assert not good.has_error() and good.content["logits"]["from_1"].numpy().shape == (4, 10)
+
+
+def test_unknown_action_is_refused(node: LiveNode) -> None:
+    """Flower turns this exception into an error reply for the server."""
+    with pytest.raises(ValueError, match="No query function registered with name 'teleport'"):
+        node.send("query.teleport", {"config": node.config()})
+    assert not node.send("query.expert", features()).has_error()
+
+
+def test_good_route_after_bad_ones(node: LiveNode) -> None:
+    reply = node.send("query.route", route_config(node))
+    assert not reply.has_error()
+    for key, value in reply.content["features"].items():
+        assert key.startswith("to_") and value.numpy().shape[1] == FEATURE_DIM
