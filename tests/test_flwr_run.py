@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,27 @@ def test_invalid_override_fails_before_training(federation: LocalFederation, tmp
     assert status == "finished:failed"
     assert "config key 'gate.k'" in federation.logs(run_id)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_stopped_run_resumes_after_its_last_checkpointed_round(federation: LocalFederation, tmp_path: Path) -> None:
+    """Stop the ServerApp's run in the middle of stage 1, start it again with resume=: it continues."""
+    rounds, stop_after = 15, 2
+    first, second = tmp_path / "first", tmp_path / "second"
+    overrides = f"experiment=smoke fe.rounds={rounds} baselines=[]"
+    run_id = federation.run_app(f"{overrides} output_dir={first}")
+    state = first / "checkpoint" / "state.json"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if state.is_file() and json.loads(state.read_text())["in_progress"].get("round", 0) >= stop_after:
+            break
+        time.sleep(0.1)
+    federation.flwr("stop", run_id, "test")
+    assert federation.wait(run_id, RUN_TIMEOUT_S) != "finished:completed"
+    done = json.loads(state.read_text())["in_progress"]["round"]
+    assert stop_after <= done < rounds
+    resumed = federation.run_app(f"{overrides} resume={first} output_dir={second}")
+    assert federation.wait(resumed, RUN_TIMEOUT_S) == "finished:completed"
+    assert f"resuming after round {done}" in federation.logs(resumed)
+    results = json.loads((second / "results.json").read_text())
+    assert [h["round"] for h in results["history"] if h["stage"] == "fe_ce"] == list(range(1, rounds + 1))
+    assert results["status"] == "completed" and len(results["accuracy"]["nmoe"]["per_client"]) == NUM_CLIENTS
