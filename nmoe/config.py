@@ -222,18 +222,30 @@ def parse_overrides(text: str) -> list[str]:
     return shlex.split(text or "")
 
 
+SCHEMA_NAME = "nmoe_schema"
+
+
+def register_schema() -> None:
+    """Store the typed schema in Hydra's ConfigStore; `conf/config.yaml` lists it first in its
+    defaults, so every key of every group can be overridden and is type-checked by Hydra."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=NMoEConfig)
+
+
 def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """Compose `conf/` with Hydra overrides and return the validated config."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    register_schema()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             raw = compose(config_name=config_name, overrides=list(overrides or []))
-    except HydraException as err:
+    except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"invalid override in {overrides}: {err}") from err
     OmegaConf.set_struct(raw, False)
     raw.pop("hydra", None)

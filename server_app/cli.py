@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from client_app.app import app as client_app
-from nmoe.config import CONF_DIR, to_structured
+from nmoe.config import CONF_DIR, register_schema, to_structured
 
 from .app import make_server_app
 from .report import RESULTS_FILE, summarize_sweep
@@ -59,6 +59,9 @@ def run_job(cfg: DictConfig) -> Path:
         raise RuntimeError(f"the simulation wrote no {RESULTS_FILE} in {output_dir}: see the log above")
     log.info("Results and plots in %s", output_dir)
     return output_dir
+
+
+register_schema()  # conf/config.yaml's defaults name the typed schema
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)

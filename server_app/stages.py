@@ -46,6 +46,7 @@ class Progress:
 
     level: str
     started: dict[str, float] = field(default_factory=dict)
+    first_round: dict[str, int] = field(default_factory=dict)
 
     def start(self, stage: str) -> None:
         self.started[stage] = time.monotonic()
@@ -54,15 +55,22 @@ class Progress:
 
     def round(self, stage: str, rnd: int, total: int, metrics: dict[str, Any]) -> None:
         elapsed = time.monotonic() - self.started[stage]
-        per_round = elapsed / rnd
+        per_round = elapsed / (rnd - self.first_round.setdefault(stage, rnd) + 1)
         shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         if self.level != "quiet":
             log(INFO, "[%s] round %d/%d | %s | %.2fs/round | ETA %.1fs",
                 stage, rnd, total, shown, per_round, per_round * (total - rnd))
 
-    def done(self, stage: str, summary: str = "") -> float:
+    def clients(self, stage: str, rnd: int, per_client: dict[int, dict[str, Any]]) -> None:
+        """Verbose level: one line per client with its own metrics."""
+        if self.level == "verbose":
+            for pid, metrics in sorted(per_client.items()):
+                shown = " | ".join(f"{k} {float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
+                log(INFO, "[%s] round %d client %d | %s", stage, rnd, pid, shown)
+
+    def done(self, stage: str) -> float:
         elapsed = time.monotonic() - self.started[stage]
-        log(INFO, "[%s] done in %.1fs %s", stage, elapsed, summary)
+        log(INFO, "[%s] done in %.1fs", stage, elapsed)
         return elapsed
 
 
@@ -188,6 +196,8 @@ def federated_rounds(
     With `checkpoint_rounds` (server-side state only) every round is checkpointed and a
     resumed run continues after the last completed round.
     """
+    if stage not in run.progress.started:  # a sub-stage, e.g. shared_expert inside expert
+        run.progress.start(stage)
     peers: dict[int, ArrayRecord] = {}
     first = 1
     if checkpoint_rounds and run.checkpoint.round_done(stage):
@@ -226,6 +236,8 @@ def federated_rounds(
             row.update(on_round(rnd, arrays))
         run.results.log_round(stage=stage, round=rnd, replies=len(valid), **row)
         run.progress.round(stage, rnd, rounds, row)
+        run.progress.clients(stage, rnd, {run.directory.pid_of(n): dict(r.content["metrics"])
+                                          for n, r in by_node.items() if not r.has_error()})
         if checkpoint_rounds:
             run.checkpoint.in_progress = {"stage": stage, "round": rnd}
             run.checkpoint.arrays[f"{stage}:partial"] = arrays
@@ -233,9 +245,11 @@ def federated_rounds(
     return arrays
 
 
-def send_to_all(run: Run, message_type: str, content: Callable[[int], RecordDict]) -> dict[int, Message]:
-    """One message per client; returns the valid replies by partition id."""
-    node_ids = {p: run.directory.node_of[p] for p in run.pids}
+def send_to_all(run: Run, message_type: str, content: Callable[[int], RecordDict],
+                pids: list[int] | None = None) -> dict[int, Message]:
+    """One message per client (all, or `pids`); returns the valid replies by partition id and
+    records the clients that failed or timed out."""
+    node_ids = {p: run.directory.node_of[p] for p in (run.pids if pids is None else pids)}
     messages = [Message(content(p), dst_node_id=n, message_type=message_type) for p, n in node_ids.items()]
     by_node = replies_by_node(messages, run.grid.send_and_receive(messages, timeout=float(run.cfg.round_timeout_s)))
     out = {}
@@ -378,20 +392,17 @@ def stage_rollgate(run: Run) -> None:
         if run.cfg.gate.roll_order == "shuffled":
             rng.shuffle(order)
         visits.append(order)
+        losses = []
         for step, pid in enumerate(order, start=1):
-            msg = Message(RecordDict({"arrays": gate, "config": run.config(gate="rollgate", install=False, **{
-                "return-keys": keys, "server-round": (pas - 1) * len(order) + step})}),
-                dst_node_id=run.directory.node_of[pid], message_type="train.gate")
-            replies = replies_by_node([msg], run.grid.send_and_receive([msg], timeout=float(run.cfg.round_timeout_s)))
-            reply = replies.get(run.directory.node_of[pid])
-            if reply is None or reply.has_error():
-                log(WARNING, "[rollgate] client %d skipped: %s", pid, reply.error.reason if reply else "no reply")
-                run.results.data["extra"].setdefault("dropped", []).append({"stage": "rollgate", "round": pas, "clients": [pid]})
+            config = run.config(gate="rollgate", install=False,
+                                **{"return-keys": keys, "server-round": (pas - 1) * len(order) + step})
+            reply = send_to_all(run, "train.gate", lambda p: RecordDict({"arrays": gate, "config": config}), [pid])
+            if pid not in reply:  # skipped: the gate moves on unchanged
                 continue
-            gate = ArrayRecord({k: v for k, v in reply.content["arrays"].items()})
-            loss = float(reply.content["metrics"]["loss"])
-            run.results.log_round(stage="rollgate", round=pas, client=pid, loss=loss)
-        run.progress.round("rollgate", pas, passes, {"loss": loss})
+            gate = ArrayRecord({k: v for k, v in reply[pid].content["arrays"].items()})
+            losses.append(float(reply[pid].content["metrics"]["loss"]))
+            run.results.log_round(stage="rollgate", round=pas, client=pid, loss=losses[-1])
+        run.progress.round("rollgate", pas, passes, {"loss": float(np.mean(losses)) if losses else float("nan")})
     run.results.data["extra"]["rollgate_order"] = visits
     send_to_all(run, "train.gate", lambda p: RecordDict({"arrays": gate, "config": run.config(
         gate="rollgate", install=True, **{"return-keys": "", "server-round": 0})}))
