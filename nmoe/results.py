@@ -27,10 +27,12 @@ def write_json_atomic(path: str | Path, payload: Any) -> Path:
     return path
 
 
-def method_entry(per_client: list[float]) -> dict[str, Any]:
-    """`{"mean": float, "per_client": [float]}` for one method."""
-    values = [float(v) for v in per_client]
-    return {"mean": statistics.fmean(values) if values else float("nan"), "per_client": values}
+def method_entry(per_client: dict[int, float]) -> dict[str, Any]:
+    """`{"mean", "per_client", "clients"}` for one method: values ordered by client id, and the
+    ids they belong to (a client that dropped out has no value)."""
+    clients = sorted(per_client)
+    values = [float(per_client[c]) for c in clients]
+    return {"mean": statistics.fmean(values) if values else float("nan"), "per_client": values, "clients": clients}
 
 
 class Results:
@@ -47,7 +49,7 @@ class Results:
             "extra": {},
         }
 
-    def set_accuracy(self, method: str, local: list[float], global_: list[float]) -> None:
+    def set_accuracy(self, method: str, local: dict[int, float], global_: dict[int, float]) -> None:
         self.data["accuracy"][method] = method_entry(local)
         self.data["accuracy_global"][method] = method_entry(global_)
 

@@ -107,12 +107,15 @@ def plot_per_client(results: dict[str, Any], path: Path) -> Path | None:
     width = GROUP_WIDTH / len(methods)
     for ax, (key, title) in zip(axes, SPLITS):
         block = results.get(key, {})
+        seen: set[int] = set()
         for index, method in enumerate(methods):
-            values = block.get(method, {}).get("per_client", [])
+            entry = block.get(method, {})
+            values = entry.get("per_client", [])
+            clients = entry.get("clients", list(range(len(values))))  # a dropped client has no bar
+            seen.update(clients)
             offset = (index - (len(methods) - 1) / 2) * width
-            ax.bar(np.arange(len(values)) + offset, values, width, label=method)
-        num_clients = max((len(block.get(m, {}).get("per_client", [])) for m in methods), default=0)
-        ax.set_xticks(np.arange(num_clients))
+            ax.bar(np.asarray(clients) + offset, values, width, label=method)
+        ax.set_xticks(sorted(seen))
         ax.set_xlabel("client")
         ax.set_title(f"Accuracy per client ({title})")
         ax.grid(axis="y", alpha=0.3)

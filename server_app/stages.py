@@ -429,10 +429,6 @@ def routed_accuracy(run: Run, gate: str, split: str) -> dict[int, MetricRecord]:
     return report.metrics
 
 
-def per_client(run: Run, values: dict[int, float]) -> list[float]:
-    return [values[p] for p in run.pids if p in values]
-
-
 def evaluate_routed(run: Run, gates: list[str], nmoe_gate: str) -> None:
     """Collaborative inference for each gate, on local tests and the global test."""
     routing = {}
@@ -444,7 +440,7 @@ def evaluate_routed(run: Run, gates: list[str], nmoe_gate: str) -> None:
         routing[gate] = {str(p): list(m["route-counts"]) for p, m in local.items()}
         degraded = sum(int(m["degraded"]) for m in list(local.values()) + list(glob.values()))
         for name in {gate, "nmoe"} if gate == nmoe_gate else {gate}:
-            run.results.set_accuracy(name, per_client(run, local_acc), per_client(run, global_acc))
+            run.results.set_accuracy(name, local_acc, global_acc)
         run.results.data["extra"].setdefault("degraded_queries", {})[gate] = degraded
         log(INFO, "[evaluate] %s: local %.4f | global %.4f", gate,
             np.mean(list(local_acc.values())), np.mean(list(global_acc.values())))
@@ -469,7 +465,7 @@ def evaluate_local(run: Run, fedavg_bundle: ArrayRecord | None) -> None:
     for method in methods:
         local = {p: float(r.content["metrics"][f"acc-local.{method}"]) for p, r in replies.items()}
         glob = {p: float(r.content["metrics"][f"acc-global.{method}"]) for p, r in replies.items()}
-        run.results.set_accuracy(method, per_client(run, local), per_client(run, glob))
+        run.results.set_accuracy(method, local, glob)
         log(INFO, "[evaluate] %s: local %.4f | global %.4f", method, np.mean(list(local.values())), np.mean(list(glob.values())))
 
 
@@ -477,8 +473,8 @@ def baseline_local_only(run: Run) -> None:
     replies = send_to_all(run, "train.local_only", lambda p: RecordDict({"config": run.config()}))
     run.results.set_accuracy(
         "local_only",
-        per_client(run, {p: float(r.content["metrics"]["acc-local"]) for p, r in replies.items()}),
-        per_client(run, {p: float(r.content["metrics"]["acc-global"]) for p, r in replies.items()}),
+        {p: float(r.content["metrics"]["acc-local"]) for p, r in replies.items()},
+        {p: float(r.content["metrics"]["acc-global"]) for p, r in replies.items()},
     )
 
 
@@ -496,9 +492,9 @@ def baseline_centralized(run: Run) -> None:
     train_classifier(expert, forward_batched(bundle.fe, x), y, epochs=int(cfg.expert.epochs), lr=float(cfg.expert.lr),
                      batch_size=int(cfg.expert.batch_size), seed=int(cfg.seed))
     model = lambda inp: expert(bundle.fe(inp))  # noqa: E731
-    local = [accuracy(forward_batched(model, c.test_x), c.test_y) for c in clients]
+    local = {pid: accuracy(forward_batched(model, c.test_x), c.test_y) for pid, c in enumerate(clients)}
     glob = accuracy(forward_batched(model, clients[0].global_x), clients[0].global_y)
-    run.results.set_accuracy("centralized", local, [glob] * len(clients))
+    run.results.set_accuracy("centralized", local, {pid: glob for pid in local})
 
 
 # ---------------------------------------------------------------------------- the whole run
