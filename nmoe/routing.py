@@ -16,8 +16,13 @@ def topk_weights(
     k: int,
     noise_std: float = 0.0,
     generator: torch.Generator | None = None,
+    renormalise: bool = True,
 ) -> torch.Tensor:
-    """Dense (B, E) weights: softmax over the top-k reachable (noisy) scores, zero elsewhere."""
+    """Dense (B, E) weights: softmax over the top-k reachable (noisy) scores, zero elsewhere.
+
+    With `renormalise=False` the kept weights are the softmax over *all* reachable scores
+    (Switch-Transformer style), so a top-1 choice still passes a gradient to the gate.
+    """
     num_reachable = int(reachable.sum())
     if k > num_reachable:
         raise ValueError(f"k={k} is larger than the neighbourhood ({num_reachable} reachable experts)")
@@ -26,8 +31,9 @@ def topk_weights(
         scores = scores + noise
     scores = masked_scores(scores, reachable)
     top_values, top_index = scores.topk(k, dim=1)
-    weights = torch.zeros_like(scores)
-    return weights.scatter(1, top_index, torch.softmax(top_values, dim=1))
+    if renormalise:
+        return torch.zeros_like(scores).scatter(1, top_index, torch.softmax(top_values, dim=1))
+    return torch.zeros_like(scores).scatter(1, top_index, torch.softmax(scores, dim=1).gather(1, top_index))
 
 
 def random_weights(

@@ -138,7 +138,11 @@ def train_gate(
     batch_size: int,
     seed: int,
 ) -> float:
-    """Train the gate on cached expert outputs (n, E, C): CE of the noisy top-k mixture."""
+    """Train the gate on cached expert outputs (n, E, C): CE of the noisy top-k mixture.
+
+    For k = 1 the softmax over one score is constant, so the kept weight is the softmax over
+    all reachable experts instead (Switch style); inference uses the plain top-k rule.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(gate.parameters(), lr=lr)
     gate.train()
@@ -146,7 +150,7 @@ def train_gate(
     for _ in range(epochs):
         epoch_loss, n = 0.0, 0
         for idx in minibatches(len(feats), batch_size, generator):
-            weights = topk_weights(gate(feats[idx]), reachable, k, noise_std, generator)
+            weights = topk_weights(gate(feats[idx]), reachable, k, noise_std, generator, renormalise=k > 1)
             mixture = (weights.unsqueeze(-1) * expert_logits[idx]).sum(dim=1)
             loss = F.cross_entropy(mixture, y[idx])
             optimiser.zero_grad()

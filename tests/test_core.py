@@ -144,3 +144,23 @@ def test_partition_id_out_of_range() -> None:
 def test_invalid_config_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         compose_config([override])
+
+
+def test_gate_with_k1_still_learns() -> None:
+    """k = 1: a top-1 softmax is constant; training uses the Switch-style weight and the gate moves."""
+    from nmoe.models import build_gate
+    from nmoe.training import train_gate
+
+    torch.manual_seed(0)
+    n, experts, classes, dim = 256, 4, 5, 8
+    feats, labels = torch.randn(n, dim), torch.randint(0, classes, (n,))
+    logits = torch.randn(n, experts, classes)
+    logits[torch.arange(n), 2, labels] = 8.0  # expert 2 is right everywhere
+    gate = build_gate(type("M", (), {"feature_dim": dim, "gate_hidden": 16})(), experts, 0)
+    before = [p.detach().clone() for p in gate.parameters()]
+    reachable = torch.ones(experts, dtype=torch.bool)
+    train_gate(gate, feats, labels, logits, reachable, k=1, noise_std=0.5, epochs=20, lr=0.05, batch_size=32, seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, gate.parameters()))
+    with torch.no_grad():
+        chosen = topk_weights(gate(feats), reachable, 1).argmax(dim=1)
+    assert float((chosen == 2).float().mean()) > 0.9
