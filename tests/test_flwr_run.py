@@ -132,3 +132,22 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(federation: Local
     results = json.loads((second / "results.json").read_text())
     assert [h["round"] for h in results["history"] if h["stage"] == "fe_ce"] == list(range(1, rounds + 1))
     assert results["status"] == "completed" and len(results["accuracy"]["nmoe"]["per_client"]) == NUM_CLIENTS
+
+
+def test_flwr_run_and_hydra_cli_resolve_the_same_config(finished_run) -> None:
+    """The run-config `overrides` of `flwr run` and the same overrides on `nmoe` compose alike."""
+    import subprocess
+    import sys
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from nmoe.config import to_dict, to_structured
+
+    _, out, _ = finished_run
+    from_flwr = json.loads((out / "results.json").read_text())["config"]
+    cli = Path(sys.executable).parent / "nmoe"
+    printed = subprocess.run([str(cli), *OVERRIDES.split(), f"output_dir={out}", "--cfg", "job"],
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+    from_cli = to_dict(to_structured(OmegaConf.create(yaml.safe_load(printed))))
+    assert from_cli == from_flwr
