@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from nmoe.data import ClientData, federation_spec, load_client_data, num_classes, ssl_augmentation
 from nmoe.inference import RoutePlan, assemble, plan_route, route_counts
 from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, state_numpy
+from nmoe.protocol import CORR_KEY, FE_METHOD, GATES, QUERY_MODES, SPLITS
 from nmoe.routing import combine, random_weights
 from nmoe.training import (
     accuracy, forward_batched, gate_weights, train_classifier, train_extractor, train_gate,
@@ -32,11 +33,6 @@ from nmoe.training import (
 
 from .state import PersonalState
 
-FE_ACTIONS = {"fe_ce": "fedce", "fe_sc": "fedsc", "fe_hybrid": "hybrid"}
-CORR_KEY = "fedsc.corr"
-SPLITS = ("train", "gate", "test", "global")
-MODES = ("infer", "cache")
-GATE_NAMES = ("rangate", "rollgate", "fedgate")
 LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
 PERSONAL_GROUPS = ("model/fe", "model/expert", "model/gate.fedgate", "model/gate.rollgate")
 
@@ -186,7 +182,7 @@ def info(msg: Message, context: Context) -> Message:
 def train_fe(msg: Message, context: Context) -> Message:
     """Stage 1: one local update of F + head + projector (CE, SSL or both)."""
     action = msg.metadata.message_type.split(".", 1)[1]
-    method = FE_ACTIONS[action]
+    method = FE_METHOD[action]
     node = open_node(msg, context)
     bundle = node.bundle(received_arrays(msg))
     others_corr, others_weight = None, 0.0
@@ -215,7 +211,7 @@ def train_fe(msg: Message, context: Context) -> Message:
     return reply(msg, metrics, arrays)
 
 
-for _action in FE_ACTIONS:
+for _action in FE_METHOD:
     app.train(_action)(guarded(train_fe))
 
 
@@ -374,8 +370,8 @@ def route(msg: Message, context: Context) -> Message:
     node = open_node(msg, context)
     qid = str(config_value(msg, "query-id"))
     split, mode, gate_name = (str(config_value(msg, k)) for k in ("split", "mode", "gate"))
-    if mode not in MODES:
-        raise ValueError(f"unknown mode '{mode}', allowed: {', '.join(MODES)}")
+    if mode not in QUERY_MODES:
+        raise ValueError(f"unknown mode '{mode}', allowed: {', '.join(QUERY_MODES)}")
     k = int(config_value(msg, "k"))
     if k <= 0:
         raise ValueError(f"k must be > 0, got {k}")
@@ -387,12 +383,12 @@ def route(msg: Message, context: Context) -> Message:
         weights = reachable.float().expand(len(x), -1).clone()
     elif gate_name == "rangate":
         weights = random_weights(len(x), reachable, k, generator)
-    elif gate_name in GATE_NAMES:
+    elif gate_name in GATES:
         gate = build_gate(node.cfg.model, node.num_experts, int(node.cfg.seed))
         load_numpy(gate, node.state.get(f"model/gate.{gate_name}"))
         weights = gate_weights(gate, feats, reachable, k)
     else:
-        raise ValueError(f"unknown gate '{gate_name}', allowed: {', '.join(GATE_NAMES)}")
+        raise ValueError(f"unknown gate '{gate_name}', allowed: {', '.join(GATES)}")
     local = {node.pid: node.expert()}
     if node.shared_expert_id is not None:
         local[node.shared_expert_id] = node.expert("model/shared_expert")

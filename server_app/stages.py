@@ -22,6 +22,7 @@ from nmoe import topology
 from nmoe.config import to_dict
 from nmoe.data import federation_spec, load_all_clients, num_classes
 from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, state_numpy
+from nmoe.protocol import CORR_KEY, FE_ACTION, GATES, TRAINABLE_GATES
 from nmoe.results import Results
 from nmoe.training import accuracy, forward_batched, linear_probe, train_classifier, train_extractor
 from nmoe_strategy.comm import CommLedger, CountingGrid
@@ -31,9 +32,6 @@ from nmoe_strategy.strategy import NMoEStrategy
 from . import checkpoint
 from .checkpoint import Checkpoint
 
-FE_ACTION = {"fedce": "fe_ce", "fedsc": "fe_sc", "hybrid": "fe_hybrid"}
-CORR_KEY = "fedsc.corr"
-TRAINABLE_GATES = ("rollgate", "fedgate")
 
 
 class StageFailed(RuntimeError):
@@ -520,7 +518,7 @@ def run_all(run: Run) -> dict[str, Any]:
     if not ("expert" in run.checkpoint.completed and run.clients_hold("model/expert")):
         run.timed("expert", lambda: stage_experts(run, bundle))
     nmoe_gate = str(cfg.gate.method)
-    gates = [nmoe_gate] + [g for g in ("rangate", "rollgate", "fedgate") if g in cfg.baselines and g != nmoe_gate]
+    gates = [nmoe_gate] + [g for g in GATES if g in cfg.baselines and g != nmoe_gate]
     to_train = [g for g in gates if g in TRAINABLE_GATES
                 and not (g in run.checkpoint.completed and run.clients_hold(f"model/gate.{g}"))]
     if to_train:

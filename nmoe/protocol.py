@@ -1,0 +1,12 @@
+"""Names both apps agree on: message actions, record keys, query modes and splits."""
+
+from __future__ import annotations
+
+# stage-1 method -> `train.<action>` message type
+FE_ACTION = {"fedce": "fe_ce", "fedsc": "fe_sc", "hybrid": "fe_hybrid"}
+FE_METHOD = {action: method for method, action in FE_ACTION.items()}
+CORR_KEY = "fedsc.corr"  # a client's projector correlation matrix, beside F in a stage-1 reply
+GATES = ("rangate", "rollgate", "fedgate")
+TRAINABLE_GATES = ("rollgate", "fedgate")
+QUERY_MODES = ("infer", "cache")
+SPLITS = ("train", "gate", "test", "global")
