@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
-from torchvision.transforms import v2
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -227,6 +226,8 @@ def num_classes(spec_json: str, num_partitions: int) -> int:
 
 def ssl_augmentation(image_shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Two-view augmentation suited to the image size: returns a per-sample transform."""
+    from torchvision.transforms import v2  # imported here: every deployed ClientApp message is a fresh process
+
     channels, height, _ = image_shape
     if channels == 3:
         transform = v2.Compose([
