@@ -436,7 +436,8 @@ def evaluate_routed(run: Run, gates: list[str], nmoe_gate: str) -> None:
         local_acc = {p: float(m["accuracy"]) for p, m in local.items()}
         global_acc = {p: float(m["accuracy"]) for p, m in glob.items()}
         routing[gate] = {str(p): list(m["route-counts"]) for p, m in local.items()}
-        degraded = sum(int(m["degraded"]) for m in list(local.values()) + list(glob.values()))
+        degraded = {split: sum(int(m["degraded"]) for m in replies.values())
+                    for split, replies in (("test", local), ("global", glob))}
         for name in {gate, "nmoe"} if gate == nmoe_gate else {gate}:
             run.results.set_accuracy(name, local_acc, global_acc)
         run.results.data["extra"].setdefault("degraded_queries", {})[gate] = degraded

@@ -28,6 +28,7 @@ TINY_RANGATE = "experiment=smoke fe.rounds=1 gate=rangate expert.epochs=3 partit
 INTRUDER_EXIT_TIMEOUT_S = 60
 IMAGE_DIMS = [8, 8]  # digits images are 1x8x8; no state tensor may look like one
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
+DEAD_NODE_TIMEOUT_S = 20  # how long the server waits for a node that is down
 
 
 def results_of(out: Path) -> dict[str, Any]:
@@ -128,6 +129,35 @@ class _Payload:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Path.touch, (Path(self.marker),))
+
+
+def test_inference_with_a_dead_expert_answers_every_live_query(
+        insecure: Deployment, trained: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    """SuperNode 2 is down: the others' queries are all answered, renormalised over the experts
+    that answered; the degraded count is exactly the samples they had routed to expert 2."""
+    status, train_results = trained
+    assert status == COMPLETED_STATUS
+    dead = NUM_NODES - 1
+    insecure.stop_node(dead)
+    insecure.wait_for_nodes(NUM_NODES - 1)
+    status, _ = insecure.run(f"{TINY} mode=inference state_key={STATE_KEY} record_predictions=true "
+                             f"min_nodes={NUM_NODES - 1} round_timeout_s={DEAD_NODE_TIMEOUT_S} "
+                             f"output_dir={tmp_path}", RUN_TIMEOUT_S)
+    insecure.start_node(dead)
+    insecure.wait_for_nodes(NUM_NODES)
+    assert status == COMPLETED_STATUS
+    results = results_of(tmp_path)
+    gate = train_results["config"]["gate"]["method"]
+    live = [str(i) for i in range(NUM_NODES) if i != dead]
+    for split in ("test", "global"):
+        answered = results["predictions"][gate][split]
+        assert sorted(answered) == live
+        for client in live:  # every query of a live client got an answer
+            assert len(answered[client]) == len(train_results["predictions"][gate][split][client])
+    expected = sum(train_results["routing_counts"][gate][client][dead] for client in live)
+    assert results["extra"]["degraded_queries"][gate]["test"] == expected
+    assert any(dead in f["failed_experts"] for f in results["extra"]["inference_failures"])
+    assert results["accuracy"]["nmoe"]["clients"] == [int(c) for c in live]
 
 
 def test_restarted_node_serves_the_same_predictions(insecure: Deployment, trained: tuple[str, dict[str, Any]],
