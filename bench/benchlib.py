@@ -1,0 +1,330 @@
+"""Shared helpers of the benchmark scripts: machine facts, result files, process-tree sampling.
+
+Every benchmark writes `<out-dir>/<name>.json` through `write_result`, which adds the
+machine (CPUs, memory, versions, load), the date, the git commit and the exact command.
+`ProcessTreeMonitor` samples /proc for a process and all its descendants (Ray's GCS,
+raylet and worker processes are children of the driver), so wall time, CPU time and
+peak memory cover the whole simulation, not only the Python driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT_DIR = BENCH_DIR / "results"
+VENV_BIN = Path(sys.executable).parent
+NMOE_CLI = VENV_BIN / "nmoe"
+
+# The NMoE configuration under test (the lead's current best candidate): a fully shared
+# FedGate (trunk and output layer averaged every round) plus a shared FedAvg expert H_0.
+DEFAULT_NMOE_CONFIG = "expert=with_shared gate=fedgate gate.sync_head_every=1"
+ALL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized", "rangate", "rollgate", "fedgate")
+
+BYTES_PER_FLOAT32 = 4
+KIB = 1024
+GIB = 1024**3
+SAMPLE_INTERVAL_S = 0.5
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# /proc/<pid>/stat fields after the ")" that closes the command name (0-based):
+# state=0, ppid=1, utime=11, stime=12, starttime=19, rss=21 (pages).
+STAT_PPID, STAT_UTIME, STAT_STIME, STAT_START, STAT_RSS = 1, 11, 12, 19, 21
+
+
+# ---------------------------------------------------------------------------- machine and results
+def _meminfo_total_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * KIB
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def _git(*args: str) -> str | None:
+    """Output of a git command in the repository, None if git is unavailable."""
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPUs, memory, OS, Python/torch/flwr/ray versions, load average and git state, now."""
+    memory = _meminfo_total_bytes()
+    status = _git("status", "--porcelain")
+    return {
+        "cpu_count": os.cpu_count(),
+        "mem_total_bytes": memory,
+        "mem_total_gib": round(memory / GIB, 2),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "flwr": _version("flwr"),
+        "ray": _version("ray"),
+        "load_average_1_5_15": list(os.getloadavg()),
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+    }
+
+
+def command_line() -> str:
+    """The exact command that started this benchmark."""
+    return shlex.join([sys.executable, *sys.argv])
+
+
+def write_result(out_dir: Path, name: str, payload: dict[str, Any], started: dict[str, Any]) -> Path:
+    """Write `<out_dir>/<name>.json`: machine at start and end, command, then the payload."""
+    from nmoe.results import write_json_atomic
+
+    document = {
+        "benchmark": name,
+        "command": command_line(),
+        "machine": started,
+        "load_average_at_end": list(os.getloadavg()),
+        **payload,
+    }
+    return write_json_atomic(out_dir / f"{name}.json", _json_safe(document))
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become None (JSON has no NaN); tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments every benchmark takes: output folder and the tiny (smoke-test) size."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
+                        help="folder for <name>.json, plots and run folders (default: bench/results)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smallest size that exercises every code path (smoke test); numbers are meaningless")
+    return parser
+
+
+def split_overrides(text: str) -> list[str]:
+    """Hydra overrides from one string (`"gate=fedgate gate.k=3"`)."""
+    return shlex.split(text)
+
+
+def expose_bench_to_ray_workers() -> None:
+    """Put bench/ on PYTHONPATH before Ray starts: workers then import the bench's own
+    apps by reference (as they do the project's), instead of unpickling them by value."""
+    paths = [str(BENCH_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+
+
+# ---------------------------------------------------------------------------- statistics
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN std for fewer than 2 values)."""
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Least-squares line y = intercept + slope * x and its coefficient of determination R^2."""
+    n = len(xs)
+    if n < 2:
+        return {"slope": math.nan, "intercept": math.nan, "r2": math.nan, "points": n}
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    intercept = my - slope * mx
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return {"slope": slope, "intercept": intercept, "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0, "points": n}
+
+
+# ---------------------------------------------------------------------------- process tree
+def _read_stat(pid: str) -> tuple[int, int, int, int] | None:
+    """(ppid, cpu ticks utime+stime, start time, rss pages) of one process, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[STAT_PPID]), int(fields[STAT_UTIME]) + int(fields[STAT_STIME]),
+            int(fields[STAT_START]), int(fields[STAT_RSS]))
+
+
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size (shared pages divided among their users); 0 if unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * KIB
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class TreeStats:
+    """What a `ProcessTreeMonitor` saw between start and stop."""
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_pss_bytes: int = 0
+    peak_processes: int = 0
+    samples: int = 0
+    pss_sampled: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        pss = self.peak_pss_bytes if self.pss_sampled else None
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "cpu_s": round(self.cpu_s, 3),
+            "peak_rss_sum_bytes": self.peak_rss_bytes,
+            "peak_rss_sum_gib": round(self.peak_rss_bytes / GIB, 3),
+            "peak_pss_sum_bytes": pss,
+            "peak_pss_sum_gib": None if pss is None else round(pss / GIB, 3),
+            "peak_processes": self.peak_processes,
+            "samples": self.samples,
+        }
+
+
+@dataclass
+class ProcessTreeMonitor:
+    """Samples `root_pid` and its descendants every `interval_s` in a background thread.
+
+    CPU time is the sum over processes of (last seen utime+stime - utime+stime at start);
+    a process that exits loses at most one interval of CPU. Memory peaks are sums over the
+    tree of RSS (counts shared pages once per process: an over-estimate) and of PSS
+    (shared pages divided among the processes sharing them). Use as a context manager.
+    """
+
+    root_pid: int = field(default_factory=os.getpid)
+    interval_s: float = SAMPLE_INTERVAL_S
+    with_pss: bool = True
+    stats: TreeStats = field(default_factory=TreeStats)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tree-monitor", daemon=True)
+        self._baseline: dict[tuple[int, int], int] = {}
+        self._last: dict[tuple[int, int], int] = {}
+        self._started = 0.0
+        self.stats.pss_sampled = self.with_pss
+
+    def _tree(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """(pid, start time) -> (cpu ticks, rss pages) for the root and all its descendants."""
+        table: dict[int, tuple[int, int, int, int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                stat = _read_stat(entry)
+                if stat is not None:
+                    table[int(entry)] = stat
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, *_rest) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        tree, todo = {}, [self.root_pid] if self.root_pid in table else []
+        while todo:
+            pid = todo.pop()
+            _, ticks, start, rss = table[pid]
+            tree[(pid, start)] = (ticks, rss)
+            todo.extend(children.get(pid, []))
+        return tree
+
+    def sample(self) -> None:
+        """Take one sample now (also called at start and stop)."""
+        tree = self._tree()
+        for key, (ticks, _) in tree.items():
+            self._baseline.setdefault(key, ticks)
+            self._last[key] = ticks
+        rss = sum(pages for _, pages in tree.values()) * PAGE_SIZE
+        pss = sum(_pss_bytes(pid) for pid, _ in tree) if self.with_pss else 0
+        s = self.stats
+        s.peak_rss_bytes = max(s.peak_rss_bytes, rss)
+        s.peak_pss_bytes = max(s.peak_pss_bytes, pss)
+        s.peak_processes = max(s.peak_processes, len(tree))
+        s.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> ProcessTreeMonitor:
+        self._started = time.perf_counter()
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.stats.wall_s = time.perf_counter() - self._started
+        self.stats.cpu_s = sum(self._last[k] - self._baseline[k] for k in self._last) / CLOCK_TICKS
+
+
+# ---------------------------------------------------------------------------- subprocesses
+@dataclass
+class CommandRun:
+    """A finished subprocess: its command, exit code, log file and what the monitor saw."""
+
+    command: list[str]
+    returncode: int
+    log_path: Path
+    tree: TreeStats
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"command": shlex.join(self.command), "returncode": self.returncode,
+                "log": str(self.log_path), **self.tree.as_dict()}
+
+
+def run_monitored(command: list[str], log_path: Path, cwd: Path, with_pss: bool = True) -> CommandRun:
+    """Run `command` (stdout+stderr to `log_path`), sampling its process tree; raise if it fails."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ {shlex.join(command)}\n  (log: {log_path})", flush=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        with ProcessTreeMonitor(process.pid, with_pss=with_pss) as monitor:
+            returncode = process.wait()
+    run = CommandRun(command, returncode, log_path, monitor.stats)
+    if returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"command failed with exit code {returncode}: {shlex.join(command)}\n{tail}")
+    return run
