@@ -30,9 +30,11 @@ DEFAULT_OUT_DIR = BENCH_DIR / "results"
 VENV_BIN = Path(sys.executable).parent
 NMOE_CLI = VENV_BIN / "nmoe"
 
-# The NMoE configuration under test (the lead's current best candidate): a fully shared
-# FedGate (trunk and output layer averaged every round) plus a shared FedAvg expert H_0.
-DEFAULT_NMOE_CONFIG = "expert=with_shared gate=fedgate gate.sync_head_every=1"
+# The NMoE configuration under test (best of the tuning sweeps, as in experiment=digits_default):
+# a shared FedAvg expert H_0, FedGate with its output layer averaged every 2nd round, top-3.
+DEFAULT_NMOE_CONFIG = (
+    "expert=with_shared expert.gate_holdout_fraction=0.4 gate=fedgate gate.k=3 gate.rounds=10 gate.sync_head_every=2"
+)
 ALL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized", "rangate", "rollgate", "fedgate")
 
 BYTES_PER_FLOAT32 = 4
