@@ -9,8 +9,6 @@ Safetensors holds tensors only (no pickled code), so loading it is safe.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from safetensors.torch import load_file, save_file
+
+from nmoe.results import write_atomic
 
 CONFIG_KEY = "nmoe-config"
 PERSISTED_PREFIXES = ("model/",)  # scratch entries (caches, pending queries) stay in memory
@@ -87,17 +87,7 @@ class PersonalState:
             for name, record in self.state.array_records.items() if name.startswith(PERSISTED_PREFIXES)
             for key, arr in record.items()
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"config": self.config_json()})
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"config": self.config_json()}))
         return path
 
     def load_file(self, path: Path) -> None:

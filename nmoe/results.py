@@ -7,24 +7,30 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write JSON to a temp file in the same folder, then rename over `path`."""
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Let `write(tmp_path)` fill a temp file beside `path`, fsync it, then rename it over `path`:
+    readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """Write JSON atomically (see `write_atomic`)."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
 
 
 def method_entry(per_client: dict[int, float]) -> dict[str, Any]:

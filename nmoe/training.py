@@ -103,18 +103,20 @@ def train_extractor(
     )
 
 
-def train_classifier(
-    module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int, seed: int
+def fit(
+    module: nn.Module, num_samples: int, batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    *, epochs: int, lr: float, batch_size: int, seed: int,
 ) -> float:
-    """Supervised training of a small module (expert, head, probe) with Adam; returns last-epoch loss."""
+    """Adam over shuffled minibatches of `num_samples`; `batch_loss(indices, generator)` gives
+    each batch's loss. Returns the last epoch's mean loss."""
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(module.parameters(), lr=lr)
     module.train()
     epoch_loss = 0.0
     for _ in range(epochs):
         epoch_loss, n = 0.0, 0
-        for idx in minibatches(len(x), batch_size, generator):
-            loss = F.cross_entropy(module(x[idx]), y[idx])
+        for idx in minibatches(num_samples, batch_size, generator):
+            loss = batch_loss(idx, generator)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -122,6 +124,14 @@ def train_classifier(
             n += len(idx)
         epoch_loss /= max(n, 1)
     return epoch_loss
+
+
+def train_classifier(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int, seed: int
+) -> float:
+    """Supervised training of a small module (expert, head, probe); returns last-epoch loss."""
+    return fit(module, len(x), lambda idx, _: F.cross_entropy(module(x[idx]), y[idx]),
+               epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def train_gate(
@@ -143,23 +153,11 @@ def train_gate(
     For k = 1 the softmax over one score is constant, so the kept weight is the softmax over
     all reachable experts instead (Switch style); inference uses the plain top-k rule.
     """
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(gate.parameters(), lr=lr)
-    gate.train()
-    epoch_loss = 0.0
-    for _ in range(epochs):
-        epoch_loss, n = 0.0, 0
-        for idx in minibatches(len(feats), batch_size, generator):
-            weights = topk_weights(gate(feats[idx]), reachable, k, noise_std, generator, renormalise=k > 1)
-            mixture = (weights.unsqueeze(-1) * expert_logits[idx]).sum(dim=1)
-            loss = F.cross_entropy(mixture, y[idx])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            epoch_loss += float(loss.detach()) * len(idx)
-            n += len(idx)
-        epoch_loss /= max(n, 1)
-    return epoch_loss
+    def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        weights = topk_weights(gate(feats[idx]), reachable, k, noise_std, generator, renormalise=k > 1)
+        return F.cross_entropy((weights.unsqueeze(-1) * expert_logits[idx]).sum(dim=1), y[idx])
+
+    return fit(gate, len(feats), batch_loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
 @torch.no_grad()

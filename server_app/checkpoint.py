@@ -10,8 +10,6 @@ so a crash leaves the previous complete checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from nmoe.results import write_json_atomic
+from nmoe.results import write_atomic, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
@@ -47,18 +45,16 @@ def save(output_dir: Path, checkpoint: Checkpoint) -> None:
     folder = output_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     flat = {f"{name}{SEP}{key}": arr.numpy() for name, rec in checkpoint.arrays.items() for key, arr in rec.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".arrays-", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **flat)
-        os.replace(tmp, folder / ARRAYS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(folder / ARRAYS_FILE, lambda tmp: _save_npz(tmp, flat))
     write_json_atomic(folder / STATE_FILE, {
         "completed": checkpoint.completed, "in_progress": checkpoint.in_progress,
         "results": checkpoint.results, "ledger": checkpoint.ledger,
     })
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # a file object: np.savez would append ".npz" to a name
+        np.savez(handle, **arrays)
 
 
 def load(resume_dir: str | Path) -> Checkpoint:
