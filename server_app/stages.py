@@ -394,7 +394,8 @@ def stage_rollgate(run: Run) -> None:
         for step, pid in enumerate(order, start=1):
             config = run.config(gate="rollgate", install=False,
                                 **{"return-keys": keys, "server-round": (pas - 1) * len(order) + step})
-            reply = send_to_all(run, "train.gate", lambda p: RecordDict({"arrays": gate, "config": config}), [pid])
+            content = RecordDict({"arrays": gate, "config": config})
+            reply = send_to_all(run, "train.gate", lambda p, c=content: c, [pid])
             if pid not in reply:  # skipped: the gate moves on unchanged
                 continue
             gate = ArrayRecord({k: v for k, v in reply[pid].content["arrays"].items()})
