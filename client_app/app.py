@@ -36,6 +36,8 @@ from .state import PersonalState
 LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
 PERSONAL_GROUPS = ("model/fe", "model/expert", "model/gate.fedgate", "model/gate.rollgate")
 
+SEED_PRIME_RUN, SEED_PRIME_CLIENT, SEED_PRIME_PART = 1_000_003, 7919, 104_729
+
 app = ClientApp()
 
 
@@ -69,7 +71,9 @@ class Node:
         return tuple(self.data.train_x.shape[1:])
 
     def seed(self, *parts: int) -> int:
-        return int(self.cfg.seed) * 1_000_003 + self.pid * 7919 + sum(p * 104_729 ** (i + 1) for i, p in enumerate(parts))
+        """A seed distinct per (run seed, client, purpose, round): primes keep the terms apart."""
+        return (int(self.cfg.seed) * SEED_PRIME_RUN + self.pid * SEED_PRIME_CLIENT
+                + sum(p * SEED_PRIME_PART ** (i + 1) for i, p in enumerate(parts)))
 
     def bundle(self, arrays: dict[str, np.ndarray] | None = None):
         bundle = build_bundle(self.cfg.model, self.image_shape, self.num_classes, int(self.cfg.seed))
