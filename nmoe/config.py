@@ -246,10 +246,23 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             raw = compose(config_name=config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as err:
+        cause = _omegaconf_cause(err)
+        if cause is not None:  # a value of the wrong type: name the key
+            raise ConfigError(f"config key '{cause.full_key}': {cause.msg}") from err
         raise ConfigError(f"invalid override in {overrides}: {err}") from err
     OmegaConf.set_struct(raw, False)
     raw.pop("hydra", None)
     return to_structured(raw)
+
+
+def _omegaconf_cause(err: BaseException) -> OmegaConfBaseException | None:
+    """The OmegaConf error (with its `full_key`) behind a Hydra composition error, if any."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

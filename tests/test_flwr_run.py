@@ -18,6 +18,7 @@ NUM_CLIENTS = 6
 RUN_TIMEOUT_S = 400
 CHANCE = 0.1
 WIDE_MARGIN_ACC = 0.5  # five times chance on 10 classes
+CHECKPOINT_SETTLE_S = 3
 OVERRIDES = (
     "partition=dirichlet partition.alpha=0.3 gate=fedgate audit_messages=true "
     "baselines=[fedavg,shared_fe_own_head] fe.rounds=8"
@@ -112,9 +113,11 @@ def test_invalid_override_fails_before_training(federation: LocalFederation, tmp
 
 def test_stopped_run_resumes_after_its_last_checkpointed_round(federation: LocalFederation, tmp_path: Path) -> None:
     """Stop the ServerApp's run in the middle of stage 1, start it again with resume=: it continues."""
-    rounds, stop_after = 15, 2
-    first, second = tmp_path / "first", tmp_path / "second"
-    overrides = f"experiment=smoke fe.rounds={rounds} baselines=[]"
+    import shutil
+
+    rounds, stop_after = 30, 2
+    first, snapshot, second = tmp_path / "first", tmp_path / "snapshot", tmp_path / "second"
+    overrides = f"experiment=smoke fe.rounds={rounds} fe.local_epochs=1 baselines=[]"
     run_id = federation.run_app(f"{overrides} output_dir={first}")
     state = first / "checkpoint" / "state.json"
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -124,9 +127,17 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(federation: Local
         time.sleep(0.1)
     federation.flwr("stop", run_id, "test")
     assert federation.wait(run_id, RUN_TIMEOUT_S) != "finished:completed"
-    done = json.loads(state.read_text())["in_progress"]["round"]
+    # The run is marked stopped before its process is gone: wait until the checkpoint settles.
+    settled = None
+    while time.monotonic() < deadline and settled != state.stat().st_mtime_ns:
+        settled = state.stat().st_mtime_ns
+        time.sleep(CHECKPOINT_SETTLE_S)
+    shutil.copytree(first, snapshot)
+    progress = json.loads((snapshot / "checkpoint" / "state.json").read_text())
+    assert progress["in_progress"].get("stage") == "fe_ce", f"stage 1 ended before the stop: {progress}"
+    done = progress["in_progress"]["round"]
     assert stop_after <= done < rounds
-    resumed = federation.run_app(f"{overrides} resume={first} output_dir={second}")
+    resumed = federation.run_app(f"{overrides} resume={snapshot} output_dir={second}")
     assert federation.wait(resumed, RUN_TIMEOUT_S) == "finished:completed"
     assert f"resuming after round {done}" in federation.logs(resumed)
     results = json.loads((second / "results.json").read_text())

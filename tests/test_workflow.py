@@ -46,7 +46,7 @@ BAD_OVERRIDES = (  # (override, pattern the error message must contain)
     ("fe.rounds=many", r"config key 'fe\.rounds'"),
     ("partition.alpha=-1", r"config key 'partition\.alpha'"),
     ("gate=nosuch", r"options in 'gate'"),
-    ("nosuchkey=1", r"override 'nosuchkey'"),
+    ("nosuchkey=1", r"config key 'nosuchkey'"),
 )
 
 
