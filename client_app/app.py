@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import wraps
+from functools import lru_cache, wraps
 from logging import WARNING
 from typing import Any, Callable
 
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nmoe.data import ClientData, federation_spec, load_client_data, num_classes, ssl_augmentation
 from nmoe.inference import RoutePlan, assemble, plan_route, route_counts
-from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, state_numpy
+from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, stage1_keys, state_numpy
 from nmoe.protocol import CORR_KEY, FE_METHOD, GATES, QUERY_MODES, SPLITS
 from nmoe.routing import combine, random_weights
 from nmoe.training import (
@@ -75,10 +75,12 @@ class Node:
         return (int(self.cfg.seed) * SEED_PRIME_RUN + self.pid * SEED_PRIME_CLIENT
                 + sum(p * SEED_PRIME_PART ** (i + 1) for i, p in enumerate(parts)))
 
-    def bundle(self, arrays: dict[str, np.ndarray] | None = None):
+    def bundle(self, arrays: dict[str, np.ndarray] | None = None, method: str | None = None):
+        """The seeded stage-1 bundle with `arrays` loaded: every key, or exactly the keys
+        stage-1 `method` trains."""
         bundle = build_bundle(self.cfg.model, self.image_shape, self.num_classes, int(self.cfg.seed))
         if arrays is not None:
-            load_numpy(bundle, arrays)
+            load_numpy(bundle, arrays, expected=None if method is None else stage1_keys(bundle, method))
         return bundle
 
     def expert(self, group: str = "model/expert"):
@@ -103,13 +105,21 @@ class Node:
         return {"train": (d.train_x, d.train_y), "test": (d.test_x, d.test_y), "global": (d.global_x, d.global_y)}[name]
 
 
+@lru_cache(maxsize=4)
+def parsed_config(config_json: str) -> DictConfig:
+    """The run config of a JSON string, parsed once per process (read-only: handlers share it)."""
+    cfg = OmegaConf.create(json.loads(config_json))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
 def open_node(msg: Message, context: Context) -> Node:
     """Read the run config (from the message, else the stored one) and this client's data."""
     config_json = None
     if "config" in msg.content.config_records and "nmoe" in msg.content["config"]:
         config_json = str(msg.content["config"]["nmoe"])
     state = PersonalState(context, config_json)
-    cfg = OmegaConf.create(json.loads(state.config_json()))
+    cfg = parsed_config(state.config_json())
     if int(cfg.torch_threads) > 0:
         torch.set_num_threads(int(cfg.torch_threads))
     spec = federation_spec(cfg)
@@ -184,11 +194,11 @@ def info(msg: Message, context: Context) -> Message:
 
 # ---------------------------------------------------------------------------- stage 1
 def train_fe(msg: Message, context: Context) -> Message:
-    """Stage 1: one local update of F + head + projector (CE, SSL or both)."""
+    """Stage 1: one local update of the parts the method trains (F + head, F + projector, or all)."""
     action = msg.metadata.message_type.split(".", 1)[1]
     method = FE_METHOD[action]
     node = open_node(msg, context)
-    bundle = node.bundle(received_arrays(msg))
+    bundle = node.bundle(received_arrays(msg), method)
     others_corr, others_weight = None, 0.0
     if "peer" in msg.content.array_records:
         others_corr = torch.from_numpy(received_arrays(msg, "peer")["corr"])
@@ -203,7 +213,8 @@ def train_fe(msg: Message, context: Context) -> Message:
         augment=ssl_augmentation(node.image_shape) if method != "fedce" else None,
         others_corr=others_corr, others_weight=others_weight,
     )
-    arrays = state_numpy(bundle)
+    trained = stage1_keys(bundle, method)
+    arrays = {k: v for k, v in state_numpy(bundle).items() if k in trained}
     if fe_cfg.share_correlation and result.correlation is not None:
         generator = torch.Generator().manual_seed(node.seed(2, server_round))
         noise = torch.randn(result.correlation.shape, generator=generator) * float(fe_cfg.correlation_noise)

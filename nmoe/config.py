@@ -131,6 +131,7 @@ class NMoEConfig:
     output_dir: str = "outputs/latest"
     log_level: str = "info"
     round_timeout_s: float = 600.0
+    poll_interval_s: float = 0.02  # how often the server asks the SuperLink for replies
     min_nodes: int = 2
     baselines: list[str] = field(default_factory=list)
     feature_noise_std: float = 0.0  # Gaussian noise on features sent to peers
@@ -186,7 +187,7 @@ def validate(cfg: DictConfig) -> None:
                 "gate.k", "min_nodes", "max_query_batch", "simulation.num_clients"):
         value = OmegaConf.select(cfg, key)
         _require(value > 0, key, f"must be > 0, got {value}")
-    for key in ("fe.lr", "expert.lr", "gate.lr", "round_timeout_s"):
+    for key in ("fe.lr", "expert.lr", "gate.lr", "round_timeout_s", "poll_interval_s"):
         value = OmegaConf.select(cfg, key)
         _require(value > 0, key, f"must be > 0, got {value}")
     for key in ("gate.noise_std", "feature_noise_std", "fe.correlation_noise",

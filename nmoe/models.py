@@ -122,6 +122,17 @@ def build_extractor(model_cfg: Any, image_shape: tuple[int, ...]) -> nn.Module:
     raise ValueError(f"unknown extractor '{model_cfg.extractor}'")
 
 
+# the parts of the stage-1 bundle each method trains (and so shares): FedCE never touches the
+# projector, FedSC never the CE head; the untrained part stays at its seeded initialisation
+STAGE1_PARTS = {"fedce": ("fe", "head"), "fedsc": ("fe", "projector"), "hybrid": ("fe", "head", "projector")}
+
+
+def stage1_keys(bundle: ExtractorBundle, method: str) -> list[str]:
+    """The bundle's parameter keys that stage-1 `method` trains."""
+    parts = STAGE1_PARTS[method]
+    return sorted(k for k in bundle.state_dict() if k.split(".", 1)[0] in parts)
+
+
 def build_bundle(model_cfg: Any, image_shape: tuple[int, ...], num_classes: int, seed: int) -> ExtractorBundle:
     """F + linear head + projector, initialised from `seed` (identical on every node)."""
     torch.manual_seed(seed)
@@ -147,14 +158,17 @@ def state_numpy(module: nn.Module, prefix: str = "") -> dict[str, Any]:
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items() if k.startswith(prefix)}
 
 
-def load_numpy(module: nn.Module, arrays: dict[str, Any], strict: bool = True) -> None:
-    """Load numpy arrays into a module; shapes and (with `strict`) key sets must match."""
+def load_numpy(module: nn.Module, arrays: dict[str, Any], strict: bool = True,
+               expected: list[str] | None = None) -> None:
+    """Load numpy arrays into a module; shapes and key sets must match: all of the module's keys
+    (`strict`), exactly `expected`, or (neither) any subset."""
     own = module.state_dict()
-    unknown = sorted(set(arrays) - set(own))
+    allowed = set(own) if expected is None else set(expected)
+    unknown = sorted(set(arrays) - allowed)
     if unknown:
         raise ValueError(f"unknown parameter keys: {unknown[:5]}")
-    if strict and set(arrays) != set(own):
-        raise ValueError(f"missing parameter keys: {sorted(set(own) - set(arrays))[:5]}")
+    if (strict or expected is not None) and set(arrays) != allowed:
+        raise ValueError(f"missing parameter keys: {sorted(allowed - set(arrays))[:5]}")
     for key, value in arrays.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(f"shape mismatch for '{key}': got {tuple(value.shape)}, expected {tuple(own[key].shape)}")

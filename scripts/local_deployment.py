@@ -131,6 +131,20 @@ def stop_process(process: subprocess.Popen) -> None:
         _signal_pid(pid, signal.SIGKILL)
 
 
+def kill_process(process: subprocess.Popen) -> None:
+    """Crash a process this launcher started: SIGKILL to its process group and every descendant
+    by PID, no chance to say goodbye (unlike `stop_process`)."""
+    children = descendants(process.pid)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in children:
+        _signal_pid(pid, signal.SIGKILL)
+    process.wait(timeout=STOP_TIMEOUT_S)
+    _wait_gone(children, STOP_TIMEOUT_S)
+
+
 def _json_payload(text: str) -> dict:
     """The JSON object in a `flwr ... --format json` output (the CLI may print a banner first)."""
     start = text.find("{")
@@ -300,6 +314,14 @@ class Deployment:
         node = self.nodes.pop(index)
         if node.process is not None:
             stop_process(node.process)
+        return node
+
+    def kill_node(self, index: int) -> SuperNode:
+        """Crash SuperNode `index` (SIGKILL by PID, with the ClientApp it may be running) and
+        forget it; returns it."""
+        node = self.nodes.pop(index)
+        if node.process is not None:
+            kill_process(node.process)
         return node
 
     def list_nodes(self) -> list[dict]:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from nmoe import topology
 from nmoe.config import to_dict
 from nmoe.data import federation_spec, load_all_clients, num_classes
-from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, state_numpy
+from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, stage1_keys, state_numpy
 from nmoe.protocol import CORR_KEY, FE_ACTION, GATES, TRAINABLE_GATES
 from nmoe.results import Results
 from nmoe.training import accuracy, forward_batched, linear_probe, train_classifier, train_extractor
@@ -148,7 +148,7 @@ def open_run(grid: Any, cfg: DictConfig, output_dir: Path) -> Run:
     audit = output_dir / "messages.jsonl" if cfg.audit_messages else None
     if audit is not None:
         audit.unlink(missing_ok=True)
-    counting = CountingGrid(grid, ledger, audit)
+    counting = CountingGrid(grid, ledger, audit, float(cfg.poll_interval_s))
     results = Results(to_dict(cfg))
     cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
     timeout = float(cfg.round_timeout_s)
@@ -262,9 +262,10 @@ def send_to_all(run: Run, message_type: str, content: Callable[[int], RecordDict
 
 
 # ---------------------------------------------------------------------------- stage 1
-def initial_bundle(run: Run) -> ArrayRecord:
+def initial_bundle(run: Run, method: str) -> tuple[ArrayRecord, list[str]]:
+    """The seeded stage-1 bundle (every key) and the keys `method` trains and shares."""
     bundle = build_bundle(run.cfg.model, run.image_shape, run.num_classes, int(run.cfg.seed))
-    return ArrayRecord({k: Array(v) for k, v in state_numpy(bundle).items()})
+    return ArrayRecord({k: Array(v) for k, v in state_numpy(bundle).items()}), stage1_keys(bundle, method)
 
 
 def probe_accuracy(run: Run, arrays: ArrayRecord) -> float:
@@ -283,9 +284,9 @@ def probe_accuracy(run: Run, arrays: ArrayRecord) -> float:
 
 
 def stage_feature_extractor(run: Run, method: str, stage: str) -> ArrayRecord:
-    """Stage 1: FedAvg of F (+ head, + projector) with FedCE, FedSC or hybrid local updates."""
-    arrays = initial_bundle(run)
-    shared = sorted(arrays.keys())
+    """Stage 1: FedAvg of the parts the method trains (F + head for FedCE, F + projector for FedSC,
+    all for hybrid); the untrained part keeps its seeded initialisation."""
+    arrays, shared = initial_bundle(run, method)
     share_corr = bool(run.cfg.fe.share_correlation) and method != "fedce"
 
     def others_average(replies: dict[int, Message]) -> dict[int, ArrayRecord]:
@@ -302,6 +303,7 @@ def stage_feature_extractor(run: Run, method: str, stage: str) -> ArrayRecord:
 
     return federated_rounds(run, stage, FE_ACTION[method], arrays, int(run.cfg.fe.rounds), lambda r: shared,
                             peer_arrays=others_average if share_corr else None, on_round=probe,
+                            outgoing=lambda r, current: ArrayRecord({k: current[k] for k in shared}),
                             checkpoint_rounds=True)
 
 

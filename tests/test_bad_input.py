@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from client_app.app import app as client_app
 from nmoe.config import compose_config, to_dict
-from nmoe.models import build_bundle, state_numpy
+from nmoe.models import build_bundle, stage1_keys, state_numpy
 
 NUM_PARTITIONS = 3
 MAX_BATCH = 50
@@ -34,6 +34,7 @@ class LiveNode:
 
     def __init__(self, state_dir: Path) -> None:
         cfg = compose_config(["experiment=smoke", f"max_query_batch={MAX_BATCH}", "state_key=bad-input"])
+        self.cfg = cfg
         self.cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
         self.state_dir = state_dir
         self.context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
@@ -72,8 +73,10 @@ def route_config(node: LiveNode, **changes) -> dict:
     return {"config": node.config(**{k: v for k, v in values.items() if v is not None})}
 
 
-def bad_bundle(node: LiveNode, change: Callable[[dict], None]) -> dict:
-    arrays = {k: v.numpy().copy() for k, v in node.bundle.items()}
+def bad_bundle(node: LiveNode, change: Callable[[dict], None], method: str | None = None) -> dict:
+    """The initial bundle (only the keys stage-1 `method` trains, if given), altered by `change`."""
+    keep = stage1_keys(build_bundle(node.cfg.model, (1, 8, 8), 10, 0), method) if method else list(node.bundle.keys())
+    arrays = {k: v.numpy().copy() for k, v in node.bundle.items() if k in keep}
     change(arrays)
     return {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
             "config": node.config(**{"server-round": 1})}
@@ -112,9 +115,12 @@ BAD_INPUTS: list[tuple[str, str, Callable[[LiveNode], dict], str]] = [
     ("neighbours without self", "query.route", lambda n: route_config(n, neighbours="1,2"), "must include the requester"),
     ("neighbour out of range", "query.route", lambda n: route_config(n, neighbours="0,7"), "outside [0, 3)"),
     ("parameters for unknown keys", "train.fe_ce",
-     lambda n: bad_bundle(n, lambda a: a.update({"fe.backdoor": np.zeros(3, np.float32)})), "unknown parameter keys"),
+     lambda n: bad_bundle(n, lambda a: a.update({"fe.backdoor": np.zeros(3, np.float32)}), "fedce"),
+     "unknown parameter keys: ['fe.backdoor']"),
+    ("untrained projector sent to FedCE", "train.fe_ce", lambda n: bad_bundle(n, lambda a: None),
+     "unknown parameter keys: ['projector."),
     ("parameter shape mismatch", "train.fe_ce",
-     lambda n: bad_bundle(n, lambda a: a.update({"head.bias": np.zeros(11, np.float32)})), "shape mismatch for 'head.bias'"),
+     lambda n: bad_bundle(n, lambda a: a.update({"head.bias": np.zeros(11, np.float32)}), "fedce"), "shape mismatch for 'head.bias'"),
     ("NaN parameters", "train.expert",
      lambda n: {**bad_bundle(n, lambda a: a["head.weight"].fill(np.nan)), "config": n.config(**{"own-head": False})},
      "non-finite values"),

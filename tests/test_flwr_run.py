@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nmoe.config import compose_config
-from nmoe.models import build_bundle, build_expert, state_numpy
+from nmoe.models import build_bundle, build_expert, stage1_keys, state_numpy
 
 from .flwr_harness import LocalFederation
 
@@ -67,11 +67,15 @@ def test_nmoe_and_local_expert_beat_chance_widely(finished_run) -> None:
 
 
 def test_strategy_byte_record_matches_model_size(finished_run) -> None:
-    """Stage 1 sends the full F+head+projector to every client every round, and gets it back."""
+    """FedCE sends F + head (not the SSL projector it never trains) to every client every round,
+    and gets them back."""
     _, out, _ = finished_run
     results = json.loads((out / "results.json").read_text())
     cfg = compose_config(["partition=dirichlet"])
-    model_bytes = sum(v.nbytes for v in state_numpy(build_bundle(cfg.model, (1, 8, 8), 10, 0)).values())
+    bundle = build_bundle(cfg.model, (1, 8, 8), 10, 0)
+    trained = stage1_keys(bundle, "fedce")
+    assert trained and not any(k.startswith("projector.") for k in trained)
+    model_bytes = sum(v.nbytes for k, v in state_numpy(bundle).items() if k in trained)
     payload = NUM_CLIENTS * 8 * model_bytes
     fe = results["comm_bytes"]["fe_ce"]
     assert payload <= fe["down"] < 1.1 * payload
@@ -115,7 +119,7 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(federation: Local
     """Stop the ServerApp's run in the middle of stage 1, start it again with resume=: it continues."""
     import shutil
 
-    rounds, stop_after = 30, 2
+    rounds, stop_after = 300, 2  # ~0.25 s per round: `flwr stop` must land well before the end
     first, snapshot, second = tmp_path / "first", tmp_path / "snapshot", tmp_path / "second"
     overrides = f"experiment=smoke fe.rounds={rounds} fe.local_epochs=1 baselines=[]"
     run_id = federation.run_app(f"{overrides} output_dir={first}")
