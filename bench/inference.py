@@ -130,7 +130,7 @@ class LocalPipeline:
     """The routed computation on one machine: every node's saved F, gate and experts in memory."""
 
     def __init__(self, cfg: Any, state_dir: Path, neighbours: list[list[int]]) -> None:
-        from nmoe.data import federation_spec, load_client_data, num_classes
+        from nmoe.data import federation_spec, load_all_clients, num_classes
         from nmoe.models import build_bundle, build_expert, build_gate, load_numpy
 
         self.n = int(cfg.simulation.num_clients)
@@ -139,7 +139,7 @@ class LocalPipeline:
         self.k = int(cfg.gate.k)
         self.shared_id = self.n if cfg.expert.shared_expert else None
         num_experts = self.n + (1 if self.shared_id is not None else 0)
-        self.data = [load_client_data(spec, pid, self.n) for pid in range(self.n)]
+        self.data = load_all_clients(spec, self.n)
         shape = tuple(self.data[0].train_x.shape[1:])
         self.fe, self.gate, self.expert, self.shared, self.reachable = [], [], [], [], []
         for pid in range(self.n):

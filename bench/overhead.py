@@ -64,7 +64,7 @@ def make_work(args: Any) -> tuple[Stage1Work, list[str]]:
                  f"fe.local_epochs={args.local_epochs}", *benchlib.split_overrides(args.overrides)]
     cfg = compose_config(overrides)
     spec = federation_spec(cfg)
-    shape = tuple(load_client_data(spec, 0, args.num_clients).train_x.shape[1:])
+    shape = tuple(load_client_data(spec, 0, args.num_clients)[0].train_x.shape[1:])
     work = Stage1Work(spec_json=spec, model=to_dict(cfg)["model"], image_shape=shape,
                       num_classes=num_classes(spec, args.num_clients), num_clients=args.num_clients,
                       rounds=args.rounds, local_epochs=args.local_epochs, lr=float(cfg.fe.lr),

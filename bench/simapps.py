@@ -169,7 +169,7 @@ def train_stage1(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     received = Stage1Work.from_message(msg)
     pid = int(context.node_config[PARTITION_ID_KEY])
-    data = load_client_data(received.spec_json, pid, received.num_clients)
+    data, _ = load_client_data(received.spec_json, pid, received.num_clients)
     bundle = received.bundle()
     load_numpy(bundle, {k: v.numpy() for k, v in msg.content["arrays"].items()})
     compute_start = time.perf_counter()

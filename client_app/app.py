@@ -22,7 +22,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from omegaconf import DictConfig, OmegaConf
 
-from nmoe.data import ClientData, federation_spec, load_client_data, num_classes, ssl_augmentation
+from nmoe.data import ClientData, federation_spec, load_client_data, ssl_augmentation
 from nmoe.inference import RoutePlan, assemble, plan_route, route_counts
 from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, stage1_keys, state_numpy
 from nmoe.protocol import CORR_KEY, FE_METHOD, GATES, QUERY_MODES, SPLITS
@@ -34,6 +34,7 @@ from nmoe.training import (
 from .state import PersonalState
 
 LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
+DATA_CACHE_DIR = "data-cache"  # under the node's state-dir: this device's split, kept between messages
 PERSONAL_GROUPS = ("model/fe", "model/expert", "model/gate.fedgate", "model/gate.rollgate")
 
 SEED_PRIME_RUN, SEED_PRIME_CLIENT, SEED_PRIME_PART = 1_000_003, 7919, 104_729
@@ -123,8 +124,9 @@ def open_node(msg: Message, context: Context) -> Node:
     if int(cfg.torch_threads) > 0:
         torch.set_num_threads(int(cfg.torch_threads))
     spec = federation_spec(cfg)
-    data = load_client_data(spec, state.partition_id, state.num_partitions)
-    return Node(cfg, state, data, num_classes(spec, state.num_partitions))
+    cache = state.state_dir / DATA_CACHE_DIR if state.state_dir is not None else None
+    data, classes = load_client_data(spec, state.partition_id, state.num_partitions, cache)
+    return Node(cfg, state, data, classes)
 
 
 def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:

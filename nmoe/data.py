@@ -7,6 +7,7 @@ reference) derives the same split without any data crossing the network.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+from .results import write_npz_atomic
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -38,6 +39,9 @@ class ClientData:
     test_y: torch.Tensor
     global_x: torch.Tensor
     global_y: torch.Tensor
+
+
+CLIENT_DATA_FIELDS = tuple(ClientData.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,9 @@ def balanced_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 def make_partitioner(partition_cfg: Any, num_partitions: int, seed: int):
     """The Flower Datasets partitioner for the configured scheme."""
+    # imported here: a deployed ClientApp with a cached split (load_client_data) never needs it
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
     if partition_cfg.kind == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if partition_cfg.kind == "dirichlet":
@@ -164,6 +171,8 @@ def _federation(spec_json: str, num_partitions: int) -> tuple[ArrayDataset, tupl
     seed = int(spec["seed"])
     data = load_arrays(dataset_cfg)
     global_idx, pool_idx = balanced_holdout(data.labels, dataset_cfg.global_test_fraction, seed)
+    from datasets import Dataset
+
     pool = Dataset.from_dict({"index": pool_idx, "label": data.labels[pool_idx]})
     partitioner = make_partitioner(partition_cfg, num_partitions, seed)
     partitioner.dataset = pool
@@ -203,20 +212,33 @@ def federation_spec(cfg: Any) -> str:
     )
 
 
-def load_client_data(spec_json: str, partition_id: int, num_partitions: int) -> ClientData:
-    """Client `partition_id`'s local train/test split and the global test set."""
+def load_client_data(spec_json: str, partition_id: int, num_partitions: int,
+                     cache_dir: Path | None = None) -> tuple[ClientData, int]:
+    """Client `partition_id`'s local train/test split, the global test set, and the number of
+    classes. With `cache_dir` the split is kept there as `.npz` (written atomically, keyed by
+    the data config), so the next process on this device skips loading and partitioning."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    key = hashlib.sha256(f"{spec_json}|{num_partitions}".encode()).hexdigest()[:16]
+    cached = cache_dir / f"split-{key}-partition-{partition_id}.npz" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        with np.load(cached, allow_pickle=False) as npz:
+            tensors = {name: torch.from_numpy(npz[name]) for name in CLIENT_DATA_FIELDS}
+            return ClientData(**tensors), int(npz["num_classes"])
     data, splits, global_idx = _federation(spec_json, num_partitions)
     train_x, train_y = _tensors(data, splits[partition_id]["train"])
     test_x, test_y = _tensors(data, splits[partition_id]["test"])
     global_x, global_y = _tensors(data, global_idx)
-    return ClientData(train_x, train_y, test_x, test_y, global_x, global_y)
+    client = ClientData(train_x, train_y, test_x, test_y, global_x, global_y)
+    if cached is not None:
+        arrays = {name: getattr(client, name).numpy() for name in CLIENT_DATA_FIELDS}
+        write_npz_atomic(cached, {**arrays, "num_classes": np.array(data.num_classes)})
+    return client, data.num_classes
 
 
 def load_all_clients(spec_json: str, num_partitions: int) -> list[ClientData]:
     """Every client's data (for the centralized reference and the local-only baseline)."""
-    return [load_client_data(spec_json, pid, num_partitions) for pid in range(num_partitions)]
+    return [load_client_data(spec_json, pid, num_partitions)[0] for pid in range(num_partitions)]
 
 
 def num_classes(spec_json: str, num_partitions: int) -> int:

@@ -33,6 +33,17 @@ def write_json_atomic(path: str | Path, payload: Any) -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
 
 
+def write_npz_atomic(path: str | Path, arrays: dict[str, Any]) -> Path:
+    """Write numpy arrays as an uncompressed `.npz` atomically (see `write_atomic`)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to a name
+            np.savez(handle, **arrays)
+
+    return write_atomic(path, write)
+
+
 def method_entry(per_client: dict[int, float]) -> dict[str, Any]:
     """`{"mean", "per_client", "clients"}` for one method: values ordered by client id, and the
     ids they belong to (a client that dropped out has no value)."""

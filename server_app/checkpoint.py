@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from nmoe.results import write_atomic, write_json_atomic
+from nmoe.results import write_json_atomic, write_npz_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
@@ -45,16 +45,11 @@ def save(output_dir: Path, checkpoint: Checkpoint) -> None:
     folder = output_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     flat = {f"{name}{SEP}{key}": arr.numpy() for name, rec in checkpoint.arrays.items() for key, arr in rec.items()}
-    write_atomic(folder / ARRAYS_FILE, lambda tmp: _save_npz(tmp, flat))
+    write_npz_atomic(folder / ARRAYS_FILE, flat)
     write_json_atomic(folder / STATE_FILE, {
         "completed": checkpoint.completed, "in_progress": checkpoint.in_progress,
         "results": checkpoint.results, "ledger": checkpoint.ledger,
     })
-
-
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as handle:  # a file object: np.savez would append ".npz" to a name
-        np.savez(handle, **arrays)
 
 
 def load(resume_dir: str | Path) -> Checkpoint:

@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from nmoe.config import ConfigError, compose_config
-from nmoe.data import federation_spec, load_client_data
+from nmoe.data import federation_spec, load_all_clients, load_client_data
 from nmoe.inference import assemble, plan_route
 from nmoe.routing import combine, random_weights, topk_weights
 from nmoe_strategy.comm import CommLedger
@@ -119,8 +119,9 @@ def test_failed_expert_renormalises_and_falls_back_to_own() -> None:
 def test_partitions_are_deterministic_disjoint_and_global_test_balanced() -> None:
     cfg = compose_config(["partition=dirichlet", "partition.alpha=0.3"])
     spec = federation_spec(cfg)
-    clients = [load_client_data(spec, pid, 6) for pid in range(6)]
-    again = load_client_data(spec, 2, 6)
+    clients = load_all_clients(spec, 6)
+    again, classes = load_client_data(spec, 2, 6)
+    assert classes == 10
     torch.testing.assert_close(again.train_x, clients[2].train_x)
     counts = torch.bincount(clients[0].global_y, minlength=10)
     assert counts.min() == counts.max() > 0
@@ -128,6 +129,24 @@ def test_partitions_are_deterministic_disjoint_and_global_test_balanced() -> Non
     assert sum(sizes) + len(clients[0].global_y) == 1797
     label_shares = [torch.bincount(c.train_y, minlength=10).float() / len(c.train_y) for c in clients]
     assert max(float(s.max()) for s in label_shares) > 0.4  # alpha 0.3 is visibly skewed
+
+
+def test_cached_split_is_the_same_split_without_repartitioning(tmp_path: Path) -> None:
+    """A deployed node keeps its split on disk: the next process reads it back unchanged and
+    never loads or partitions the dataset."""
+    from nmoe import data
+
+    spec = federation_spec(compose_config(["partition=dirichlet"]))
+    first, classes = load_client_data(spec, 1, 4, tmp_path)
+    assert len(list(tmp_path.glob("split-*-partition-1.npz"))) == 1
+    data._federation.cache_clear()
+    cached, cached_classes = load_client_data(spec, 1, 4, tmp_path)
+    assert data._federation.cache_info().currsize == 0
+    assert cached_classes == classes == 10
+    for name in data.CLIENT_DATA_FIELDS:
+        assert torch.equal(getattr(cached, name), getattr(first, name)), name
+    other, _ = load_client_data(federation_spec(compose_config(["partition=iid"])), 1, 4, tmp_path)
+    assert not torch.equal(other.train_y, first.train_y)  # another data config, another cache file
 
 
 def test_partition_id_out_of_range() -> None:
