@@ -104,8 +104,8 @@ class GateConfig:
     lr: float = 0.01
     batch_size: int = 32
     noise_std: float = 1.0
-    sync_trunk_every: int = 1  # FedGate: average the trunk every s rounds (0 = never)
-    sync_head_every: int = 0  # FedGate: average the output layer every s rounds (0 = never)
+    sync_trunk_every: int = 4  # FedGate: average the trunk every s rounds (0 = never)
+    sync_head_every: int = 2  # FedGate: average the output layer every s rounds (0 = never)
     roll_order: str = "fixed"
 
 

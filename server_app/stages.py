@@ -111,9 +111,11 @@ class Run:
         """Run one stage: time it, count its bytes, then write results.json and a checkpoint."""
         self.grid.stage = stage
         self.progress.start(stage)
-        out = fn()
-        self.results.data["wall_time_s"][stage] = round(self.progress.done(stage), 3)
-        self.results.data["comm_bytes"] = self.strategy.ledger.as_dict()
+        try:
+            out = fn()
+        finally:  # a failed stage keeps its time and bytes up to the failure
+            self.results.data["wall_time_s"][stage] = round(self.progress.done(stage), 3)
+            self.results.data["comm_bytes"] = self.strategy.ledger.as_dict()
         self.results.write(self.output_dir)
         if stage not in self.checkpoint.completed:
             self.checkpoint.completed.append(stage)

@@ -3,13 +3,22 @@
 Each node is a `flower-supernode` with its own partition id and state dir; runs go
 through `flwr run .` against the SuperLink. Covers an insecure run, TLS with node
 authentication (an unregistered key is refused), a SuperNode restart followed by an
-inference-only run on the saved state, and what the state files may hold.
+inference-only run on the saved state, what the state files may hold, and a SuperNode
+crashing (SIGKILL by PID) in the middle of stage 1 of two runs on a four-node federation: one
+accepts half of the replies (`min_reply_fraction=0.5`) and must finish without the dead node,
+saying in results.json which node dropped and when; the other demands 80% and must stop
+cleanly after its retry, with status "failed", the reason and the rounds it completed.
+
+The deployments run side by side (each message is a fresh ClientApp process, so a run spends
+much of its time waiting, and the crashed node is waited for until the SuperLink gives it up).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +38,15 @@ INTRUDER_EXIT_TIMEOUT_S = 60
 IMAGE_DIMS = [8, 8]  # digits images are 1x8x8; no state tensor may look like one
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 DEAD_NODE_TIMEOUT_S = 20  # how long the server waits for a node that is down
+
+CRASH_NODES = 4
+VICTIM = 3
+CRASH_FE_ROUNDS = 4
+KILL_AFTER_ROUND = 1
+CRASH_ROUND_TIMEOUT_S = 180  # live nodes answer well within it; the SuperLink gives the dead one up sooner
+CRASH_RUN = (f"experiment=smoke partition=iid gate=rangate fe.rounds={CRASH_FE_ROUNDS} fe.local_epochs=1 "
+             f"expert.epochs=3 baselines=[] round_timeout_s={CRASH_ROUND_TIMEOUT_S} round_retries=1")
+REPLY_FRACTIONS = {"tolerant": 0.5, "strict": 0.8}  # 3 of 4 replies are enough / are not
 
 
 def results_of(out: Path) -> dict[str, Any]:
@@ -62,13 +80,67 @@ def secure_run(secure: Deployment, tmp_path_factory: pytest.TempPathFactory) -> 
     return secure.submit(f"{TINY_RANGATE} output_dir={out}"), out
 
 
+def checkpointed_round(out: Path) -> int:
+    """The last stage-1 round a run's checkpoint records (0 before the first)."""
+    try:
+        progress = json.loads((out / "checkpoint" / "state.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    if "fe_ce" in progress["completed"]:
+        return CRASH_FE_ROUNDS
+    return int(progress["in_progress"].get("round", 0)) if progress["in_progress"].get("stage") == "fe_ce" else 0
+
+
+def kill_victim_after_round(deployment: Deployment, outs: list[Path], killed: dict[str, Any]) -> None:
+    """Crash SuperNode VICTIM once every run has checkpointed KILL_AFTER_ROUND stage-1 rounds."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        rounds = [checkpointed_round(out) for out in outs]
+        if min(rounds) >= KILL_AFTER_ROUND:
+            deployment.kill_node(VICTIM)
+            killed["rounds_done"] = rounds
+            return
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
-def trained(insecure: Deployment, secure_run: tuple[str, Path],
+def crash(tmp_path_factory: pytest.TempPathFactory):
+    """The four-node federation, its two runs submitted, and a watcher that kills VICTIM."""
+    deployment = Deployment(tmp_path_factory.mktemp("crash"), CRASH_NODES)
+    try:
+        deployment.start()
+        outs = {name: tmp_path_factory.mktemp(name) for name in REPLY_FRACTIONS}
+        runs = {name: deployment.submit(f"{CRASH_RUN} min_reply_fraction={fraction} output_dir={outs[name]}")
+                for name, fraction in REPLY_FRACTIONS.items()}
+        killed: dict[str, Any] = {}
+        watcher = threading.Thread(target=kill_victim_after_round, args=(deployment, list(outs.values()), killed),
+                                   daemon=True)
+        watcher.start()
+        yield {"deployment": deployment, "runs": runs, "outs": outs, "killed": killed, "watcher": watcher}
+    finally:
+        deployment.stop()
+
+
+@pytest.fixture(scope="module")
+def crashed_runs(crash: dict[str, Any]) -> dict[str, Any]:
+    """Final statuses, results and logs of both runs after the crash."""
+    crash["watcher"].join(RUN_TIMEOUT_S)
+    deployment: Deployment = crash["deployment"]
+    statuses = {name: deployment.wait(run_id, RUN_TIMEOUT_S) for name, run_id in crash["runs"].items()}
+    return {
+        "killed": crash["killed"], "status": statuses,
+        "logs": {name: deployment.logs(run_id) for name, run_id in crash["runs"].items()},
+        "results": {name: results_of(out) if (out / "results.json").is_file() else {}
+                    for name, out in crash["outs"].items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(insecure: Deployment, secure_run: tuple[str, Path], crash: dict[str, Any],
             tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
     """A full training run (stages 1-3) that saves state under STATE_KEY and records predictions.
 
-    Requests `secure_run` so the TLS run is already going: the two runs overlap (each
-    message is a fresh ClientApp process, so a run spends much of its time waiting).
+    Requests `secure_run` and `crash` so the TLS run and the crash runs are already going.
     """
     out = tmp_path_factory.mktemp("train")
     status, _ = insecure.run(f"{TINY} state_key={STATE_KEY} record_predictions=true output_dir={out}", RUN_TIMEOUT_S)
@@ -204,3 +276,40 @@ def test_unregistered_node_is_refused(secure: Deployment) -> None:
     assert ACTIVATION_REFUSED in intruder.log.read_text()
     assert {n["node-id"] for n in secure.online_nodes()} == before
     assert len(before) == NUM_NODES
+
+
+def test_victim_was_killed_in_the_middle_of_stage_1(crashed_runs: dict[str, Any]) -> None:
+    rounds = crashed_runs["killed"].get("rounds_done")
+    assert rounds is not None, "the runs never checkpointed a stage-1 round"
+    assert all(KILL_AFTER_ROUND <= r < CRASH_FE_ROUNDS for r in rounds), rounds
+
+
+def test_run_finishes_without_the_dropped_node_and_names_it(crashed_runs: dict[str, Any]) -> None:
+    status, results = crashed_runs["status"]["tolerant"], crashed_runs["results"]["tolerant"]
+    assert status == COMPLETED_STATUS, crashed_runs["logs"]["tolerant"][-3000:]
+    assert results["status"] == "completed"
+    dropped = results["extra"]["dropped"]
+    assert dropped and all(entry["clients"] == [VICTIM] for entry in dropped), dropped
+    stage1 = [entry["round"] for entry in dropped if entry["stage"] == "fe_ce"]
+    assert stage1 and min(stage1) > KILL_AFTER_ROUND
+    history = {h["round"]: h["replies"] for h in results["history"] if h["stage"] == "fe_ce"}
+    assert sorted(history) == list(range(1, CRASH_FE_ROUNDS + 1))
+    assert history[1] == CRASH_NODES
+    assert all(history[r] == CRASH_NODES - 1 for r in stage1)
+    survivors = [i for i in range(CRASH_NODES) if i != VICTIM]
+    assert results["accuracy"]["nmoe"]["clients"] == survivors
+    assert len(results["accuracy"]["nmoe"]["per_client"]) == len(survivors)
+
+
+def test_strict_run_stops_cleanly_with_what_it_measured(crashed_runs: dict[str, Any]) -> None:
+    status, results = crashed_runs["status"]["strict"], crashed_runs["results"]["strict"]
+    assert status != COMPLETED_STATUS
+    assert results["status"] == "failed"
+    assert "too few replies after 1 retries" in results["error"]
+    assert "stage 'fe_ce'" in results["error"]
+    history = [h for h in results["history"] if h["stage"] == "fe_ce"]
+    assert history and history[0]["round"] == 1 and history[0]["replies"] == CRASH_NODES
+    assert results["wall_time_s"]["fe_ce"] > 0 and results["comm_bytes"]["fe_ce"]["up"] > 0
+    failed_round = int(results["error"].split("round ")[1].split(":")[0])
+    attempts = [entry for entry in results["extra"]["dropped"] if entry["round"] == failed_round]
+    assert len(attempts) == 2 and all(entry["clients"] == [VICTIM] for entry in attempts)  # first try + 1 retry

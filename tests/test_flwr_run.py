@@ -20,7 +20,8 @@ CHANCE = 0.1
 WIDE_MARGIN_ACC = 0.5  # five times chance on 10 classes
 CHECKPOINT_SETTLE_S = 3
 OVERRIDES = (
-    "partition=dirichlet partition.alpha=0.3 gate=fedgate audit_messages=true "
+    "partition=dirichlet partition.alpha=0.3 gate=fedgate gate.sync_trunk_every=1 gate.sync_head_every=0 "
+    "audit_messages=true "
     "baselines=[fedavg,shared_fe_own_head] fe.rounds=8"
 )
 
