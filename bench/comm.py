@@ -55,7 +55,7 @@ def model_sizes(config: dict[str, Any], num_clients: int) -> dict[str, int]:
     """float32 bytes of F, head, projector, expert, gate trunk/head for a job's config."""
     from omegaconf import OmegaConf
 
-    from nmoe.models import build_bundle, build_expert, build_gate
+    from nmoe.models import STAGE1_PARTS, build_bundle, build_expert, build_gate
 
     model = OmegaConf.create(config["model"])
     shape = DATASET_SHAPES[config["dataset"]["name"]]
@@ -67,7 +67,7 @@ def model_sizes(config: dict[str, Any], num_clients: int) -> dict[str, int]:
         "head": param_bytes(bundle.head),
         "projector": param_bytes(bundle.projector),
         "full_model_f_plus_head": param_bytes(bundle.fe) + param_bytes(bundle.head),
-        "stage1_bundle_as_shipped": param_bytes(bundle),
+        "stage1_bundle_as_shipped": sum(param_bytes(getattr(bundle, part)) for part in STAGE1_PARTS[config["fe"]["method"]]),
         "expert": param_bytes(build_expert(model, NUM_CLASSES, 0)),
         "gate_trunk": param_bytes(gate.trunk),
         "gate_head": param_bytes(gate.head),
@@ -75,11 +75,17 @@ def model_sizes(config: dict[str, Any], num_clients: int) -> dict[str, int]:
     }
 
 
-def shared_gate_bytes(config: dict[str, Any], sizes: dict[str, int]) -> int:
-    """Gate bytes one client uploads in a FedGate round where the trunk/head are due every round."""
+def shared_gate_bytes(config: dict[str, Any], sizes: dict[str, int]) -> float:
+    """Gate bytes one client uploads per FedGate round, averaged over the configured rounds
+    (the trunk is due every `sync_trunk_every` rounds, the output layer every `sync_head_every`)."""
     gate = config["gate"]
-    return (sizes["gate_trunk"] if int(gate["sync_trunk_every"]) == 1 else 0) + (
-        sizes["gate_head"] if int(gate["sync_head_every"]) == 1 else 0)
+    rounds = int(gate["rounds"])
+
+    def due(every: int) -> int:
+        return rounds // every if every > 0 else 0
+
+    synced = sizes["gate_trunk"] * due(int(gate["sync_trunk_every"])) + sizes["gate_head"] * due(int(gate["sync_head_every"]))
+    return synced / rounds
 
 
 # ---------------------------------------------------------------------------- per job

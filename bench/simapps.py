@@ -6,7 +6,7 @@
   same local updates and the same weighted averaging (replies ordered by partition id).
 - `TracingClientApp`: wraps the project's ClientApp unchanged; gives each virtual node a
   `state-dir` (as a deployed SuperNode has) and logs the wall/CPU time of every message.
-- `TimingGrid`: wraps the ServerApp's Grid and times every `send_and_receive`.
+- `TimingGrid`: wraps the ServerApp's Grid and times every wave (push to last reply).
 """
 
 from __future__ import annotations
@@ -210,21 +210,34 @@ class TracingClientApp(ClientApp):
 
 
 class TimingGrid:
-    """A Grid that records (message type, messages, start, end) of every `send_and_receive`."""
+    """A Grid that records (message types, messages, start, end) of every wave: from the push of
+    its messages to the pull that delivered the last reply (or the last pull, if some never came)."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.calls: list[dict[str, Any]] = []
+        self._pending: dict[int, set[str]] = {}  # index in calls -> message ids still unanswered
 
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
         messages = list(messages)
         start = time.time()
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        ids = list(self.grid.push_messages(messages))
         types = sorted({m.metadata.message_type for m in messages})
-        self.calls.append({"type": ",".join(types), "messages": len(messages), "start": start, "end": time.time()})
+        self._pending[len(self.calls)] = set(ids)
+        self.calls.append({"type": ",".join(types), "messages": len(messages), "start": start, "end": start})
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
+        now, answered = time.time(), {r.metadata.reply_to_message_id for r in replies}
+        for index, pending in list(self._pending.items()):
+            self.calls[index]["end"] = now
+            pending -= answered
+            if not pending:
+                del self._pending[index]
         return replies
 
 
