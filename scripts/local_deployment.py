@@ -245,6 +245,18 @@ class Deployment:
             raise RuntimeError(f"registering {private_key}.pub failed: {out.stdout} {out.stderr}")
         return str(payload["node-id"])
 
+    def __enter__(self) -> Deployment:
+        """`with Deployment(...) as d:` starts everything and stops it by PID on the way out,
+        also when the start itself fails half-way."""
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def start(self) -> Deployment:
         """Start a fresh SuperLink, then every SuperNode (registering its key first with --auth)."""
         self.workdir.mkdir(parents=True, exist_ok=True)

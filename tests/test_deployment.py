@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from client_app.state import SEP, PersonalState
 from scripts.local_deployment import COMPLETED_STATUS, Deployment
+from server_app.checkpoint import load as load_checkpoint
 
 NUM_NODES = 3
 STATE_KEY = "fleet-test"
@@ -55,22 +56,14 @@ def results_of(out: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def insecure(tmp_path_factory: pytest.TempPathFactory):
-    deployment = Deployment(tmp_path_factory.mktemp("insecure"), NUM_NODES)
-    try:
-        deployment.start()
+    with Deployment(tmp_path_factory.mktemp("insecure"), NUM_NODES) as deployment:
         yield deployment
-    finally:
-        deployment.stop()
 
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory):
-    deployment = Deployment(tmp_path_factory.mktemp("secure"), NUM_NODES, tls=True, auth=True)
-    try:
-        deployment.start()
+    with Deployment(tmp_path_factory.mktemp("secure"), NUM_NODES, tls=True, auth=True) as deployment:
         yield deployment
-    finally:
-        deployment.stop()
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +76,10 @@ def secure_run(secure: Deployment, tmp_path_factory: pytest.TempPathFactory) -> 
 def checkpointed_round(out: Path) -> int:
     """The last stage-1 round a run's checkpoint records (0 before the first)."""
     try:
-        progress = json.loads((out / "checkpoint" / "state.json").read_text())
-    except (OSError, ValueError):
+        saved = load_checkpoint(out)
+    except FileNotFoundError:
         return 0
-    if "fe_ce" in progress["completed"]:
-        return CRASH_FE_ROUNDS
-    return int(progress["in_progress"].get("round", 0)) if progress["in_progress"].get("stage") == "fe_ce" else 0
+    return CRASH_FE_ROUNDS if "fe_ce" in saved.completed else saved.round_done("fe_ce")
 
 
 def kill_victim_after_round(deployment: Deployment, outs: list[Path], killed: dict[str, Any]) -> None:
@@ -106,9 +97,7 @@ def kill_victim_after_round(deployment: Deployment, outs: list[Path], killed: di
 @pytest.fixture(scope="module")
 def crash(tmp_path_factory: pytest.TempPathFactory):
     """The four-node federation, its two runs submitted, and a watcher that kills VICTIM."""
-    deployment = Deployment(tmp_path_factory.mktemp("crash"), CRASH_NODES)
-    try:
-        deployment.start()
+    with Deployment(tmp_path_factory.mktemp("crash"), CRASH_NODES) as deployment:
         outs = {name: tmp_path_factory.mktemp(name) for name in REPLY_FRACTIONS}
         runs = {name: deployment.submit(f"{CRASH_RUN} min_reply_fraction={fraction} output_dir={outs[name]}")
                 for name, fraction in REPLY_FRACTIONS.items()}
@@ -117,8 +106,6 @@ def crash(tmp_path_factory: pytest.TempPathFactory):
                                    daemon=True)
         watcher.start()
         yield {"deployment": deployment, "runs": runs, "outs": outs, "killed": killed, "watcher": watcher}
-    finally:
-        deployment.stop()
 
 
 @pytest.fixture(scope="module")
