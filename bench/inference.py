@@ -35,7 +35,12 @@ from simapps import TimingGrid, TracingClientApp, read_trace
 
 NAME = "inference"
 BAR_ROUTED_OVER_LOCAL = 0.5
-SPLITS = ("test", "global")
+# What each requester asks in one set of waves: a name -> the splits coalesced into the query.
+# `test+global` is the app's own evaluation query; `global xR` replays R copies of the global test
+# set per requester (a pending queue of R requests served by one set of waves: dynamic batching).
+LOADS = {"test": ["test"], "test+global": ["test", "global"], "global x4": ["global"] * 4,
+         "global x16": ["global"] * 16}
+TINY_LOADS = {"test": ["test"], "test+global": ["test", "global"], "global x2": ["global"] * 2}
 WAVES = ("query.route", "query.expert", "query.combine")
 STATE_KEY = "bench-inference"
 STAGE_PREFIX = "bench"
@@ -54,14 +59,15 @@ def parse_args() -> Any:
     parser.add_argument("--nmoe-config", default=DEFAULT_NMOE_CONFIG, help="Hydra overrides of the NMoE under test")
     parser.add_argument("--overrides", default="", help="further Hydra overrides (dataset, sizes ...)")
     args = parser.parse_args()
+    args.loads = LOADS
     if args.tiny:
-        args.num_clients, args.repeats = TINY["num_clients"], TINY["repeats"]
+        args.num_clients, args.repeats, args.loads = TINY["num_clients"], TINY["repeats"], TINY_LOADS
     return args
 
 
 # ---------------------------------------------------------------------------- the simulation
-def simulate(cfg: Any, run_dir: Path, repeats: int) -> dict[str, Any]:
-    """Train with the real stages, then time `repeats` routed queries per split; return the trace."""
+def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]]) -> dict[str, Any]:
+    """Train with the real stages, then time `repeats` routed queries per load; return the trace."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -84,19 +90,20 @@ def simulate(cfg: Any, run_dir: Path, repeats: int) -> dict[str, Any]:
         run.results.write(run_dir)
         out["results"] = json.loads(json.dumps(run.results.data))
         for repeat in range(repeats):
-            for split in SPLITS:
-                stage = f"{STAGE_PREFIX}.{split}.{repeat}"
+            for load, splits in loads.items():
+                stage = f"{STAGE_PREFIX}.{load}.{repeat}"
                 run.grid.stage = stage
                 first_call = len(timing.calls)
                 started = time.time()
-                metrics = routed_accuracy(run, gate, split)
+                per_split = routed_accuracy(run, gate, splits)
                 finished = time.time()
                 out["queries"].append({
-                    "split": split, "repeat": repeat, "stage": stage, "start": started, "end": finished,
-                    "samples": sum(int(m["num-examples"]) for m in metrics.values()),
+                    "load": load, "repeat": repeat, "stage": stage, "start": started, "end": finished,
+                    "samples": sum(int(m["num-examples"]) for metrics in per_split for m in metrics.values()),
                     "waves": timing.calls[first_call:],
                     "bytes": dict(run.strategy.ledger.bytes[stage]),
-                    "predictions": run.results.data["predictions"][gate][split],
+                    "predictions": {str(p): [v for metrics in per_split for v in metrics[p]["predictions"]]
+                                    for p in per_split[0]},
                 })
 
     state_dir, trace_path = run_dir / "state", run_dir / "client_trace.jsonl"
@@ -105,7 +112,7 @@ def simulate(cfg: Any, run_dir: Path, repeats: int) -> dict[str, Any]:
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=int(cfg.simulation.num_clients),
                    backend_config=backend_config(cfg))
     out["simulation_wall_s"] = time.time() - started
-    if "results" not in out or len(out["queries"]) != repeats * len(SPLITS):
+    if "results" not in out or len(out["queries"]) != repeats * len(loads):
         raise RuntimeError("the simulation did not complete (see the log above)")
     out["state_dir"] = state_dir / STATE_KEY
     out["trace_path"] = trace_path
@@ -132,6 +139,7 @@ class LocalPipeline:
     def __init__(self, cfg: Any, state_dir: Path, neighbours: list[list[int]]) -> None:
         from nmoe.data import federation_spec, load_all_clients, num_classes
         from nmoe.models import build_bundle, build_expert, build_gate, load_numpy
+        from nmoe.routing import label_share
 
         self.n = int(cfg.simulation.num_clients)
         spec = federation_spec(cfg)
@@ -163,28 +171,33 @@ class LocalPipeline:
                 mask[self.shared_id] = True
             self.reachable.append(mask)
         self.raw_bytes_per_sample = int(np.prod(shape)) * benchlib.BYTES_PER_FLOAT32
+        self.local_first_share = float(cfg.gate.local_first_share)
+        self.label_share = [label_share(d.train_y, self.num_classes) for d in self.data]
 
-    def inputs(self, pid: int, split: str) -> torch.Tensor:
+    def inputs(self, pid: int, splits: list[str]) -> torch.Tensor:
         d = self.data[pid]
-        return {"test": d.test_x, "global": d.global_x}[split]
+        return torch.cat([{"test": d.test_x, "global": d.global_x}[split] for split in splits])
 
-    def run(self, split: str) -> tuple[dict[int, list[int]], float, float]:
-        """Predictions of every client on `split`, seconds for the whole pipeline and for the
-        expert forward passes alone."""
-        from nmoe.inference import assemble, plan_route
-        from nmoe.routing import combine
+    def run(self, splits: list[str]) -> tuple[dict[int, list[int]], float, float]:
+        """Predictions of every client on its `splits` (one batch), seconds for the whole pipeline
+        and for the expert forward passes alone."""
+        from nmoe.inference import assemble, local_logits, plan_route
+        from nmoe.routing import answer_locally, combine
         from nmoe.training import forward_batched, gate_weights
 
         predictions, experts_s = {}, 0.0
         started = time.perf_counter()
         for pid in range(self.n):
-            feats = forward_batched(self.fe[pid], self.inputs(pid, split))
+            feats = forward_batched(self.fe[pid], self.inputs(pid, splits))
             weights = gate_weights(self.gate[pid], feats, self.reachable[pid], self.k)
             local = {pid: self.expert[pid]}
             if self.shared_id is not None:
                 local[self.shared_id] = self.shared[pid]
             experts_start = time.perf_counter()
-            plan = plan_route(weights, feats, local)
+            logits = local_logits(feats, local)
+            if self.local_first_share > 0:
+                weights, _ = answer_locally(weights, pid, logits[self.shared_id], self.label_share[pid], self.local_first_share)
+            plan = plan_route(weights, logits)
             remote = {e: forward_batched(self.expert[e], feats[index]) for e, index in plan.remote_index.items()}
             experts_s += time.perf_counter() - experts_start
             logits, answered = assemble(plan, remote, self.num_classes)
@@ -207,12 +220,12 @@ def audit_array_bytes(audit_path: Path) -> dict[str, dict[str, int]]:
 
 
 def wave_breakdown(queries: list[dict[str, Any]], trace: list[dict[str, Any]], parallel: int) -> dict[str, Any]:
-    """Per split and wave: median wall time, client handler time (sum, max) and the rest."""
+    """Per load and wave: median wall time, client handler time (sum, max) and the rest."""
     out: dict[str, Any] = {}
-    for split in SPLITS:
+    for load in dict.fromkeys(q["load"] for q in queries):
         rows: dict[str, list[dict[str, float]]] = {wave: [] for wave in WAVES}
         server_rest = []
-        for q in (q for q in queries if q["split"] == split):
+        for q in (q for q in queries if q["load"] == load):
             for call in q["waves"]:
                 handlers = [t["end"] - t["start"] for t in trace
                             if t["type"] == call["type"] and call["start"] <= t["start"] <= call["end"]]
@@ -221,33 +234,51 @@ def wave_breakdown(queries: list[dict[str, Any]], trace: list[dict[str, Any]], p
                                            "handler_sum_s": sum(handlers), "handler_max_s": max(handlers, default=0.0),
                                            "overhead_s": call["end"] - call["start"] - ideal})
             server_rest.append((q["end"] - q["start"]) - sum(c["end"] - c["start"] for c in q["waves"]))
-        out[split] = {wave: {key: median([r[key] for r in values]) for key in values[0]} if values else {}
-                      for wave, values in rows.items()}
-        out[split]["server_outside_waves_s"] = median(server_rest)
+        out[load] = {wave: {key: median([r[key] for r in values]) for key in values[0]} if values else {}
+                     for wave, values in rows.items()}
+        out[load]["server_outside_waves_s"] = median(server_rest)
     return out
 
 
-def compare_split(local: LocalPipeline, split: str, queries: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
-    """Routed queries of one split against timed local runs of the same computation."""
-    for _ in range(LOCAL_WARMUP_RUNS):
-        local.run(split)
-    runs = [local.run(split) for _ in range(max(1, repeats))]
+def timed_local_runs(local: LocalPipeline, splits: list[str], repeats: int, threads: int) -> list[tuple[Any, float, float]]:
+    """`repeats` timed local runs (after warm-up) with `threads` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(LOCAL_WARMUP_RUNS):
+            local.run(splits)
+        return [local.run(splits) for _ in range(max(1, repeats))]
+    finally:
+        torch.set_num_threads(before)
+
+
+def compare_load(local: LocalPipeline, splits: list[str], queries: list[dict[str, Any]], repeats: int,
+                 client_threads: int, machine_threads: int) -> dict[str, Any]:
+    """Routed queries of one load against timed local runs of the same computation (with the
+    clients' torch threads, and with every core of the machine)."""
+    runs = timed_local_runs(local, splits, repeats, client_threads)
+    all_cores = timed_local_runs(local, splits, repeats, machine_threads)
     local_predictions = runs[0][0]
     samples = queries[0]["samples"]
     routed_s = median([q["end"] - q["start"] for q in queries])
     local_s, experts_s = median([r[1] for r in runs]), median([r[2] for r in runs])
+    all_cores_s = median([r[1] for r in all_cores])
     agree = [int(a == b) for q in queries for pid, preds in q["predictions"].items()
              for a, b in zip(preds, local_predictions[int(pid)], strict=True)]
     return {
+        "splits_per_requester": splits,
         "samples": samples,
         "routed_s_median": routed_s,
         "routed_s_all": [q["end"] - q["start"] for q in queries],
         "local_pipeline_s_median": local_s,
+        "local_pipeline_all_cores_s_median": all_cores_s,
         "local_experts_only_s_median": experts_s,
         "routed_samples_per_s": samples / routed_s,
         "local_samples_per_s": samples / local_s,
+        "local_all_cores_samples_per_s": samples / all_cores_s,
         "local_experts_only_samples_per_s": samples / experts_s if experts_s > 0 else math.inf,
         "routed_over_local": local_s / routed_s,
+        "routed_over_local_all_cores": all_cores_s / routed_s,
         "bar_met": local_s / routed_s >= BAR_ROUTED_OVER_LOCAL,
         "prediction_agreement": sum(agree) / max(len(agree), 1),
         "wire_bytes_per_sample_ledger": median([(q["bytes"]["up"] + q["bytes"]["down"]) / q["samples"] for q in queries]),
@@ -270,54 +301,56 @@ def main() -> None:
     if cfg.gate.method == "rangate":
         raise SystemExit("inference.py needs a trained gate (rollgate or fedgate): its local reference loads it")
     print(f"[inference] simulation: {args.num_clients} clients, {args.repeats} timed queries per split", flush=True)
-    sim = simulate(cfg, run_dir, args.repeats)
+    sim = simulate(cfg, run_dir, args.repeats, args.loads)
     results = sim["results"]
     local = LocalPipeline(cfg, sim["state_dir"], results["topology"]["neighbours"])
     trace = read_trace(sim["trace_path"])
-    parallel = max(1, min(args.num_clients, int((started_machine["cpu_count"] or 1) // float(cfg.simulation.client_cpus))))
+    cores = int(started_machine["cpu_count"] or 1)
+    parallel = max(1, min(args.num_clients, int(cores // float(cfg.simulation.client_cpus))))
     torch.set_num_threads(int(cfg.torch_threads))
 
-    per_split = {split: compare_split(local, split, [q for q in sim["queries"] if q["split"] == split], args.repeats)
-                 for split in SPLITS}
-    largest = max(per_split.values(), key=lambda v: v["samples"])
-    # The routed time barely grows with the samples (fixed per-wave latency): the samples one query
-    # would need for the bar if its time stayed fixed (a lower bound; local throughput also grows).
-    samples_for_bar = BAR_ROUTED_OVER_LOCAL * largest["local_samples_per_s"] * largest["routed_s_median"]
+    per_load = {load: compare_load(local, splits, [q for q in sim["queries"] if q["load"] == load], args.repeats,
+                                   int(cfg.torch_threads), cores)
+                for load, splits in args.loads.items()}
+    meeting = [v["samples"] for v in per_load.values() if v["bar_met"]]
     audit = audit_array_bytes(run_dir / "messages.jsonl")
-    first_query = {split: audit[f"{STAGE_PREFIX}.{split}.0"] for split in SPLITS}
-    arrays_by_split = {split: {key: value / per_split[split]["samples"] for key, value in first_query[split].items()}
-                       for split in SPLITS}
+    arrays_by_load = {load: {key: value / per_load[load]["samples"]
+                             for key, value in audit[f"{STAGE_PREFIX}.{load}.0"].items()} for load in args.loads}
     inference_stage = results["comm_bytes"].get("inference", {"up": 0, "down": 0})
-    stage_samples = sum(v["samples"] for v in results["inference_latency"][str(cfg.gate.method)].values())
+    stage_samples = int(results["inference_latency"][str(cfg.gate.method)]["samples"])
     result = {
         "config": {"nmoe_config": args.nmoe_config, "nmoe_overrides": overrides, "repeats": args.repeats,
-                   "parallel_clients": parallel, "resolved": to_dict(cfg)},
+                   "loads": args.loads, "parallel_clients": parallel, "resolved": to_dict(cfg)},
         "simulation_wall_s": sim["simulation_wall_s"],
-        "per_split": per_split,
+        "per_load": per_load,
         "waves": wave_breakdown(sim["queries"], trace, parallel),
-        "samples_per_query_for_bar_lower_bound": samples_for_bar,
         "run_inference_latency": results["inference_latency"],
         "bytes": {
             "raw_input_bytes_per_sample": local.raw_bytes_per_sample,
             "inference_stage_comm_bytes": inference_stage,
             "inference_stage_samples": stage_samples,
             "inference_stage_bytes_per_sample": (inference_stage["up"] + inference_stage["down"]) / stage_samples,
-            "array_bytes_per_sample_by_wave": arrays_by_split,
-            "array_bytes_per_sample_total": {s: sum(v.values()) for s, v in arrays_by_split.items()},
+            "array_bytes_per_sample_by_wave": arrays_by_load,
+            "array_bytes_per_sample_total": {load: sum(v.values()) for load, v in arrays_by_load.items()},
         },
         "bar": {"routed_over_local_min": BAR_ROUTED_OVER_LOCAL,
-                "met": all(v["bar_met"] for v in per_split.values())},
+                "met_at_largest_load": per_load[max(per_load, key=lambda n: per_load[n]["samples"])]["bar_met"],
+                "met_from_samples_per_query": min(meeting) if meeting else None,
+                "met_at_every_load": all(v["bar_met"] for v in per_load.values())},
         "notes": [
             "routed_s: one routed_accuracy call (3 waves, every client a requester) timed in the ServerApp; "
             "local_pipeline_s: the same F + gate + expert forward passes + combine for every client, one process, "
-            f"{cfg.torch_threads} torch thread(s), models in memory; experts_only: the expert forward passes alone.",
+            f"{cfg.torch_threads} torch thread(s) (the clients' setting), models in memory; all_cores: the same with "
+            f"{cores} torch threads; experts_only: the expert forward passes alone.",
+            "loads: the splits each requester coalesces into one query (one set of three waves); 'global xR' replays "
+            "R copies of the global test set per requester, as a queue of R pending requests served together.",
             "wire bytes (ledger) count array payload plus serialised configs and metrics, both directions, "
             "server relay included (a feature crosses two hops: requester -> server -> expert owner).",
         ],
     }
     path = write_result(args.out_dir, NAME, result, started_machine)
-    for split, v in per_split.items():
-        print(f"[inference] {split}: {v['samples']} samples, routed {v['routed_samples_per_s']:.0f}/s vs local "
+    for load, v in per_load.items():
+        print(f"[inference] {load}: {v['samples']} samples, routed {v['routed_samples_per_s']:.0f}/s vs local "
               f"{v['local_samples_per_s']:.0f}/s = {v['routed_over_local']:.4f}x (bar >= {BAR_ROUTED_OVER_LOCAL}); "
               f"agreement {v['prediction_agreement']:.4f}; {v['wire_bytes_per_sample_ledger']:.0f} B/sample on the wire "
               f"vs {local.raw_bytes_per_sample} B raw", flush=True)

@@ -23,10 +23,10 @@ from flwr.common.constant import ErrorCode
 from omegaconf import DictConfig, OmegaConf
 
 from nmoe.data import ClientData, federation_spec, load_client_data, ssl_augmentation
-from nmoe.inference import RoutePlan, assemble, plan_route, route_counts
+from nmoe.inference import RoutePlan, assemble, local_logits, plan_route, route_counts
 from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, stage1_keys, state_numpy
 from nmoe.protocol import CORR_KEY, FE_METHOD, GATES, QUERY_MODES, SPLITS
-from nmoe.routing import combine, random_weights
+from nmoe.routing import answer_locally, combine, label_share, random_weights
 from nmoe.training import (
     accuracy, forward_batched, gate_weights, train_classifier, train_extractor, train_gate,
 )
@@ -380,19 +380,31 @@ def _reachable(node: Node, neighbours: str) -> torch.Tensor:
     return mask
 
 
+def query_splits(node: Node, value: str, mode: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The splits one query coalesces (comma list, repeats allowed), concatenated, and their sizes."""
+    names = [name for name in value.split(",") if name]
+    if not names:
+        raise ValueError("no split named in 'split'")
+    if mode == "cache" and len(names) != 1:
+        raise ValueError(f"mode 'cache' takes exactly one split, got {names}")
+    parts = [node.split(name) for name in names]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), [len(y) for _, y in parts]
+
+
 @app.query("route")
 @guarded
 def route(msg: Message, context: Context) -> Message:
-    """Wave 1: compute features and routing weights; return one feature batch per remote expert."""
+    """Wave 1: compute features and routing weights for every split the query names (one
+    concatenated batch); return one feature batch per remote expert."""
     node = open_node(msg, context)
     qid = str(config_value(msg, "query-id"))
-    split, mode, gate_name = (str(config_value(msg, k)) for k in ("split", "mode", "gate"))
+    mode, gate_name = (str(config_value(msg, k)) for k in ("mode", "gate"))
     if mode not in QUERY_MODES:
         raise ValueError(f"unknown mode '{mode}', allowed: {', '.join(QUERY_MODES)}")
     k = int(config_value(msg, "k"))
     if k <= 0:
         raise ValueError(f"k must be > 0, got {k}")
-    x, y = node.split(split)
+    x, y, segments = query_splits(node, str(config_value(msg, "split")), mode)
     reachable = _reachable(node, str(config_value(msg, "neighbours")))
     feats = node.features(x)
     generator = torch.Generator().manual_seed(node.seed(9, int(config_value(msg, "seed"))))
@@ -409,8 +421,13 @@ def route(msg: Message, context: Context) -> Message:
     local = {node.pid: node.expert()}
     if node.shared_expert_id is not None:
         local[node.shared_expert_id] = node.expert("model/shared_expert")
-    plan = plan_route(weights, feats, local)
-    pending = {"weights": plan.weights, "labels": y}
+    logits = local_logits(feats, local)
+    threshold = float(node.cfg.gate.local_first_share)
+    if mode == "infer" and threshold > 0:
+        share = label_share(node.data.train_y, node.num_classes)
+        weights, _ = answer_locally(weights, node.pid, logits[node.shared_expert_id], share, threshold)
+    plan = plan_route(weights, logits)
+    pending = {"weights": plan.weights, "labels": y, "segments": np.array(segments)}
     pending.update({f"local_{e}": v for e, v in plan.local_logits.items()})
     pending.update({f"idx_{e}": v for e, v in plan.remote_index.items()})
     node.state.put(f"scratch/pending.{qid}", pending)
@@ -442,7 +459,8 @@ def expert_answer(msg: Message, context: Context) -> Message:
 @app.query("combine")
 @guarded
 def combine_answer(msg: Message, context: Context) -> Message:
-    """Wave 3: combine local and returned logits (renormalising over failed experts), or cache them."""
+    """Wave 3: combine local and returned logits (renormalising over failed experts), or cache them.
+    Metrics come per split of the query, in its order: `accuracy.<i>`, `num-examples.<i>` ..."""
     node = open_node(msg, context)
     qid, mode = str(config_value(msg, "query-id")), str(config_value(msg, "mode"))
     pending = node.state.get(f"scratch/pending.{qid}")
@@ -468,12 +486,20 @@ def combine_answer(msg: Message, context: Context) -> Message:
         return reply(msg, {"num-examples": len(labels), "experts-cached": int(answered.all(dim=0).sum())})
     combined, degraded = combine(weights, logits, answered, fallback=node.pid)
     predictions = combined.argmax(dim=1)
-    metrics: dict[str, Any] = {
-        "num-examples": len(labels),
-        "accuracy": accuracy(combined, labels),
-        "degraded": int(degraded.sum()),
-        "route-counts": route_counts(weights),
-    }
-    if bool(config_value(msg, "return-predictions")):
-        metrics["predictions"] = [int(p) for p in predictions]
+    with_predictions = bool(config_value(msg, "return-predictions"))
+    metrics: dict[str, Any] = {"num-examples": len(labels), "segments": len(pending["segments"])}
+    held_elsewhere = torch.ones(weights.shape[1], dtype=torch.bool)
+    held_elsewhere[list(plan.local_logits)] = False
+    no_network = ~(weights[:, held_elsewhere] > 0).any(dim=1)  # every chosen expert was held locally
+    start = 0
+    for i, size in enumerate(int(v) for v in pending["segments"]):
+        part = slice(start, start + size)
+        start += size
+        metrics[f"num-examples.{i}"] = size
+        metrics[f"accuracy.{i}"] = accuracy(combined[part], labels[part])
+        metrics[f"degraded.{i}"] = int(degraded[part].sum())
+        metrics[f"answered-locally.{i}"] = int(no_network[part].sum())
+        metrics[f"route-counts.{i}"] = route_counts(weights[part])
+        if with_predictions:
+            metrics[f"predictions.{i}"] = [int(p) for p in predictions[part]]
     return reply(msg, metrics)

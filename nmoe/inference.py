@@ -19,14 +19,18 @@ class RoutePlan:
     remote_index: dict[int, torch.Tensor]  # expert id -> indices of the samples sent to it
 
 
-def plan_route(weights: torch.Tensor, feats: torch.Tensor, local_experts: dict[int, nn.Module]) -> RoutePlan:
-    """Evaluate local experts on every sample; list the samples each remote expert must see."""
-    local_logits = {e: forward_batched(module, feats) for e, module in local_experts.items()}
+def local_logits(feats: torch.Tensor, local_experts: dict[int, nn.Module]) -> dict[int, torch.Tensor]:
+    """Every locally held expert's logits on every sample."""
+    return {e: forward_batched(module, feats) for e, module in local_experts.items()}
+
+
+def plan_route(weights: torch.Tensor, local_logits: dict[int, torch.Tensor]) -> RoutePlan:
+    """Keep the local experts' logits; list the samples each remote expert must see."""
     chosen = weights > 0
     remote_index = {
         e: torch.nonzero(chosen[:, e]).flatten()
         for e in range(weights.shape[1])
-        if e not in local_experts and bool(chosen[:, e].any())
+        if e not in local_logits and bool(chosen[:, e].any())
     }
     return RoutePlan(weights, local_logits, remote_index)
 

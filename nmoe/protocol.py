@@ -10,3 +10,5 @@ GATES = ("rangate", "rollgate", "fedgate")
 TRAINABLE_GATES = ("rollgate", "fedgate")
 QUERY_MODES = ("infer", "cache")
 SPLITS = ("train", "gate", "test", "global")
+# per-split metrics of a `query.combine` reply, keyed `<name>.<i>` for the query's i-th split
+SEGMENT_METRICS = ("num-examples", "accuracy", "degraded", "answered-locally", "route-counts", "predictions")

@@ -69,3 +69,22 @@ def combine(
         total = kept.sum(dim=1, keepdim=True)
     kept = kept / total
     return (kept.unsqueeze(-1) * expert_logits).sum(dim=1), degraded
+
+
+def label_share(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C,) share of each class among a client's own training labels."""
+    counts = torch.bincount(labels, minlength=num_classes).to(torch.float32)
+    return counts / counts.sum().clamp(min=1.0)
+
+
+def answer_locally(
+    weights: torch.Tensor, own: int, classifier_logits: torch.Tensor, share: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local-first routing: a sample whose class, as a global classifier predicts it, makes up at
+    least `threshold` of the requester's own training labels goes to the own expert alone (weight 1);
+    the others keep their gate weights. Returns (weights, bool (B,) mask of the samples kept local)."""
+    local = share[classifier_logits.argmax(dim=1)] >= threshold
+    out = weights.clone()
+    out[local] = 0.0
+    out[local, own] = 1.0
+    return out, local

@@ -6,7 +6,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -22,7 +22,7 @@ from nmoe import topology
 from nmoe.config import to_dict
 from nmoe.data import federation_spec, load_all_clients, num_classes
 from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, stage1_keys, state_numpy
-from nmoe.protocol import CORR_KEY, FE_ACTION, GATES, TRAINABLE_GATES
+from nmoe.protocol import CORR_KEY, FE_ACTION, GATES, SEGMENT_METRICS, TRAINABLE_GATES
 from nmoe.results import Results
 from nmoe.training import accuracy, forward_batched, linear_probe, train_classifier, train_extractor
 from nmoe_strategy.comm import CommLedger, CountingGrid
@@ -326,10 +326,11 @@ def stage_experts(run: Run, bundle: ArrayRecord) -> None:
 
 
 # ---------------------------------------------------------------------------- stage 3
-def route_configs(run: Run, query: str, split: str, mode: str, gate: str, seed: int = 0,
+def route_configs(run: Run, query: str, splits: Sequence[str], mode: str, gate: str, seed: int = 0,
                   return_predictions: bool = False) -> dict[int, ConfigRecord]:
+    """One query per client over `splits` (coalesced: one set of waves answers them all)."""
     return {
-        p: run.config(**{"query-id": query, "split": split, "mode": mode, "gate": gate, "k": int(run.cfg.gate.k),
+        p: run.config(**{"query-id": query, "split": ",".join(splits), "mode": mode, "gate": gate, "k": int(run.cfg.gate.k),
                          "neighbours": ",".join(str(n) for n in run.neighbours[p]), "seed": seed,
                          "return-predictions": return_predictions})
         for p in run.pids
@@ -338,7 +339,7 @@ def route_configs(run: Run, query: str, split: str, mode: str, gate: str, seed: 
 
 def fill_gate_cache(run: Run) -> None:
     """Fetch every reachable expert's logits on each client's training features once."""
-    report = run.router.run(route_configs(run, f"cache-{uuid.uuid4().hex[:8]}", "gate", "cache", "cache"))
+    report = run.router.run(route_configs(run, f"cache-{uuid.uuid4().hex[:8]}", ["gate"], "cache", "cache"))
     run.results.data["extra"]["gate_cache"] = {"clients": sorted(report.metrics), "failed_experts": report.failed_experts}
 
 
@@ -412,40 +413,44 @@ def stage_rollgate(run: Run) -> None:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def routed_accuracy(run: Run, gate: str, split: str) -> dict[int, MetricRecord]:
-    """One routed query per client on `split`; records latency, failures and (optionally) predictions."""
+def routed_accuracy(run: Run, gate: str, splits: Sequence[str]) -> list[dict[int, dict[str, Any]]]:
+    """One routed query per client over all `splits` in one set of waves; per split (in order)
+    the clients' metrics. Records latency, failures and (optionally) predictions."""
     record = bool(run.cfg.record_predictions)
     started = time.perf_counter()
-    report = run.router.run(route_configs(run, f"{gate}-{split}-{uuid.uuid4().hex[:8]}", split, "infer", gate,
+    report = run.router.run(route_configs(run, f"{gate}-{uuid.uuid4().hex[:8]}", splits, "infer", gate,
                                           seed=int(run.cfg.seed), return_predictions=record))
     seconds = time.perf_counter() - started
+    per_split = [{p: {name: m[f"{name}.{i}"] for name in SEGMENT_METRICS if f"{name}.{i}" in m}
+                  for p, m in report.metrics.items()} for i in range(len(splits))]
     samples = sum(int(m["num-examples"]) for m in report.metrics.values())
-    run.results.data.setdefault("inference_latency", {}).setdefault(gate, {})[split] = {
-        "seconds": round(seconds, 4), "samples": samples, "ms_per_sample": round(1000 * seconds / max(samples, 1), 4)}
-    if record:
-        run.results.data.setdefault("predictions", {}).setdefault(gate, {})[split] = {
-            str(p): [int(v) for v in m["predictions"]] for p, m in report.metrics.items()}
+    run.results.data.setdefault("inference_latency", {})[gate] = {
+        "splits": list(splits), "seconds": round(seconds, 4), "samples": samples,
+        "ms_per_sample": round(1000 * seconds / max(samples, 1), 4)}
+    for split, metrics in zip(splits, per_split):
+        if record:
+            run.results.data.setdefault("predictions", {}).setdefault(gate, {})[split] = {
+                str(p): [int(v) for v in m["predictions"]] for p, m in metrics.items()}
     if report.failed_experts or report.failed_requesters:
         run.results.data["extra"].setdefault("inference_failures", []).append({
-            "gate": gate, "split": split, "failed_experts": report.failed_experts,
+            "gate": gate, "splits": list(splits), "failed_experts": report.failed_experts,
             "failed_requesters": report.failed_requesters})
-    return report.metrics
+    return per_split
 
 
 def evaluate_routed(run: Run, gates: list[str], nmoe_gate: str) -> None:
-    """Collaborative inference for each gate, on local tests and the global test."""
+    """Collaborative inference for each gate: local tests and the global test in one set of waves."""
     routing = {}
     for gate in gates:
-        local = routed_accuracy(run, gate, "test")
-        glob = routed_accuracy(run, gate, "global")
+        local, glob = routed_accuracy(run, gate, ["test", "global"])
         local_acc = {p: float(m["accuracy"]) for p, m in local.items()}
         global_acc = {p: float(m["accuracy"]) for p, m in glob.items()}
         routing[gate] = {str(p): list(m["route-counts"]) for p, m in local.items()}
-        degraded = {split: sum(int(m["degraded"]) for m in replies.values())
-                    for split, replies in (("test", local), ("global", glob))}
+        for metric in ("degraded", "answered-locally"):
+            run.results.data["extra"].setdefault(f"{metric.replace('-', '_')}_queries", {})[gate] = {
+                split: sum(int(m[metric]) for m in replies.values()) for split, replies in (("test", local), ("global", glob))}
         for name in {gate, "nmoe"} if gate == nmoe_gate else {gate}:
             run.results.set_accuracy(name, local_acc, global_acc)
-        run.results.data["extra"].setdefault("degraded_queries", {})[gate] = degraded
         log(INFO, "[evaluate] %s: local %.4f | global %.4f", gate,
             np.mean(list(local_acc.values())), np.mean(list(global_acc.values())))
     run.results.data["routing_counts"] = routing

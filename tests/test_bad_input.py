@@ -32,8 +32,8 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 class LiveNode:
     """A real ClientApp with its Context, answering messages in-process."""
 
-    def __init__(self, state_dir: Path) -> None:
-        cfg = compose_config(["experiment=smoke", f"max_query_batch={MAX_BATCH}", "state_key=bad-input"])
+    def __init__(self, state_dir: Path, overrides: list[str] | None = None) -> None:
+        cfg = compose_config(["experiment=smoke", f"max_query_batch={MAX_BATCH}", "state_key=bad-input", *(overrides or [])])
         self.cfg = cfg
         self.cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
         self.state_dir = state_dir
@@ -159,3 +159,77 @@ def test_good_route_after_bad_ones(node: LiveNode) -> None:
     assert not reply.has_error()
     for key, value in reply.content["features"].items():
         assert key.startswith("to_") and value.numpy().shape[1] == FEATURE_DIM
+
+
+def test_coalesced_query_answers_each_split_in_order(node: LiveNode) -> None:
+    """One query over `test,global,test` reports per split (in order) what that split alone holds."""
+    from nmoe.data import federation_spec, load_client_data
+
+    data, _ = load_client_data(federation_spec(node.cfg), 0, NUM_PARTITIONS)
+    routed = node.send("query.route", route_config(node, **{"query-id": "multi", "split": "test,global,test"}))
+    assert not routed.has_error(), routed.error.reason if routed.has_error() else ""
+    sizes = [len(data.test_y), len(data.global_y), len(data.test_y)]
+    for key, value in routed.content["features"].items():
+        assert value.numpy().shape[0] <= sum(sizes), key
+    remote = ",".join(key[3:] for key in routed.content["features"])
+    combined = node.send("query.combine", {"logits": ArrayRecord(), "config": node.config(
+        **{"query-id": "multi", "mode": "infer", "failed": remote, "return-predictions": True})})
+    assert not combined.has_error(), combined.error.reason if combined.has_error() else ""
+    metrics = combined.content["metrics"]
+    assert metrics["segments"] == 3 and metrics["num-examples"] == sum(sizes)
+    for i, labels in enumerate([data.test_y, data.global_y, data.test_y]):
+        predictions = np.array(metrics[f"predictions.{i}"])
+        assert metrics[f"num-examples.{i}"] == len(labels) == len(predictions)
+        assert metrics[f"accuracy.{i}"] == pytest.approx(float((predictions == labels.numpy()).mean()))
+        assert sum(metrics[f"route-counts.{i}"]) >= len(labels)  # every sample went to at least one expert
+
+
+def test_cache_query_takes_one_split(node: LiveNode) -> None:
+    reply = node.send("query.route", route_config(node, mode="cache", split="gate,test"))
+    assert reply.has_error() and "exactly one split" in reply.error.reason
+
+
+def test_local_first_samples_never_leave_the_device(tmp_path: Path, task_identity: None) -> None:
+    """With gate.local_first_share, samples of classes the client knows well (as the shared expert
+    predicts them) are answered by the own expert and no feature row of theirs is sent."""
+    import torch
+
+    from nmoe.data import federation_spec, load_client_data
+    from nmoe.models import build_expert, load_numpy
+    from nmoe.routing import label_share
+
+    smoke = compose_config(["experiment=smoke"])
+    data, classes = load_client_data(federation_spec(smoke), 0, NUM_PARTITIONS)
+    fe = build_bundle(smoke.model, (1, 8, 8), classes, 0).fe  # the F the node receives below
+    shared = build_expert(smoke.model, classes, 123)
+    with torch.no_grad():
+        feats = fe(data.global_x)
+        shares = label_share(data.train_y, classes)[shared(feats).argmax(dim=1)]
+    threshold = float(shares.min() + shares.max()) / 2
+    familiar = shares >= threshold
+    assert 0 < int(familiar.sum()) < len(familiar), "the test needs both kinds of samples"
+
+    live = LiveNode(tmp_path, ["expert=with_shared", f"gate.local_first_share={threshold}"])
+    assert not live.send("query.info", {"config": live.config()}).has_error()
+    assert not live.send("train.expert", {"arrays": live.bundle, "config": live.config(**{"own-head": False})}).has_error()
+    installed = live.send("train.shared_expert", {"arrays": ArrayRecord({k: Array(v) for k, v in state_numpy(shared).items()}),
+                                                   "config": live.config(install=True, **{"server-round": 0})})
+    assert not installed.has_error(), installed.error.reason if installed.has_error() else ""
+    routed = live.send("query.route", route_config(live, **{"query-id": "lf", "split": "global"}))
+    assert not routed.has_error(), routed.error.reason if routed.has_error() else ""
+    sent = [row for value in routed.content["features"].values() for row in torch.from_numpy(value.numpy())]
+    assert sent, "unfamiliar samples are still routed"
+    for row in sent:
+        matches = (feats - row).abs().amax(dim=1) < 1e-5
+        assert matches.any() and not (matches & familiar).any(), "a familiar sample's features left the device"
+
+    remote = ",".join(key[3:] for key in routed.content["features"])
+    combined = live.send("query.combine", {"logits": ArrayRecord(), "config": live.config(
+        **{"query-id": "lf", "mode": "infer", "failed": remote, "return-predictions": True})})
+    metrics = combined.content["metrics"]
+    assert metrics["answered-locally.0"] >= int(familiar.sum())
+    expert = build_expert(live.cfg.model, classes, 0)
+    load_numpy(expert, {k: v.numpy() for k, v in live.context.state["model/expert"].items()})
+    with torch.no_grad():
+        own_predictions = expert(feats[familiar]).argmax(dim=1)
+    assert torch.equal(torch.tensor(metrics["predictions.0"])[familiar], own_predictions)

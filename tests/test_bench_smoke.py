@@ -76,10 +76,14 @@ def test_overhead(out_dir: Path) -> None:
 
 def test_inference(out_dir: Path) -> None:
     result = run_bench("inference", out_dir)
-    for split in ("test", "global"):
-        entry = result["per_split"][split]
+    loads = result["per_load"]
+    assert list(loads) == ["test", "test+global", "global x2"]
+    for entry in loads.values():
         assert entry["prediction_agreement"] == 1.0  # the local reference computes what the waves computed
         assert entry["routed_samples_per_s"] > 0 and entry["local_samples_per_s"] > 0
+    # coalescing: one query over test+global answers as many samples as the two splits; two copies of global twice one
+    assert loads["test+global"]["samples"] > loads["test"]["samples"]
+    assert loads["global x2"]["samples"] == 2 * (loads["test+global"]["samples"] - loads["test"]["samples"])
     assert result["bytes"]["raw_input_bytes_per_sample"] == 8 * 8 * 4
     assert set(result["waves"]["test"]) >= {"query.route", "query.expert", "query.combine"}
 

@@ -11,8 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from nmoe.config import ConfigError, compose_config
 from nmoe.data import federation_spec, load_all_clients, load_client_data
-from nmoe.inference import assemble, plan_route
-from nmoe.routing import combine, random_weights, topk_weights
+from nmoe.inference import assemble, local_logits, plan_route
+from nmoe.routing import answer_locally, combine, label_share, random_weights, topk_weights
 from nmoe_strategy.comm import CommLedger
 from nmoe_strategy.strategy import NMoEStrategy
 
@@ -98,7 +98,7 @@ def test_combination_equals_weighted_sum_of_expert_logits() -> None:
     experts = [torch.nn.Linear(8, 5) for _ in range(4)]
     weights = topk_weights(torch.randn(16, 4), torch.ones(4, dtype=torch.bool), 2)
     own = 1
-    plan = plan_route(weights, feats, {own: experts[own]})
+    plan = plan_route(weights, local_logits(feats, {own: experts[own]}))
     remote = {e: experts[e](feats[index]).detach() for e, index in plan.remote_index.items()}
     logits, answered = assemble(plan, remote, 5)
     combined, degraded = combine(weights, logits, answered, fallback=own)
@@ -106,6 +106,20 @@ def test_combination_equals_weighted_sum_of_expert_logits() -> None:
         direct = sum(weights[:, j : j + 1] * experts[j](feats) for j in range(4))
     torch.testing.assert_close(combined, direct)
     assert not degraded.any()
+
+
+def test_local_first_keeps_samples_of_familiar_classes_on_the_own_expert() -> None:
+    """A sample whose predicted class is common in the client's labels goes to the own expert alone;
+    the others keep their gate weights untouched."""
+    share = label_share(torch.tensor([0, 0, 0, 1, 2, 2]), 4)
+    torch.testing.assert_close(share, torch.tensor([0.5, 1 / 6, 2 / 6, 0.0]))
+    classifier = torch.eye(4)[[0, 1, 2, 3]]  # predicts classes 0, 1, 2, 3
+    weights = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.0, 0.8], [0.0, 0.0, 1.0], [0.3, 0.7, 0.0]])
+    out, kept = answer_locally(weights, own=1, classifier_logits=classifier, share=share, threshold=0.3)
+    assert kept.tolist() == [True, False, True, False]  # class 0 (0.5) and 2 (0.33) >= 0.3
+    torch.testing.assert_close(out[kept], torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(out[~kept], weights[~kept])
+    assert weights[0, 1] == 0.5  # the input is not modified
 
 
 def test_failed_expert_renormalises_and_falls_back_to_own() -> None:
@@ -161,6 +175,8 @@ def test_partition_id_out_of_range() -> None:
     ("fe.rounds=0", "fe.rounds"), ("partition.alpha=0", "partition.alpha"), ("gate.k=-1", "gate.k"),
     ("baselines=[fedprox]", "baselines"), ("fe.method=fedfoo", "fe.method"),
     ("dataset.name=mnist", "dataset.name"), ("expert.epochs=0", "expert.epochs"),
+    ("gate.local_first_share=1.5", "gate.local_first_share"),
+    ("gate.local_first_share=0.1", "gate.local_first_share"),  # needs the shared expert (expert=with_shared)
 ])
 def test_invalid_config_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
