@@ -32,8 +32,8 @@ NMOE_CLI = VENV_BIN / "nmoe"
 # The NMoE configuration under test (best of the tuning sweeps, as in experiment=digits_default):
 # a shared FedAvg expert H_0, FedGate with its output layer averaged every 2nd round, top-3.
 DEFAULT_NMOE_CONFIG = (
-    "expert=with_shared expert.gate_holdout_fraction=0.4 gate=fedgate gate.k=3 gate.rounds=10 gate.sync_trunk_every=4 "
-    "gate.sync_head_every=2"
+    "expert=with_shared expert.gate_holdout_fraction=0.4 expert.init_from_shared=true gate=fedgate gate.k=3 "
+    "gate.rounds=10 gate.sync_trunk_every=4 gate.sync_head_every=2 gate.local_first_quantile=0.7"
 )
 ALL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized", "rangate", "rollgate", "fedgate")
 

@@ -39,7 +39,7 @@ BAR_ROUTED_OVER_LOCAL = 0.5
 # `test+global` is the app's own evaluation query; `global xR` replays R copies of the global test
 # set per requester (a pending queue of R requests served by one set of waves: dynamic batching).
 LOADS = {"test": ["test"], "test+global": ["test", "global"], "global x4": ["global"] * 4,
-         "global x16": ["global"] * 16}
+         "global x16": ["global"] * 16, "global x64": ["global"] * 64}
 TINY_LOADS = {"test": ["test"], "test+global": ["test", "global"], "global x2": ["global"] * 2}
 WAVES = ("query.route", "query.expert", "query.combine")
 STATE_KEY = "bench-inference"
@@ -139,7 +139,6 @@ class LocalPipeline:
     def __init__(self, cfg: Any, state_dir: Path, neighbours: list[list[int]]) -> None:
         from nmoe.data import federation_spec, load_all_clients, num_classes
         from nmoe.models import build_bundle, build_expert, build_gate, load_numpy
-        from nmoe.routing import label_share
 
         self.n = int(cfg.simulation.num_clients)
         spec = federation_spec(cfg)
@@ -171,8 +170,7 @@ class LocalPipeline:
                 mask[self.shared_id] = True
             self.reachable.append(mask)
         self.raw_bytes_per_sample = int(np.prod(shape)) * benchlib.BYTES_PER_FLOAT32
-        self.local_first_share = float(cfg.gate.local_first_share)
-        self.label_share = [label_share(d.train_y, self.num_classes) for d in self.data]
+        self.local_first_quantile = float(cfg.gate.local_first_quantile)
 
     def inputs(self, pid: int, splits: list[str]) -> torch.Tensor:
         d = self.data[pid]
@@ -182,7 +180,7 @@ class LocalPipeline:
         """Predictions of every client on its `splits` (one batch), seconds for the whole pipeline
         and for the expert forward passes alone."""
         from nmoe.inference import assemble, local_logits, plan_route
-        from nmoe.routing import answer_locally, combine
+        from nmoe.routing import answer_locally, combine, familiar
         from nmoe.training import forward_batched, gate_weights
 
         predictions, experts_s = {}, 0.0
@@ -195,8 +193,9 @@ class LocalPipeline:
                 local[self.shared_id] = self.shared[pid]
             experts_start = time.perf_counter()
             logits = local_logits(feats, local)
-            if self.local_first_share > 0:
-                weights, _ = answer_locally(weights, pid, logits[self.shared_id], self.label_share[pid], self.local_first_share)
+            if self.local_first_quantile > 0:
+                own_feats = forward_batched(self.fe[pid], self.data[pid].train_x)  # as the requester does per query
+                weights = answer_locally(weights, pid, familiar(feats, own_feats, self.local_first_quantile))
             plan = plan_route(weights, logits)
             remote = {e: forward_batched(self.expert[e], feats[index]) for e, index in plan.remote_index.items()}
             experts_s += time.perf_counter() - experts_start

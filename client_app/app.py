@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from nmoe.data import ClientData, federation_spec, load_client_data, ssl_augmentation
 from nmoe.inference import RoutePlan, assemble, local_logits, plan_route, route_counts
 from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, stage1_keys, state_numpy
-from nmoe.protocol import CORR_KEY, FE_METHOD, GATES, QUERY_MODES, SPLITS
-from nmoe.routing import answer_locally, combine, label_share, random_weights
+from nmoe.protocol import CORR_KEY, EXPERT_INITS, FE_METHOD, GATES, QUERY_MODES, SPLITS
+from nmoe.routing import answer_locally, combine, familiar, random_weights
 from nmoe.training import (
     accuracy, forward_batched, gate_weights, train_classifier, train_extractor, train_gate,
 )
@@ -236,21 +236,26 @@ for _action in FE_METHOD:
 @app.train("expert")
 @guarded
 def train_expert(msg: Message, context: Context) -> Message:
-    """Stage 2: keep the final F, train the personal expert on its features (F frozen)."""
+    """Stage 2: install the final F (if sent), train the personal expert on its features (F frozen),
+    starting as `expert-init` says (scratch, the installed shared expert, or none: skip)."""
     node = open_node(msg, context)
-    fe_arrays = received_arrays(msg)
+    init = str(msg.content["config"].get("expert-init", "scratch")) if "config" in msg.content.config_records else "scratch"
+    if init not in EXPERT_INITS:
+        raise ValueError(f"unknown expert-init '{init}', allowed: {', '.join(EXPERT_INITS)}")
+    fe_arrays = received_arrays(msg) if "arrays" in msg.content.array_records else node.state.get("model/fe")
     bundle = node.bundle(fe_arrays)
+    initial = node.expert("model/shared_expert") if init == "shared" else None
     node.state.put("model/fe", fe_arrays)
-    x, y = node.split("expert")
-    feats = forward_batched(bundle.fe, x)
-    test_feats = forward_batched(bundle.fe, node.data.test_x)
+    metrics: dict[str, Any] = {"num-examples": 0}
     ex = node.cfg.expert
-    expert = build_expert(node.cfg.model, node.num_classes, node.seed())
-    loss = train_classifier(expert, feats, y, epochs=int(ex.epochs), lr=float(ex.lr),
-                            batch_size=int(ex.batch_size), seed=node.seed(3))
-    node.state.put("model/expert", state_numpy(expert))
-    metrics: dict[str, Any] = {"num-examples": len(y), "loss": loss,
-                               "test-acc": accuracy(forward_batched(expert, test_feats), node.data.test_y)}
+    if init != "none":
+        x, y = node.split("expert")
+        expert = initial if initial is not None else build_expert(node.cfg.model, node.num_classes, node.seed())
+        metrics["loss"] = train_classifier(expert, forward_batched(bundle.fe, x), y, epochs=int(ex.epochs),
+                                           lr=float(ex.lr), batch_size=int(ex.batch_size), seed=node.seed(3))
+        node.state.put("model/expert", state_numpy(expert))
+        metrics["num-examples"] = len(y)
+        metrics["test-acc"] = accuracy(forward_batched(expert, forward_batched(bundle.fe, node.data.test_x)), node.data.test_y)
     if bool(config_value(msg, "own-head")):  # FedPer/FedRep-style baseline: the global head, fine-tuned locally
         head = bundle.head
         all_feats = forward_batched(bundle.fe, node.data.train_x)
@@ -422,10 +427,9 @@ def route(msg: Message, context: Context) -> Message:
     if node.shared_expert_id is not None:
         local[node.shared_expert_id] = node.expert("model/shared_expert")
     logits = local_logits(feats, local)
-    threshold = float(node.cfg.gate.local_first_share)
-    if mode == "infer" and threshold > 0:
-        share = label_share(node.data.train_y, node.num_classes)
-        weights, _ = answer_locally(weights, node.pid, logits[node.shared_expert_id], share, threshold)
+    quantile = float(node.cfg.gate.local_first_quantile)
+    if mode == "infer" and quantile > 0:
+        weights = answer_locally(weights, node.pid, familiar(feats, node.features(node.data.train_x), quantile))
     plan = plan_route(weights, logits)
     pending = {"weights": plan.weights, "labels": y, "segments": np.array(segments)}
     pending.update({f"local_{e}": v for e, v in plan.local_logits.items()})

@@ -93,6 +93,7 @@ class ExpertConfig:
     gate_holdout_fraction: float = 0.2  # local training data kept from the expert for the gate
     shared_expert: bool = False
     shared_rounds: int = 5
+    init_from_shared: bool = False  # personal experts start from the trained shared expert (FedRep-style)
 
 
 @dataclass
@@ -107,9 +108,9 @@ class GateConfig:
     sync_trunk_every: int = 4  # FedGate: average the trunk every s rounds (0 = never)
     sync_head_every: int = 2  # FedGate: average the output layer every s rounds (0 = never)
     roll_order: str = "fixed"
-    # Local-first inference: a sample whose class (as the shared expert predicts it) makes up at least
-    # this share of the client's own training labels is answered by the own expert alone (0 = off).
-    local_first_share: float = 0.0
+    # Local-first inference: a sample at least as close to the client's own training features as this
+    # quantile of their nearest-neighbour distances is answered by the own expert alone (0 = off).
+    local_first_quantile: float = 0.0
 
 
 @dataclass
@@ -197,10 +198,10 @@ def validate(cfg: DictConfig) -> None:
                 "fe.ssl_weight", "gate.sync_trunk_every", "gate.sync_head_every"):
         value = OmegaConf.select(cfg, key)
         _require(value >= 0, key, f"must be >= 0, got {value}")
-    _require(0 <= cfg.gate.local_first_share <= 1, "gate.local_first_share",
-             f"must be in [0, 1], got {cfg.gate.local_first_share}")
-    _require(cfg.gate.local_first_share == 0 or bool(cfg.expert.shared_expert), "gate.local_first_share",
-             "local-first routing asks the shared expert which class a sample is: use expert=with_shared")
+    _require(not cfg.expert.init_from_shared or bool(cfg.expert.shared_expert), "expert.init_from_shared",
+             "needs the shared expert to start from: use expert=with_shared")
+    _require(0 <= cfg.gate.local_first_quantile <= 1, "gate.local_first_quantile",
+             f"must be in [0, 1], got {cfg.gate.local_first_quantile}")
     _require(0 <= cfg.expert.gate_holdout_fraction < 1, "expert.gate_holdout_fraction",
              f"must be in [0, 1), got {cfg.expert.gate_holdout_fraction}")
     for key in ("dataset.local_test_fraction", "dataset.global_test_fraction"):

@@ -71,20 +71,21 @@ def combine(
     return (kept.unsqueeze(-1) * expert_logits).sum(dim=1), degraded
 
 
-def label_share(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C,) share of each class among a client's own training labels."""
-    counts = torch.bincount(labels, minlength=num_classes).to(torch.float32)
-    return counts / counts.sum().clamp(min=1.0)
+def familiar(feats: torch.Tensor, own_feats: torch.Tensor, quantile: float) -> torch.Tensor:
+    """bool (B,): samples whose nearest own training feature is no farther than the `quantile` of the
+    own training features' nearest-neighbour distances to each other (leave one out)."""
+    if len(own_feats) < 2:
+        return torch.zeros(len(feats), dtype=torch.bool)
+    among_own = torch.cdist(own_feats, own_feats)
+    among_own.fill_diagonal_(float("inf"))
+    radius = torch.quantile(among_own.min(dim=1).values, quantile)
+    return torch.cdist(feats, own_feats).min(dim=1).values <= radius
 
 
-def answer_locally(
-    weights: torch.Tensor, own: int, classifier_logits: torch.Tensor, share: torch.Tensor, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local-first routing: a sample whose class, as a global classifier predicts it, makes up at
-    least `threshold` of the requester's own training labels goes to the own expert alone (weight 1);
-    the others keep their gate weights. Returns (weights, bool (B,) mask of the samples kept local)."""
-    local = share[classifier_logits.argmax(dim=1)] >= threshold
+def answer_locally(weights: torch.Tensor, own: int, local: torch.Tensor) -> torch.Tensor:
+    """Local-first routing: the samples in the bool (B,) mask `local` go to the own expert alone
+    (weight 1); the others keep their gate weights."""
     out = weights.clone()
     out[local] = 0.0
     out[local, own] = 1.0
-    return out, local
+    return out

@@ -311,18 +311,26 @@ def stage_feature_extractor(run: Run, method: str, stage: str) -> ArrayRecord:
 
 # ---------------------------------------------------------------------------- stage 2
 def stage_experts(run: Run, bundle: ArrayRecord) -> None:
-    """Stage 2: every client trains its own expert on the final F; experts stay on the clients."""
-    own_head = "shared_fe_own_head" in run.cfg.baselines
-    replies = send_to_all(run, "train.expert", lambda p: RecordDict({"arrays": bundle, "config": run.config(**{"own-head": own_head})}))
-    accs = {p: float(r.content["metrics"]["test-acc"]) for p, r in replies.items()}
-    run.results.log_round(stage="expert", round=1, replies=len(replies), **{"test-acc": float(np.mean(list(accs.values())))})
-    if run.cfg.expert.shared_expert:
-        expert = build_expert(run.cfg.model, run.num_classes, int(run.cfg.seed))
+    """Stage 2: every client trains its own expert on the final F; experts stay on the clients.
+    With `expert.init_from_shared` the shared expert is trained first and each personal expert
+    starts from it."""
+    cfg = run.cfg
+    own_head = "shared_fe_own_head" in cfg.baselines
+    from_shared = bool(cfg.expert.init_from_shared)
+    replies = send_to_all(run, "train.expert", lambda p: RecordDict({"arrays": bundle, "config": run.config(
+        **{"own-head": own_head, "expert-init": "none" if from_shared else "scratch"})}))
+    if cfg.expert.shared_expert:
+        expert = build_expert(cfg.model, run.num_classes, int(cfg.seed))
         arrays = ArrayRecord({k: Array(v) for k, v in state_numpy(expert).items()})
         keys = sorted(arrays.keys())
-        arrays = federated_rounds(run, "shared_expert", "shared_expert", arrays, int(run.cfg.expert.shared_rounds),
+        arrays = federated_rounds(run, "shared_expert", "shared_expert", arrays, int(cfg.expert.shared_rounds),
                                   lambda r: keys, extra=lambda r: {"install": False})
         send_to_all(run, "train.shared_expert", lambda p: RecordDict({"arrays": arrays, "config": run.config(install=True, **{"server-round": 0})}))
+    if from_shared:
+        replies = send_to_all(run, "train.expert", lambda p: RecordDict({"config": run.config(
+            **{"own-head": False, "expert-init": "shared"})}))
+    accs = {p: float(r.content["metrics"]["test-acc"]) for p, r in replies.items()}
+    run.results.log_round(stage="expert", round=1, replies=len(replies), **{"test-acc": float(np.mean(list(accs.values())))})
 
 
 # ---------------------------------------------------------------------------- stage 3

@@ -130,6 +130,8 @@ BAD_INPUTS: list[tuple[str, str, Callable[[LiveNode], dict], str]] = [
     ("untrainable gate", "train.gate",
      lambda n: {"arrays": ArrayRecord(), "config": n.config(gate="rangate", install=False, **{"return-keys": ""})},
      "not trainable"),
+    ("unknown expert init", "train.expert",
+     lambda n: {"config": n.config(**{"own-head": False, "expert-init": "pretrained"})}, "unknown expert-init 'pretrained'"),
     ("combine for an unknown query", "query.combine",
      lambda n: {"logits": ArrayRecord(), "config": n.config(**{"query-id": "nope", "mode": "infer", "failed": ""})},
      "no 'scratch/pending.nope'"),
@@ -190,46 +192,63 @@ def test_cache_query_takes_one_split(node: LiveNode) -> None:
 
 
 def test_local_first_samples_never_leave_the_device(tmp_path: Path, task_identity: None) -> None:
-    """With gate.local_first_share, samples of classes the client knows well (as the shared expert
-    predicts them) are answered by the own expert and no feature row of theirs is sent."""
+    """With gate.local_first_quantile, samples close to the client's own training features are answered
+    by its own expert and no feature row of theirs is sent; the others are routed as before."""
     import torch
 
     from nmoe.data import federation_spec, load_client_data
     from nmoe.models import build_expert, load_numpy
-    from nmoe.routing import label_share
 
-    smoke = compose_config(["experiment=smoke"])
-    data, classes = load_client_data(federation_spec(smoke), 0, NUM_PARTITIONS)
-    fe = build_bundle(smoke.model, (1, 8, 8), classes, 0).fe  # the F the node receives below
-    shared = build_expert(smoke.model, classes, 123)
-    with torch.no_grad():
-        feats = fe(data.global_x)
-        shares = label_share(data.train_y, classes)[shared(feats).argmax(dim=1)]
-    threshold = float(shares.min() + shares.max()) / 2
-    familiar = shares >= threshold
-    assert 0 < int(familiar.sum()) < len(familiar), "the test needs both kinds of samples"
-
-    live = LiveNode(tmp_path, ["expert=with_shared", f"gate.local_first_share={threshold}"])
+    quantile = 0.5
+    live = LiveNode(tmp_path, [f"gate.local_first_quantile={quantile}"])
     assert not live.send("query.info", {"config": live.config()}).has_error()
     assert not live.send("train.expert", {"arrays": live.bundle, "config": live.config(**{"own-head": False})}).has_error()
-    installed = live.send("train.shared_expert", {"arrays": ArrayRecord({k: Array(v) for k, v in state_numpy(shared).items()}),
-                                                   "config": live.config(install=True, **{"server-round": 0})})
-    assert not installed.has_error(), installed.error.reason if installed.has_error() else ""
+    own_training = live.send("query.route", route_config(live, **{"query-id": "own", "split": "train"}))
+    assert not own_training.has_error() and len(own_training.content["features"]) == 0  # all familiar: nothing sent
     routed = live.send("query.route", route_config(live, **{"query-id": "lf", "split": "global"}))
     assert not routed.has_error(), routed.error.reason if routed.has_error() else ""
+
+    data, classes = load_client_data(federation_spec(live.cfg), 0, NUM_PARTITIONS)
+    fe = build_bundle(live.cfg.model, (1, 8, 8), classes, 0).fe  # the F the node received
+    with torch.no_grad():
+        feats, own_feats = fe(data.global_x), fe(data.train_x)
+    among_own = torch.cdist(own_feats, own_feats).fill_diagonal_(float("inf")).min(dim=1).values
+    close = torch.cdist(feats, own_feats).min(dim=1).values <= torch.quantile(among_own, quantile)
+    assert 0 < int(close.sum()) < len(close), "the test needs both kinds of samples"
     sent = [row for value in routed.content["features"].values() for row in torch.from_numpy(value.numpy())]
     assert sent, "unfamiliar samples are still routed"
     for row in sent:
         matches = (feats - row).abs().amax(dim=1) < 1e-5
-        assert matches.any() and not (matches & familiar).any(), "a familiar sample's features left the device"
+        assert matches.any() and not (matches & close).any(), "a familiar sample's features left the device"
 
     remote = ",".join(key[3:] for key in routed.content["features"])
     combined = live.send("query.combine", {"logits": ArrayRecord(), "config": live.config(
         **{"query-id": "lf", "mode": "infer", "failed": remote, "return-predictions": True})})
     metrics = combined.content["metrics"]
-    assert metrics["answered-locally.0"] >= int(familiar.sum())
+    assert metrics["answered-locally.0"] >= int(close.sum())
     expert = build_expert(live.cfg.model, classes, 0)
     load_numpy(expert, {k: v.numpy() for k, v in live.context.state["model/expert"].items()})
     with torch.no_grad():
-        own_predictions = expert(feats[familiar]).argmax(dim=1)
-    assert torch.equal(torch.tensor(metrics["predictions.0"])[familiar], own_predictions)
+        own_predictions = expert(feats[close]).argmax(dim=1)
+    assert torch.equal(torch.tensor(metrics["predictions.0"])[close], own_predictions)
+
+
+def test_personal_expert_starts_from_the_shared_expert(tmp_path: Path, task_identity: None) -> None:
+    """expert-init=shared: the personal expert is the installed shared expert, fine-tuned (with a
+    vanishing learning rate it stays the shared expert); expert-init=none trains no expert."""
+    from nmoe.models import build_expert
+
+    live = LiveNode(tmp_path, ["expert=with_shared", "expert.init_from_shared=true", "expert.lr=1e-12"])
+    assert not live.send("query.info", {"config": live.config()}).has_error()
+    skipped = live.send("train.expert", {"arrays": live.bundle, "config": live.config(**{"own-head": False, "expert-init": "none"})})
+    assert not skipped.has_error() and "model/expert" not in live.context.state.array_records
+    shared = state_numpy(build_expert(live.cfg.model, 10, 321))
+    installed = live.send("train.shared_expert", {"arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
+                                                   "config": live.config(install=True, **{"server-round": 0})})
+    assert not installed.has_error()
+    trained = live.send("train.expert", {"config": live.config(**{"own-head": False, "expert-init": "shared"})})
+    assert not trained.has_error(), trained.error.reason if trained.has_error() else ""
+    personal = {k: v.numpy() for k, v in live.context.state["model/expert"].items()}
+    assert personal.keys() == shared.keys()
+    for key, value in shared.items():
+        np.testing.assert_allclose(personal[key], value, atol=1e-6, err_msg=key)

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from nmoe.config import ConfigError, compose_config
 from nmoe.data import federation_spec, load_all_clients, load_client_data
 from nmoe.inference import assemble, local_logits, plan_route
-from nmoe.routing import answer_locally, combine, label_share, random_weights, topk_weights
+from nmoe.routing import answer_locally, combine, familiar, random_weights, topk_weights
 from nmoe_strategy.comm import CommLedger
 from nmoe_strategy.strategy import NMoEStrategy
 
@@ -108,17 +108,19 @@ def test_combination_equals_weighted_sum_of_expert_logits() -> None:
     assert not degraded.any()
 
 
-def test_local_first_keeps_samples_of_familiar_classes_on_the_own_expert() -> None:
-    """A sample whose predicted class is common in the client's labels goes to the own expert alone;
-    the others keep their gate weights untouched."""
-    share = label_share(torch.tensor([0, 0, 0, 1, 2, 2]), 4)
-    torch.testing.assert_close(share, torch.tensor([0.5, 1 / 6, 2 / 6, 0.0]))
-    classifier = torch.eye(4)[[0, 1, 2, 3]]  # predicts classes 0, 1, 2, 3
+def test_local_first_keeps_familiar_samples_on_the_own_expert() -> None:
+    """Familiar = within the quantile of the own training features' nearest-neighbour distances;
+    those samples go to the own expert alone, the others keep their gate weights."""
+    own_feats = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])  # leave-one-out NN distances 1, 1, 2
+    queries = torch.tensor([[0.5, 0.0], [3.0, 1.5], [10.0, 0.0], [1.0, 0.9]])  # NN distances 0.5, 1.5, 7, 0.9
+    assert familiar(queries, own_feats, 0.5).tolist() == [True, False, False, True]  # radius 1
+    assert familiar(queries, own_feats, 1.0).tolist() == [True, True, False, True]  # radius 2
+    assert not familiar(queries, own_feats[:1], 1.0).any()  # one own sample: no radius, nothing familiar
     weights = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.0, 0.8], [0.0, 0.0, 1.0], [0.3, 0.7, 0.0]])
-    out, kept = answer_locally(weights, own=1, classifier_logits=classifier, share=share, threshold=0.3)
-    assert kept.tolist() == [True, False, True, False]  # class 0 (0.5) and 2 (0.33) >= 0.3
-    torch.testing.assert_close(out[kept], torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
-    torch.testing.assert_close(out[~kept], weights[~kept])
+    local = torch.tensor([True, False, True, False])
+    out = answer_locally(weights, own=1, local=local)
+    torch.testing.assert_close(out[local], torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(out[~local], weights[~local])
     assert weights[0, 1] == 0.5  # the input is not modified
 
 
@@ -175,8 +177,8 @@ def test_partition_id_out_of_range() -> None:
     ("fe.rounds=0", "fe.rounds"), ("partition.alpha=0", "partition.alpha"), ("gate.k=-1", "gate.k"),
     ("baselines=[fedprox]", "baselines"), ("fe.method=fedfoo", "fe.method"),
     ("dataset.name=mnist", "dataset.name"), ("expert.epochs=0", "expert.epochs"),
-    ("gate.local_first_share=1.5", "gate.local_first_share"),
-    ("gate.local_first_share=0.1", "gate.local_first_share"),  # needs the shared expert (expert=with_shared)
+    ("gate.local_first_quantile=1.5", "gate.local_first_quantile"),
+    ("expert.init_from_shared=true", "expert.init_from_shared"),  # needs expert=with_shared
 ])
 def test_invalid_config_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):

@@ -120,7 +120,7 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(federation: Local
     """Stop the ServerApp's run in the middle of stage 1, start it again with resume=: it continues."""
     import shutil
 
-    rounds, stop_after = 300, 2  # ~0.25 s per round: `flwr stop` must land well before the end
+    rounds, stop_after = 120, 2  # ~0.1-0.2 s per round: `flwr stop` must land well before the end
     first, snapshot, second = tmp_path / "first", tmp_path / "snapshot", tmp_path / "second"
     overrides = f"experiment=smoke fe.rounds={rounds} fe.local_epochs=1 baselines=[]"
     run_id = federation.run_app(f"{overrides} output_dir={first}")
