@@ -337,6 +337,8 @@ def stage_experts(run: Run, bundle: ArrayRecord) -> None:
 def route_configs(run: Run, query: str, splits: Sequence[str], mode: str, gate: str, seed: int = 0,
                   return_predictions: bool = False) -> dict[int, ConfigRecord]:
     """One query per client over `splits` (coalesced: one set of waves answers them all)."""
+    if isinstance(splits, str):
+        raise TypeError(f"splits must be a list of split names, got the string '{splits}'")
     return {
         p: run.config(**{"query-id": query, "split": ",".join(splits), "mode": mode, "gate": gate, "k": int(run.cfg.gate.k),
                          "neighbours": ",".join(str(n) for n in run.neighbours[p]), "seed": seed,
