@@ -1,8 +1,10 @@
-"""Top-k routing over a neighbour mask and the weighted combination of expert logits."""
+"""Top-k routing over a neighbour mask, local-first routing by feature distance, and the weighted combination of expert logits."""
 
 from __future__ import annotations
 
 import torch
+
+DISTANCE_CHUNK_ROWS = 4096  # rows of a distance matrix held at once (4096 x N floats)
 
 
 def masked_scores(scores: torch.Tensor, reachable: torch.Tensor) -> torch.Tensor:
@@ -71,15 +73,27 @@ def combine(
     return (kept.unsqueeze(-1) * expert_logits).sum(dim=1), degraded
 
 
+def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, exclude_self: bool = False,
+                      chunk: int = DISTANCE_CHUNK_ROWS) -> torch.Tensor:
+    """(B,) Euclidean distance from each query row to its nearest reference row, `chunk` rows at a
+    time (bounded memory); with `exclude_self`, queries are the reference and row i skips itself."""
+    out = torch.empty(len(queries))
+    for start in range(0, len(queries), chunk):
+        block = torch.cdist(queries[start:start + chunk], reference)
+        if exclude_self:
+            rows = torch.arange(len(block))
+            block[rows, rows + start] = float("inf")
+        out[start:start + chunk] = block.min(dim=1).values
+    return out
+
+
 def familiar(feats: torch.Tensor, own_feats: torch.Tensor, quantile: float) -> torch.Tensor:
     """bool (B,): samples whose nearest own training feature is no farther than the `quantile` of the
     own training features' nearest-neighbour distances to each other (leave one out)."""
     if len(own_feats) < 2:
         return torch.zeros(len(feats), dtype=torch.bool)
-    among_own = torch.cdist(own_feats, own_feats)
-    among_own.fill_diagonal_(float("inf"))
-    radius = torch.quantile(among_own.min(dim=1).values, quantile)
-    return torch.cdist(feats, own_feats).min(dim=1).values <= radius
+    radius = torch.quantile(nearest_distances(own_feats, own_feats, exclude_self=True), quantile)
+    return nearest_distances(feats, own_feats) <= radius
 
 
 def answer_locally(weights: torch.Tensor, own: int, local: torch.Tensor) -> torch.Tensor:

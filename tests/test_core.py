@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from nmoe.config import ConfigError, compose_config
 from nmoe.data import federation_spec, load_all_clients, load_client_data
 from nmoe.inference import assemble, local_logits, plan_route
-from nmoe.routing import answer_locally, combine, familiar, random_weights, topk_weights
+from nmoe.routing import answer_locally, combine, familiar, nearest_distances, random_weights, topk_weights
 from nmoe_strategy.comm import CommLedger
 from nmoe_strategy.strategy import NMoEStrategy
 
@@ -203,3 +203,12 @@ def test_gate_with_k1_still_learns() -> None:
     with torch.no_grad():
         chosen = topk_weights(gate(feats), reachable, 1).argmax(dim=1)
     assert float((chosen == 2).float().mean()) > 0.9
+
+
+def test_nearest_distances_in_chunks_match_the_full_matrix() -> None:
+    torch.manual_seed(0)
+    reference, queries = torch.randn(50, 8), torch.randn(30, 8)
+    full = torch.cdist(queries, reference).min(dim=1).values
+    torch.testing.assert_close(nearest_distances(queries, reference, chunk=7), full)
+    among = torch.cdist(reference, reference).fill_diagonal_(float("inf")).min(dim=1).values
+    torch.testing.assert_close(nearest_distances(reference, reference, exclude_self=True, chunk=7), among)
