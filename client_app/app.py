@@ -239,7 +239,8 @@ def train_expert(msg: Message, context: Context) -> Message:
     """Stage 2: install the final F (if sent), train the personal expert on its features (F frozen),
     starting as `expert-init` says (scratch, the installed shared expert, or none: skip)."""
     node = open_node(msg, context)
-    init = str(msg.content["config"].get("expert-init", "scratch")) if "config" in msg.content.config_records else "scratch"
+    own_head = bool(config_value(msg, "own-head"))
+    init = str(msg.content["config"].get("expert-init", "scratch"))
     if init not in EXPERT_INITS:
         raise ValueError(f"unknown expert-init '{init}', allowed: {', '.join(EXPERT_INITS)}")
     fe_arrays = received_arrays(msg) if "arrays" in msg.content.array_records else node.state.get("model/fe")
@@ -256,7 +257,7 @@ def train_expert(msg: Message, context: Context) -> Message:
         node.state.put("model/expert", state_numpy(expert))
         metrics["num-examples"] = len(y)
         metrics["test-acc"] = accuracy(forward_batched(expert, forward_batched(bundle.fe, node.data.test_x)), node.data.test_y)
-    if bool(config_value(msg, "own-head")):  # FedPer/FedRep-style baseline: the global head, fine-tuned locally
+    if own_head:  # FedPer/FedRep-style baseline: the global head, fine-tuned locally
         head = bundle.head
         all_feats = forward_batched(bundle.fe, node.data.train_x)
         train_classifier(head, all_feats, node.data.train_y, epochs=int(ex.epochs), lr=float(ex.lr),

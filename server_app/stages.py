@@ -437,8 +437,8 @@ def routed_accuracy(run: Run, gate: str, splits: Sequence[str]) -> list[dict[int
     run.results.data.setdefault("inference_latency", {})[gate] = {
         "splits": list(splits), "seconds": round(seconds, 4), "samples": samples,
         "ms_per_sample": round(1000 * seconds / max(samples, 1), 4)}
-    for split, metrics in zip(splits, per_split):
-        if record:
+    if record:
+        for split, metrics in zip(splits, per_split, strict=True):
             run.results.data.setdefault("predictions", {}).setdefault(gate, {})[split] = {
                 str(p): [int(v) for v in m["predictions"]] for p, m in metrics.items()}
     if report.failed_experts or report.failed_requesters:
