@@ -5,11 +5,12 @@
 
 One in-process Flower simulation runs the real app's stages (server_app.stages: discovery,
 stage 1-3, evaluation, with the project's ClientApp wrapped so each virtual node saves its
-personal state to disk and logs its handler times), then routes each client's local test
-split and the global test set `--repeats` more times through the three waves
-(query.route -> query.expert -> query.combine), timing every wave. Afterwards, in this
-process, the saved extractors, gates and experts run the same computation locally with plain
-torch (F, gate, top-k, the same expert forward passes on the same samples, combine), and the
+personal state to disk and logs its handler times), then sends every load of LOADS `--repeats`
+times through the three waves (query.route -> query.expert -> query.combine), timing every
+wave; a load is the splits each requester coalesces into one query (296 to 217,600 samples per
+set of waves on digits). Afterwards, in this process, the saved extractors, gates and experts
+run the same computation locally with plain torch (F, gate, top-k, local-first, the same expert
+forward passes on the same samples, combine), with one torch thread and with all cores, and the
 predictions are compared with the routed ones.
 
 Writes bench/results/inference.json: samples/s routed vs local (bar: routed >= 0.5 x local),
