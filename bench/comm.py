@@ -78,14 +78,13 @@ def model_sizes(config: dict[str, Any], num_clients: int) -> dict[str, int]:
 def shared_gate_bytes(config: dict[str, Any], sizes: dict[str, int]) -> float:
     """Gate bytes one client uploads per FedGate round, averaged over the configured rounds
     (the trunk is due every `sync_trunk_every` rounds, the output layer every `sync_head_every`)."""
+    from nmoe.protocol import sync_due
+
     gate = config["gate"]
-    rounds = int(gate["rounds"])
-
-    def due(every: int) -> int:
-        return rounds // every if every > 0 else 0
-
-    synced = sizes["gate_trunk"] * due(int(gate["sync_trunk_every"])) + sizes["gate_head"] * due(int(gate["sync_head_every"]))
-    return synced / rounds
+    rounds = range(1, int(gate["rounds"]) + 1)
+    synced = sum(sizes[part] * sync_due(rnd, int(gate[key]))
+                 for rnd in rounds for part, key in (("gate_trunk", "sync_trunk_every"), ("gate_head", "sync_head_every")))
+    return synced / len(rounds)
 
 
 # ---------------------------------------------------------------------------- per job

@@ -89,8 +89,12 @@ class Node:
         load_numpy(expert, self.state.get(group))
         return expert
 
+    def extractor(self) -> torch.nn.Module:
+        """The installed F, built once per call: reuse it for several batches."""
+        return self.bundle(self.state.get("model/fe")).fe
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return forward_batched(self.bundle(self.state.get("model/fe")).fe, x)
+        return forward_batched(self.extractor(), x)
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`expert` / `gate`: the local training data divided by `expert.gate_holdout_fraction`
@@ -412,7 +416,8 @@ def route(msg: Message, context: Context) -> Message:
         raise ValueError(f"k must be > 0, got {k}")
     x, y, segments = query_splits(node, str(config_value(msg, "split")), mode)
     reachable = _reachable(node, str(config_value(msg, "neighbours")))
-    feats = node.features(x)
+    fe = node.extractor()
+    feats = forward_batched(fe, x)
     generator = torch.Generator().manual_seed(node.seed(9, int(config_value(msg, "seed"))))
     if mode == "cache":
         weights = reachable.float().expand(len(x), -1).clone()
@@ -430,7 +435,7 @@ def route(msg: Message, context: Context) -> Message:
     logits = local_logits(feats, local)
     quantile = float(node.cfg.gate.local_first_quantile)
     if mode == "infer" and quantile > 0:
-        weights = answer_locally(weights, node.pid, familiar(feats, node.features(node.data.train_x), quantile))
+        weights = answer_locally(weights, node.pid, familiar(feats, forward_batched(fe, node.data.train_x), quantile))
     plan = plan_route(weights, logits)
     pending = {"weights": plan.weights, "labels": y, "segments": np.array(segments)}
     pending.update({f"local_{e}": v for e, v in plan.local_logits.items()})

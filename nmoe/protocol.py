@@ -15,3 +15,8 @@ SEGMENT_METRICS = ("num-examples", "accuracy", "degraded", "answered-locally", "
 # `train.expert` config "expert-init": train the personal expert from scratch, from the installed
 # shared expert, or not at all (install F and the baseline head only)
 EXPERT_INITS = ("scratch", "shared", "none")
+
+
+def sync_due(rnd: int, every: int) -> bool:
+    """Whether a part synchronised every `every` rounds (0 = never) is averaged in round `rnd` (1-based)."""
+    return every > 0 and rnd % every == 0

@@ -22,7 +22,7 @@ from nmoe import topology
 from nmoe.config import to_dict
 from nmoe.data import federation_spec, load_all_clients, num_classes
 from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, stage1_keys, state_numpy
-from nmoe.protocol import CORR_KEY, FE_ACTION, GATES, SEGMENT_METRICS, TRAINABLE_GATES
+from nmoe.protocol import CORR_KEY, FE_ACTION, GATES, SEGMENT_METRICS, TRAINABLE_GATES, sync_due
 from nmoe.results import Results
 from nmoe.training import accuracy, forward_batched, linear_probe, train_classifier, train_extractor
 from nmoe_strategy.comm import CommLedger, CountingGrid
@@ -355,11 +355,8 @@ def fill_gate_cache(run: Run) -> None:
 
 def fedgate_keys(run: Run, rnd: int, gate_keys: list[str]) -> list[str]:
     """Shared gate keys synchronised in round `rnd` (trunk / head on their own schedules)."""
-    def due(every: int) -> bool:
-        return every > 0 and rnd % every == 0
-
-    trunk = due(int(run.cfg.gate.sync_trunk_every))
-    head = due(int(run.cfg.gate.sync_head_every))
+    trunk = sync_due(rnd, int(run.cfg.gate.sync_trunk_every))
+    head = sync_due(rnd, int(run.cfg.gate.sync_head_every))
     return [k for k in gate_keys if (k.startswith("trunk.") and trunk) or (k.startswith("head.") and head)]
 
 
