@@ -35,7 +35,15 @@ DEFAULT_NMOE_CONFIG = (
     "expert=with_shared expert.gate_holdout_fraction=0.4 expert.init_from_shared=true gate=fedgate gate.k=3 "
     "gate.rounds=10 gate.sync_trunk_every=4 gate.sync_head_every=2 gate.local_first_quantile=0.7"
 )
-ALL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized", "rangate", "rollgate", "fedgate")
+ALL_BASELINES = (
+    "fedavg",
+    "shared_fe_own_head",
+    "local_only",
+    "centralized",
+    "rangate",
+    "rollgate",
+    "fedgate",
+)
 
 BYTES_PER_FLOAT32 = 4
 KIB = 1024
@@ -59,7 +67,9 @@ def _meminfo_total_bytes() -> int:
 def _git(*args: str) -> str | None:
     """Output of a git command in the repository, None if git is unavailable."""
     try:
-        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip()
@@ -88,7 +98,7 @@ def machine_info() -> dict[str, Any]:
         "flwr": _version("flwr"),
         "ray": _version("ray"),
         "load_average_1_5_15": list(os.getloadavg()),
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
     }
@@ -99,9 +109,11 @@ def command_line() -> str:
     return shlex.join([sys.executable, *sys.argv])
 
 
-def write_result(out_dir: Path, name: str, payload: dict[str, Any], started: dict[str, Any]) -> Path:
+def write_result(
+    out_dir: Path, name: str, payload: dict[str, Any], started: dict[str, Any]
+) -> Path:
     """Write `<out_dir>/<name>.json`: machine at start and end, command, then the payload."""
-    from nmoe.results import write_json_atomic
+    from nmoe.atomic import write_json_atomic
 
     document = {
         "benchmark": name,
@@ -127,10 +139,17 @@ def _json_safe(value: Any) -> Any:
 def base_parser(description: str) -> argparse.ArgumentParser:
     """Arguments every benchmark takes: output folder and the tiny (smoke-test) size."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
-                        help="folder for <name>.json, plots and run folders (default: bench/results)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="smallest size that exercises every code path (smoke test); numbers are meaningless")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT_DIR,
+        help="folder for <name>.json, plots and run folders (default: bench/results)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="smallest size that exercises every code path (smoke test); numbers are meaningless",
+    )
     return parser
 
 
@@ -176,7 +195,12 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
     intercept = my - slope * mx
     ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
     ss_tot = sum((y - my) ** 2 for y in ys)
-    return {"slope": slope, "intercept": intercept, "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0, "points": n}
+    return {
+        "slope": slope,
+        "intercept": intercept,
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0,
+        "points": n,
+    }
 
 
 # ---------------------------------------------------------------------------- process tree
@@ -186,9 +210,13 @@ def _read_stat(pid: str) -> tuple[int, int, int, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[STAT_PPID]), int(fields[STAT_UTIME]) + int(fields[STAT_STIME]),
-            int(fields[STAT_START]), int(fields[STAT_RSS]))
+    fields = text[text.rindex(")") + 2 :].split()
+    return (
+        int(fields[STAT_PPID]),
+        int(fields[STAT_UTIME]) + int(fields[STAT_STIME]),
+        int(fields[STAT_START]),
+        int(fields[STAT_RSS]),
+    )
 
 
 def _pss_bytes(pid: int) -> int:
@@ -313,11 +341,17 @@ class CommandRun:
     tree: TreeStats
 
     def as_dict(self) -> dict[str, Any]:
-        return {"command": shlex.join(self.command), "returncode": self.returncode,
-                "log": str(self.log_path), **self.tree.as_dict()}
+        return {
+            "command": shlex.join(self.command),
+            "returncode": self.returncode,
+            "log": str(self.log_path),
+            **self.tree.as_dict(),
+        }
 
 
-def run_monitored(command: list[str], log_path: Path, cwd: Path, with_pss: bool = True) -> CommandRun:
+def run_monitored(
+    command: list[str], log_path: Path, cwd: Path, with_pss: bool = True
+) -> CommandRun:
     """Run `command` (stdout+stderr to `log_path`), sampling its process tree; raise if it fails."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(command)}\n  (log: {log_path})", flush=True)
@@ -328,5 +362,7 @@ def run_monitored(command: list[str], log_path: Path, cwd: Path, with_pss: bool 
     run = CommandRun(command, returncode, log_path, monitor.stats)
     if returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"command failed with exit code {returncode}: {shlex.join(command)}\n{tail}")
+        raise RuntimeError(
+            f"command failed with exit code {returncode}: {shlex.join(command)}\n{tail}"
+        )
     return run

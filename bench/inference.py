@@ -27,11 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import numpy as np
 import torch
-
-import benchlib
-from benchlib import DEFAULT_NMOE_CONFIG, base_parser, machine_info, median, split_overrides, write_result
+from benchlib import (
+    DEFAULT_NMOE_CONFIG,
+    base_parser,
+    machine_info,
+    median,
+    split_overrides,
+    write_result,
+)
 from simapps import TimingGrid, TracingClientApp, read_trace
 
 NAME = "inference"
@@ -39,8 +45,13 @@ BAR_ROUTED_OVER_LOCAL = 0.5
 # What each requester asks in one set of waves: a name -> the splits coalesced into the query.
 # `test+global` is the app's own evaluation query; `global xR` replays R copies of the global test
 # set per requester (a pending queue of R requests served by one set of waves: dynamic batching).
-LOADS = {"test": ["test"], "test+global": ["test", "global"], "global x4": ["global"] * 4,
-         "global x16": ["global"] * 16, "global x64": ["global"] * 64}
+LOADS = {
+    "test": ["test"],
+    "test+global": ["test", "global"],
+    "global x4": ["global"] * 4,
+    "global x16": ["global"] * 16,
+    "global x64": ["global"] * 64,
+}
 TINY_LOADS = {"test": ["test"], "test+global": ["test", "global"], "global x2": ["global"] * 2}
 WAVES = ("query.route", "query.expert", "query.combine")
 STATE_KEY = "bench-inference"
@@ -48,21 +59,40 @@ STAGE_PREFIX = "bench"
 LOCAL_WARMUP_RUNS = 1
 DEFAULTS = {"num_clients": 10, "repeats": 5}
 TINY = {"num_clients": 3, "repeats": 1}
-TINY_OVERRIDES = ["fe.rounds=1", "fe.local_epochs=1", "expert.epochs=1", "expert.shared_rounds=1",
-                  "gate.rounds=1", "gate.local_epochs=1", "partition=iid"]
+TINY_OVERRIDES = [
+    "fe.rounds=1",
+    "fe.local_epochs=1",
+    "expert.epochs=1",
+    "expert.shared_rounds=1",
+    "gate.rounds=1",
+    "gate.local_epochs=1",
+    "partition=iid",
+]
 
 
 def parse_args() -> Any:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--num-clients", type=int, default=DEFAULTS["num_clients"])
-    parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"],
-                        help="routed queries per split after training (and timed local runs)")
-    parser.add_argument("--nmoe-config", default=DEFAULT_NMOE_CONFIG, help="Hydra overrides of the NMoE under test")
-    parser.add_argument("--overrides", default="", help="further Hydra overrides (dataset, sizes ...)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULTS["repeats"],
+        help="routed queries per split after training (and timed local runs)",
+    )
+    parser.add_argument(
+        "--nmoe-config", default=DEFAULT_NMOE_CONFIG, help="Hydra overrides of the NMoE under test"
+    )
+    parser.add_argument(
+        "--overrides", default="", help="further Hydra overrides (dataset, sizes ...)"
+    )
     args = parser.parse_args()
     args.loads = LOADS
     if args.tiny:
-        args.num_clients, args.repeats, args.loads = TINY["num_clients"], TINY["repeats"], TINY_LOADS
+        args.num_clients, args.repeats, args.loads = (
+            TINY["num_clients"],
+            TINY["repeats"],
+            TINY_LOADS,
+        )
     return args
 
 
@@ -98,20 +128,36 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
                 started = time.time()
                 per_split = routed_accuracy(run, gate, splits)
                 finished = time.time()
-                out["queries"].append({
-                    "load": load, "repeat": repeat, "stage": stage, "start": started, "end": finished,
-                    "samples": sum(int(m["num-examples"]) for metrics in per_split for m in metrics.values()),
-                    "waves": timing.calls[first_call:],
-                    "bytes": dict(run.strategy.ledger.bytes[stage]),
-                    "predictions": {str(p): [v for metrics in per_split for v in metrics[p]["predictions"]]
-                                    for p in per_split[0]},
-                })
+                out["queries"].append(
+                    {
+                        "load": load,
+                        "repeat": repeat,
+                        "stage": stage,
+                        "start": started,
+                        "end": finished,
+                        "samples": sum(
+                            int(m["num-examples"])
+                            for metrics in per_split
+                            for m in metrics.values()
+                        ),
+                        "waves": timing.calls[first_call:],
+                        "bytes": dict(run.strategy.ledger.bytes[stage]),
+                        "predictions": {
+                            str(p): [v for metrics in per_split for v in metrics[p]["predictions"]]
+                            for p in per_split[0]
+                        },
+                    }
+                )
 
     state_dir, trace_path = run_dir / "state", run_dir / "client_trace.jsonl"
     client_app = TracingClientApp(project_client_app, str(state_dir), str(trace_path))
     started = time.time()
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=int(cfg.simulation.num_clients),
-                   backend_config=backend_config(cfg))
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=int(cfg.simulation.num_clients),
+        backend_config=backend_config(cfg),
+    )
     out["simulation_wall_s"] = time.time() - started
     if "results" not in out or len(out["queries"]) != repeats * len(loads):
         raise RuntimeError("the simulation did not complete (see the log above)")
@@ -195,10 +241,17 @@ class LocalPipeline:
             experts_start = time.perf_counter()
             logits = local_logits(feats, local)
             if self.local_first_quantile > 0:
-                own_feats = forward_batched(self.fe[pid], self.data[pid].train_x)  # as the requester does per query
-                weights = answer_locally(weights, pid, familiar(feats, own_feats, self.local_first_quantile))
+                own_feats = forward_batched(
+                    self.fe[pid], self.data[pid].train_x
+                )  # as the requester does per query
+                weights = answer_locally(
+                    weights, pid, familiar(feats, own_feats, self.local_first_quantile)
+                )
             plan = plan_route(weights, logits)
-            remote = {e: forward_batched(self.expert[e], feats[index]) for e, index in plan.remote_index.items()}
+            remote = {
+                e: forward_batched(self.expert[e], feats[index])
+                for e, index in plan.remote_index.items()
+            }
             experts_s += time.perf_counter() - experts_start
             logits, answered = assemble(plan, remote, self.num_classes)
             combined, _ = combine(weights, logits, answered, fallback=pid)
@@ -212,14 +265,18 @@ def audit_array_bytes(audit_path: Path) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for line in audit_path.read_text().splitlines():
         row = json.loads(line)
-        size = sum(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in row["arrays"].values())
+        size = sum(
+            int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in row["arrays"].values()
+        )
         per_stage = out.setdefault(row["stage"], {})
         key = f"{row['direction']} {row['type']}"
         per_stage[key] = per_stage.get(key, 0) + size
     return out
 
 
-def wave_breakdown(queries: list[dict[str, Any]], trace: list[dict[str, Any]], parallel: int) -> dict[str, Any]:
+def wave_breakdown(
+    queries: list[dict[str, Any]], trace: list[dict[str, Any]], parallel: int
+) -> dict[str, Any]:
     """Per load and wave: median wall time, client handler time (sum, max) and the rest."""
     out: dict[str, Any] = {}
     for load in dict.fromkeys(q["load"] for q in queries):
@@ -227,20 +284,35 @@ def wave_breakdown(queries: list[dict[str, Any]], trace: list[dict[str, Any]], p
         server_rest = []
         for q in (q for q in queries if q["load"] == load):
             for call in q["waves"]:
-                handlers = [t["end"] - t["start"] for t in trace
-                            if t["type"] == call["type"] and call["start"] <= t["start"] <= call["end"]]
+                handlers = [
+                    t["end"] - t["start"]
+                    for t in trace
+                    if t["type"] == call["type"] and call["start"] <= t["start"] <= call["end"]
+                ]
                 ideal = max(sum(handlers) / parallel, max(handlers, default=0.0))
-                rows[call["type"]].append({"wall_s": call["end"] - call["start"], "messages": call["messages"],
-                                           "handler_sum_s": sum(handlers), "handler_max_s": max(handlers, default=0.0),
-                                           "overhead_s": call["end"] - call["start"] - ideal})
-            server_rest.append((q["end"] - q["start"]) - sum(c["end"] - c["start"] for c in q["waves"]))
-        out[load] = {wave: {key: median([r[key] for r in values]) for key in values[0]} if values else {}
-                     for wave, values in rows.items()}
+                rows[call["type"]].append(
+                    {
+                        "wall_s": call["end"] - call["start"],
+                        "messages": call["messages"],
+                        "handler_sum_s": sum(handlers),
+                        "handler_max_s": max(handlers, default=0.0),
+                        "overhead_s": call["end"] - call["start"] - ideal,
+                    }
+                )
+            server_rest.append(
+                (q["end"] - q["start"]) - sum(c["end"] - c["start"] for c in q["waves"])
+            )
+        out[load] = {
+            wave: {key: median([r[key] for r in values]) for key in values[0]} if values else {}
+            for wave, values in rows.items()
+        }
         out[load]["server_outside_waves_s"] = median(server_rest)
     return out
 
 
-def timed_local_runs(local: LocalPipeline, splits: list[str], repeats: int, threads: int) -> list[tuple[Any, float, float]]:
+def timed_local_runs(
+    local: LocalPipeline, splits: list[str], repeats: int, threads: int
+) -> list[tuple[Any, float, float]]:
     """`repeats` timed local runs (after warm-up) with `threads` torch threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -252,8 +324,14 @@ def timed_local_runs(local: LocalPipeline, splits: list[str], repeats: int, thre
         torch.set_num_threads(before)
 
 
-def compare_load(local: LocalPipeline, splits: list[str], queries: list[dict[str, Any]], repeats: int,
-                 client_threads: int, machine_threads: int) -> dict[str, Any]:
+def compare_load(
+    local: LocalPipeline,
+    splits: list[str],
+    queries: list[dict[str, Any]],
+    repeats: int,
+    client_threads: int,
+    machine_threads: int,
+) -> dict[str, Any]:
     """Routed queries of one load against timed local runs of the same computation (with the
     clients' torch threads, and with every core of the machine)."""
     runs = timed_local_runs(local, splits, repeats, client_threads)
@@ -263,8 +341,12 @@ def compare_load(local: LocalPipeline, splits: list[str], queries: list[dict[str
     routed_s = median([q["end"] - q["start"] for q in queries])
     local_s, experts_s = median([r[1] for r in runs]), median([r[2] for r in runs])
     all_cores_s = median([r[1] for r in all_cores])
-    agree = [int(a == b) for q in queries for pid, preds in q["predictions"].items()
-             for a, b in zip(preds, local_predictions[int(pid)], strict=True)]
+    agree = [
+        int(a == b)
+        for q in queries
+        for pid, preds in q["predictions"].items()
+        for a, b in zip(preds, local_predictions[int(pid)], strict=True)
+    ]
     return {
         "splits_per_requester": splits,
         "samples": samples,
@@ -281,7 +363,9 @@ def compare_load(local: LocalPipeline, splits: list[str], queries: list[dict[str
         "routed_over_local_all_cores": all_cores_s / routed_s,
         "bar_met": local_s / routed_s >= BAR_ROUTED_OVER_LOCAL,
         "prediction_agreement": sum(agree) / max(len(agree), 1),
-        "wire_bytes_per_sample_ledger": median([(q["bytes"]["up"] + q["bytes"]["down"]) / q["samples"] for q in queries]),
+        "wire_bytes_per_sample_ledger": median(
+            [(q["bytes"]["up"] + q["bytes"]["down"]) / q["samples"] for q in queries]
+        ),
     }
 
 
@@ -294,13 +378,26 @@ def main() -> None:
     run_dir = (args.out_dir / "runs" / NAME).resolve()
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    overrides = [f"simulation.num_clients={args.num_clients}", *split_overrides(args.nmoe_config), "baselines=[]",
-                 "record_predictions=true", "audit_messages=true", f"state_key={STATE_KEY}", f"output_dir={run_dir}",
-                 *(TINY_OVERRIDES if args.tiny else []), *split_overrides(args.overrides)]
+    overrides = [
+        f"simulation.num_clients={args.num_clients}",
+        *split_overrides(args.nmoe_config),
+        "baselines=[]",
+        "record_predictions=true",
+        "audit_messages=true",
+        f"state_key={STATE_KEY}",
+        f"output_dir={run_dir}",
+        *(TINY_OVERRIDES if args.tiny else []),
+        *split_overrides(args.overrides),
+    ]
     cfg = compose_config(overrides)
     if cfg.gate.method == "rangate":
-        raise SystemExit("inference.py needs a trained gate (rollgate or fedgate): its local reference loads it")
-    print(f"[inference] simulation: {args.num_clients} clients, {args.repeats} timed queries per split", flush=True)
+        raise SystemExit(
+            "inference.py needs a trained gate (rollgate or fedgate): its local reference loads it"
+        )
+    print(
+        f"[inference] simulation: {args.num_clients} clients, {args.repeats} timed queries per split",
+        flush=True,
+    )
     sim = simulate(cfg, run_dir, args.repeats, args.loads)
     results = sim["results"]
     local = LocalPipeline(cfg, sim["state_dir"], results["topology"]["neighbours"])
@@ -309,18 +406,37 @@ def main() -> None:
     parallel = max(1, min(args.num_clients, int(cores // float(cfg.simulation.client_cpus))))
     torch.set_num_threads(int(cfg.torch_threads))
 
-    per_load = {load: compare_load(local, splits, [q for q in sim["queries"] if q["load"] == load], args.repeats,
-                                   int(cfg.torch_threads), cores)
-                for load, splits in args.loads.items()}
+    per_load = {
+        load: compare_load(
+            local,
+            splits,
+            [q for q in sim["queries"] if q["load"] == load],
+            args.repeats,
+            int(cfg.torch_threads),
+            cores,
+        )
+        for load, splits in args.loads.items()
+    }
     meeting = [v["samples"] for v in per_load.values() if v["bar_met"]]
     audit = audit_array_bytes(run_dir / "messages.jsonl")
-    arrays_by_load = {load: {key: value / per_load[load]["samples"]
-                             for key, value in audit[f"{STAGE_PREFIX}.{load}.0"].items()} for load in args.loads}
+    arrays_by_load = {
+        load: {
+            key: value / per_load[load]["samples"]
+            for key, value in audit[f"{STAGE_PREFIX}.{load}.0"].items()
+        }
+        for load in args.loads
+    }
     inference_stage = results["comm_bytes"].get("inference", {"up": 0, "down": 0})
     stage_samples = int(results["inference_latency"][str(cfg.gate.method)]["samples"])
     result = {
-        "config": {"nmoe_config": args.nmoe_config, "nmoe_overrides": overrides, "repeats": args.repeats,
-                   "loads": args.loads, "parallel_clients": parallel, "resolved": to_dict(cfg)},
+        "config": {
+            "nmoe_config": args.nmoe_config,
+            "nmoe_overrides": overrides,
+            "repeats": args.repeats,
+            "loads": args.loads,
+            "parallel_clients": parallel,
+            "resolved": to_dict(cfg),
+        },
         "simulation_wall_s": sim["simulation_wall_s"],
         "per_load": per_load,
         "waves": wave_breakdown(sim["queries"], trace, parallel),
@@ -329,14 +445,21 @@ def main() -> None:
             "raw_input_bytes_per_sample": local.raw_bytes_per_sample,
             "inference_stage_comm_bytes": inference_stage,
             "inference_stage_samples": stage_samples,
-            "inference_stage_bytes_per_sample": (inference_stage["up"] + inference_stage["down"]) / stage_samples,
+            "inference_stage_bytes_per_sample": (inference_stage["up"] + inference_stage["down"])
+            / stage_samples,
             "array_bytes_per_sample_by_wave": arrays_by_load,
-            "array_bytes_per_sample_total": {load: sum(v.values()) for load, v in arrays_by_load.items()},
+            "array_bytes_per_sample_total": {
+                load: sum(v.values()) for load, v in arrays_by_load.items()
+            },
         },
-        "bar": {"routed_over_local_min": BAR_ROUTED_OVER_LOCAL,
-                "met_at_largest_load": per_load[max(per_load, key=lambda n: per_load[n]["samples"])]["bar_met"],
-                "met_from_samples_per_query": min(meeting) if meeting else None,
-                "met_at_every_load": all(v["bar_met"] for v in per_load.values())},
+        "bar": {
+            "routed_over_local_min": BAR_ROUTED_OVER_LOCAL,
+            "met_at_largest_load": per_load[max(per_load, key=lambda n: per_load[n]["samples"])][
+                "bar_met"
+            ],
+            "met_from_samples_per_query": min(meeting) if meeting else None,
+            "met_at_every_load": all(v["bar_met"] for v in per_load.values()),
+        },
         "notes": [
             "routed_s: one routed_accuracy call (3 waves, every client a requester) timed in the ServerApp; "
             "local_pipeline_s: the same F + gate + expert forward passes + combine for every client, one process, "
@@ -350,10 +473,13 @@ def main() -> None:
     }
     path = write_result(args.out_dir, NAME, result, started_machine)
     for load, v in per_load.items():
-        print(f"[inference] {load}: {v['samples']} samples, routed {v['routed_samples_per_s']:.0f}/s vs local "
-              f"{v['local_samples_per_s']:.0f}/s = {v['routed_over_local']:.4f}x (bar >= {BAR_ROUTED_OVER_LOCAL}); "
-              f"agreement {v['prediction_agreement']:.4f}; {v['wire_bytes_per_sample_ledger']:.0f} B/sample on the wire "
-              f"vs {local.raw_bytes_per_sample} B raw", flush=True)
+        print(
+            f"[inference] {load}: {v['samples']} samples, routed {v['routed_samples_per_s']:.0f}/s vs local "
+            f"{v['local_samples_per_s']:.0f}/s = {v['routed_over_local']:.4f}x (bar >= {BAR_ROUTED_OVER_LOCAL}); "
+            f"agreement {v['prediction_agreement']:.4f}; {v['wire_bytes_per_sample_ledger']:.0f} B/sample on the wire "
+            f"vs {local.raw_bytes_per_sample} B raw",
+            flush=True,
+        )
     print(path)
 
 

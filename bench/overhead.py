@@ -22,12 +22,19 @@ import os
 import time
 from typing import Any
 
+import benchlib
 import numpy as np
 import torch
-
-import benchlib
 from benchlib import ProcessTreeMonitor, base_parser, machine_info, median, write_result
-from simapps import FedAvgTrace, Stage1Work, average_weighted, fedavg_client_app, local_update, make_fedavg_server, snapshot
+from simapps import (
+    FedAvgTrace,
+    Stage1Work,
+    average_weighted,
+    fedavg_client_app,
+    local_update,
+    make_fedavg_server,
+    snapshot,
+)
 
 NAME = "overhead"
 BAR_WALL_RATIO = 1.25
@@ -43,14 +50,26 @@ def parse_args() -> Any:
     parser.add_argument("--num-clients", type=int, default=DEFAULTS["num_clients"])
     parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"])
     parser.add_argument("--local-epochs", type=int, default=DEFAULTS["local_epochs"])
-    parser.add_argument("--client-cpus", type=float, nargs="+", default=list(DEFAULT_CLIENT_CPUS),
-                        help="one Flower run per value: CPUs per virtual client (Ray runs cpu_count / client_cpus "
-                             "clients at a time); the first run is the one the bar is checked on")
-    parser.add_argument("--overrides", default="",
-                        help="extra nmoe config overrides fixing data/model/optimiser (e.g. 'partition=iid fe.lr=0.1')")
+    parser.add_argument(
+        "--client-cpus",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_CLIENT_CPUS),
+        help="one Flower run per value: CPUs per virtual client (Ray runs cpu_count / client_cpus "
+        "clients at a time); the first run is the one the bar is checked on",
+    )
+    parser.add_argument(
+        "--overrides",
+        default="",
+        help="extra nmoe config overrides fixing data/model/optimiser (e.g. 'partition=iid fe.lr=0.1')",
+    )
     args = parser.parse_args()
     if args.tiny:
-        args.num_clients, args.rounds, args.local_epochs = TINY["num_clients"], TINY["rounds"], TINY["local_epochs"]
+        args.num_clients, args.rounds, args.local_epochs = (
+            TINY["num_clients"],
+            TINY["rounds"],
+            TINY["local_epochs"],
+        )
         args.client_cpus = args.client_cpus[:1]
     return args
 
@@ -60,15 +79,28 @@ def make_work(args: Any) -> tuple[Stage1Work, list[str]]:
     from nmoe.config import compose_config, to_dict
     from nmoe.data import federation_spec, load_client_data, num_classes
 
-    overrides = [f"simulation.num_clients={args.num_clients}", f"fe.rounds={args.rounds}",
-                 f"fe.local_epochs={args.local_epochs}", *benchlib.split_overrides(args.overrides)]
+    overrides = [
+        f"simulation.num_clients={args.num_clients}",
+        f"fe.rounds={args.rounds}",
+        f"fe.local_epochs={args.local_epochs}",
+        *benchlib.split_overrides(args.overrides),
+    ]
     cfg = compose_config(overrides)
     spec = federation_spec(cfg)
     shape = tuple(load_client_data(spec, 0, args.num_clients)[0].train_x.shape[1:])
-    work = Stage1Work(spec_json=spec, model=to_dict(cfg)["model"], image_shape=shape,
-                      num_classes=num_classes(spec, args.num_clients), num_clients=args.num_clients,
-                      rounds=args.rounds, local_epochs=args.local_epochs, lr=float(cfg.fe.lr),
-                      momentum=float(cfg.fe.momentum), batch_size=int(cfg.fe.batch_size), seed=int(cfg.seed))
+    work = Stage1Work(
+        spec_json=spec,
+        model=to_dict(cfg)["model"],
+        image_shape=shape,
+        num_classes=num_classes(spec, args.num_clients),
+        num_clients=args.num_clients,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        lr=float(cfg.fe.lr),
+        momentum=float(cfg.fe.momentum),
+        batch_size=int(cfg.fe.batch_size),
+        seed=int(cfg.seed),
+    )
     return work, overrides
 
 
@@ -119,11 +151,17 @@ def run_flower(work: Stage1Work, client_cpus: float) -> dict[str, Any]:
     server_app = make_fedavg_server(work, trace)
     with ProcessTreeMonitor(with_pss=False) as monitor:
         started = time.time()
-        run_simulation(server_app=server_app, client_app=fedavg_client_app, num_supernodes=work.num_clients,
-                       backend_config={"client_resources": {"num_cpus": client_cpus}})
+        run_simulation(
+            server_app=server_app,
+            client_app=fedavg_client_app,
+            num_supernodes=work.num_clients,
+            backend_config={"client_resources": {"num_cpus": client_cpus}},
+        )
         returned = time.time()
     if len(trace.rounds) != work.rounds:
-        raise RuntimeError(f"the Flower run completed {len(trace.rounds)} of {work.rounds} rounds (see the log)")
+        raise RuntimeError(
+            f"the Flower run completed {len(trace.rounds)} of {work.rounds} rounds (see the log)"
+        )
     return {"started": started, "returned": returned, "trace": trace, "tree": monitor.stats}
 
 
@@ -135,24 +173,28 @@ def breakdown(flower: dict[str, Any], parallel_clients: int) -> dict[str, Any]:
         clients = r["clients"]
         compute = [float(c["compute-s"]) for c in clients]
         handler = [float(c["handler-end"]) - float(c["handler-start"]) for c in clients]
-        ideal = max(sum(handler) / parallel_clients, max(handler))  # perfect packing of the handlers
+        ideal = max(
+            sum(handler) / parallel_clients, max(handler)
+        )  # perfect packing of the handlers
         ideal_compute = max(sum(compute) / parallel_clients, max(compute))
-        rows.append({
-            "round": r["round"],
-            "wall_s": r["aggregated"] - r["started"],
-            "configure_s": r["sent"] - r["started"],
-            "send_and_receive_s": r["received"] - r["sent"],
-            "aggregate_s": r["aggregated"] - r["received"],
-            "dispatch_latency_s": min(float(c["handler-start"]) for c in clients) - r["sent"],
-            "collect_latency_s": r["received"] - max(float(c["handler-end"]) for c in clients),
-            "client_compute_s_sum": sum(compute),
-            "client_handler_s_sum": sum(handler),
-            "client_handler_outside_training_s_sum": sum(handler) - sum(compute),
-            "ideal_parallel_handler_s": ideal,
-            "ideal_parallel_compute_s": ideal_compute,
-            "messaging_overhead_s": (r["received"] - r["sent"]) - ideal,
-            "workers": sorted({int(c["worker-pid"]) for c in clients}),
-        })
+        rows.append(
+            {
+                "round": r["round"],
+                "wall_s": r["aggregated"] - r["started"],
+                "configure_s": r["sent"] - r["started"],
+                "send_and_receive_s": r["received"] - r["sent"],
+                "aggregate_s": r["aggregated"] - r["received"],
+                "dispatch_latency_s": min(float(c["handler-start"]) for c in clients) - r["sent"],
+                "collect_latency_s": r["received"] - max(float(c["handler-end"]) for c in clients),
+                "client_compute_s_sum": sum(compute),
+                "client_handler_s_sum": sum(handler),
+                "client_handler_outside_training_s_sum": sum(handler) - sum(compute),
+                "ideal_parallel_handler_s": ideal,
+                "ideal_parallel_compute_s": ideal_compute,
+                "messaging_overhead_s": (r["received"] - r["sent"]) - ideal,
+                "workers": sorted({int(c["worker-pid"]) for c in clients}),
+            }
+        )
     first, last = trace.rounds[0], trace.rounds[-1]
     steady = rows[1:]
     rounds_wall = sum(row["wall_s"] for row in rows)
@@ -167,26 +209,39 @@ def breakdown(flower: dict[str, Any], parallel_clients: int) -> dict[str, Any]:
         "rounds_wall_s": rounds_wall,
         "steady_rounds": len(steady),
         "steady_round_wall_s_median": median([row["wall_s"] for row in steady]),
-        "steady_messaging_overhead_s_median": median([row["messaging_overhead_s"] for row in steady]),
+        "steady_messaging_overhead_s_median": median(
+            [row["messaging_overhead_s"] for row in steady]
+        ),
         "steady_dispatch_latency_s_median": median([row["dispatch_latency_s"] for row in steady]),
         "steady_collect_latency_s_median": median([row["collect_latency_s"] for row in steady]),
         "between_rounds_s": (last["aggregated"] - first["started"]) - rounds_wall,
         "shutdown_s": flower["returned"] - trace.main_finished,
         "client_compute_s_total": sum(row["client_compute_s_sum"] for row in rows),
         "ideal_parallel_compute_s_total": sum(row["ideal_parallel_compute_s"] for row in rows),
-        "client_handler_outside_training_s_total": sum(row["client_handler_outside_training_s_sum"] for row in rows),
-        "client_handler_cpu_s_total": sum(float(c["handler-cpu-s"]) for r in trace.rounds for c in r["clients"]),
-        "configure_plus_aggregate_s_total": sum(row["configure_s"] + row["aggregate_s"] for row in rows),
+        "client_handler_outside_training_s_total": sum(
+            row["client_handler_outside_training_s_sum"] for row in rows
+        ),
+        "client_handler_cpu_s_total": sum(
+            float(c["handler-cpu-s"]) for r in trace.rounds for c in r["clients"]
+        ),
+        "configure_plus_aggregate_s_total": sum(
+            row["configure_s"] + row["aggregate_s"] for row in rows
+        ),
         "messaging_overhead_s_total": sum(row["messaging_overhead_s"] for row in rows),
         "steady_messaging_overhead_s_total": sum(row["messaging_overhead_s"] for row in steady),
         "per_round": rows,
     }
 
 
-def flower_entry(work: Stage1Work, plain: dict[str, Any], client_cpus: float, cpus: int) -> dict[str, Any]:
+def flower_entry(
+    work: Stage1Work, plain: dict[str, Any], client_cpus: float, cpus: int
+) -> dict[str, Any]:
     """One Flower run with `client_cpus` per client, its breakdown and its comparison with the plain loop."""
     parallel = max(1, min(work.num_clients, int(cpus // client_cpus)))
-    print(f"[overhead] Flower simulation, client_cpus={client_cpus}: {parallel} client(s) at a time", flush=True)
+    print(
+        f"[overhead] Flower simulation, client_cpus={client_cpus}: {parallel} client(s) at a time",
+        flush=True,
+    )
     load_before = os.getloadavg()[0]
     flower = run_flower(work, client_cpus)
     tree = flower["tree"]
@@ -194,31 +249,46 @@ def flower_entry(work: Stage1Work, plain: dict[str, Any], client_cpus: float, cp
     parts = breakdown(flower, parallel)
     ratio = wall / plain["wall_s"]
     overhead = wall - parts["ideal_parallel_compute_s_total"]
-    speed = plain["compute_s_total"] / parts["client_compute_s_total"]  # < 1: Flower's updates ran slower
+    speed = (
+        plain["compute_s_total"] / parts["client_compute_s_total"]
+    )  # < 1: Flower's updates ran slower
     entry = {
-        "client_cpus": client_cpus, "parallel_clients": parallel, "load_average_1m": [load_before, os.getloadavg()[0]],
-        "wall_s": wall, "tree_cpu_s": tree.cpu_s, "tree": tree.as_dict(),
-        "comm_bytes": flower["trace"].comm_bytes, "breakdown": parts,
+        "client_cpus": client_cpus,
+        "parallel_clients": parallel,
+        "load_average_1m": [load_before, os.getloadavg()[0]],
+        "wall_s": wall,
+        "tree_cpu_s": tree.cpu_s,
+        "tree": tree.as_dict(),
+        "comm_bytes": flower["trace"].comm_bytes,
+        "breakdown": parts,
         "comparison": {
             "wall_ratio_flower_over_plain": ratio,
             "bar_wall_ratio_max": BAR_WALL_RATIO,
             "bar_met": ratio <= BAR_WALL_RATIO,
             "rounds_only_ratio": parts["rounds_wall_s"] / sum(plain["round_wall_s"]),
             "cpu_ratio_flower_tree_over_plain": tree.cpu_s / plain["cpu_s"],
-            "client_compute_ratio_flower_over_plain": parts["client_compute_s_total"] / plain["compute_s_total"],
-            "client_cpu_ratio_flower_handlers_over_plain": parts["client_handler_cpu_s_total"] / plain["cpu_s"],
+            "client_compute_ratio_flower_over_plain": parts["client_compute_s_total"]
+            / plain["compute_s_total"],
+            "client_cpu_ratio_flower_handlers_over_plain": parts["client_handler_cpu_s_total"]
+            / plain["cpu_s"],
             "wall_minus_plain_s": wall - plain["wall_s"],
             "framework_overhead_s": overhead,
-            "same_speed_ratio": (parts["ideal_parallel_compute_s_total"] * speed + overhead) / plain["wall_s"],
-            "final_params_max_abs_diff": max(float(np.max(np.abs(plain["final"][k] - flower["trace"].final[k])))
-                                             for k in plain["final"]),
+            "same_speed_ratio": (parts["ideal_parallel_compute_s_total"] * speed + overhead)
+            / plain["wall_s"],
+            "final_params_max_abs_diff": max(
+                float(np.max(np.abs(plain["final"][k] - flower["trace"].final[k])))
+                for k in plain["final"]
+            ),
         },
     }
-    print(f"[overhead] Flower {wall:.1f}s vs plain {plain['wall_s']:.1f}s: ratio {ratio:.3f} "
-          f"(bar <= {BAR_WALL_RATIO}: {'met' if ratio <= BAR_WALL_RATIO else 'MISSED'}); "
-          f"startup {parts['startup_in_first_dispatch_s']:.1f}s, first round end {parts['time_to_first_round_end_s']:.1f}s, "
-          f"shutdown {parts['shutdown_s']:.1f}s; final params max |diff| "
-          f"{entry['comparison']['final_params_max_abs_diff']:.2e}", flush=True)
+    print(
+        f"[overhead] Flower {wall:.1f}s vs plain {plain['wall_s']:.1f}s: ratio {ratio:.3f} "
+        f"(bar <= {BAR_WALL_RATIO}: {'met' if ratio <= BAR_WALL_RATIO else 'MISSED'}); "
+        f"startup {parts['startup_in_first_dispatch_s']:.1f}s, first round end {parts['time_to_first_round_end_s']:.1f}s, "
+        f"shutdown {parts['shutdown_s']:.1f}s; final params max |diff| "
+        f"{entry['comparison']['final_params_max_abs_diff']:.2e}",
+        flush=True,
+    )
     return entry
 
 
@@ -229,23 +299,37 @@ def main() -> None:
     work, overrides = make_work(args)
     cpus = int(started_machine["cpu_count"] or 1)
 
-    print(f"[overhead] plain PyTorch: {work.num_clients} clients x {work.rounds} rounds x "
-          f"{work.local_epochs} epochs", flush=True)
+    print(
+        f"[overhead] plain PyTorch: {work.num_clients} clients x {work.rounds} rounds x "
+        f"{work.local_epochs} epochs",
+        flush=True,
+    )
     plain = run_plain(work)
     print(f"[overhead] plain done in {plain['wall_s']:.1f}s", flush=True)
     flower = [flower_entry(work, plain, c, cpus) for c in args.client_cpus]
     result = {
         "config": {
             "nmoe_overrides": overrides,
-            "num_clients": work.num_clients, "rounds": work.rounds, "local_epochs": work.local_epochs,
-            "batch_size": work.batch_size, "lr": work.lr, "momentum": work.momentum, "seed": work.seed,
-            "client_cpus": args.client_cpus, "torch_threads": TORCH_THREADS,
+            "num_clients": work.num_clients,
+            "rounds": work.rounds,
+            "local_epochs": work.local_epochs,
+            "batch_size": work.batch_size,
+            "lr": work.lr,
+            "momentum": work.momentum,
+            "seed": work.seed,
+            "client_cpus": args.client_cpus,
+            "torch_threads": TORCH_THREADS,
             "train_samples_per_client": plain["train_samples_per_client"],
         },
         "plain": {k: v for k, v in plain.items() if k != "final"},
         "flower": flower,
-        "bar": {"run": f"client_cpus={args.client_cpus[0]}", **{k: flower[0]["comparison"][k] for k in
-                ("wall_ratio_flower_over_plain", "bar_wall_ratio_max", "bar_met")}},
+        "bar": {
+            "run": f"client_cpus={args.client_cpus[0]}",
+            **{
+                k: flower[0]["comparison"][k]
+                for k in ("wall_ratio_flower_over_plain", "bar_wall_ratio_max", "bar_met")
+            },
+        },
         "notes": [
             "With client_cpus=1 Flower runs 2 clients at a time on 2 cores (a legitimate advantage); with "
             "client_cpus=2 it runs them one at a time like the plain loop (pure framework overhead).",

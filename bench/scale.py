@@ -23,15 +23,28 @@ from typing import Any
 
 import benchlib
 from benchlib import (
-    DEFAULT_NMOE_CONFIG, GIB, base_parser, linear_fit, machine_info, run_monitored, split_overrides, write_result,
+    DEFAULT_NMOE_CONFIG,
+    GIB,
+    base_parser,
+    linear_fit,
+    machine_info,
+    run_monitored,
+    split_overrides,
+    write_result,
 )
 
 NAME = "scale"
 DEFAULT_CLIENTS = [10, 25, 50, 100]
 TINY_CLIENTS = [2, 3]
 DATA_OVERRIDES = ["dataset=digits", "partition=iid"]
-TINY_OVERRIDES = ["fe.rounds=1", "fe.local_epochs=1", "expert.epochs=1", "expert.shared_rounds=1", "gate.rounds=1",
-                  "gate.local_epochs=1"]
+TINY_OVERRIDES = [
+    "fe.rounds=1",
+    "fe.local_epochs=1",
+    "expert.epochs=1",
+    "expert.shared_rounds=1",
+    "gate.rounds=1",
+    "gate.local_epochs=1",
+]
 BAR_CLIENTS = 100
 BAR_WALL_S = 15 * 60
 BAR_MEMORY_BYTES = 8 * GIB
@@ -41,7 +54,9 @@ FE_STAGES = {"fedce": "fe_ce", "fedsc": "fe_sc", "hybrid": "fe_hybrid"}
 def parse_args() -> Any:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--clients", nargs="+", type=int, default=DEFAULT_CLIENTS)
-    parser.add_argument("--nmoe-config", default=DEFAULT_NMOE_CONFIG, help="Hydra overrides of the NMoE under test")
+    parser.add_argument(
+        "--nmoe-config", default=DEFAULT_NMOE_CONFIG, help="Hydra overrides of the NMoE under test"
+    )
     parser.add_argument("--overrides", default="", help="further Hydra overrides for every run")
     args = parser.parse_args()
     if args.tiny:
@@ -68,42 +83,80 @@ def main() -> None:
     sizes = []
     for n in args.clients:
         job_dir = runs_dir / f"clients-{n}"
-        overrides = [*split_overrides(args.nmoe_config), *DATA_OVERRIDES, f"simulation.num_clients={n}", "baselines=[]",
-                     "log_level=quiet", f"output_dir={job_dir}", f"hydra.run.dir={job_dir}",
-                     *(TINY_OVERRIDES if args.tiny else []), *split_overrides(args.overrides)]
-        run = run_monitored([str(benchlib.NMOE_CLI), *overrides], runs_dir / f"clients-{n}.log", benchlib.REPO_ROOT)
+        overrides = [
+            *split_overrides(args.nmoe_config),
+            *DATA_OVERRIDES,
+            f"simulation.num_clients={n}",
+            "baselines=[]",
+            "log_level=quiet",
+            f"output_dir={job_dir}",
+            f"hydra.run.dir={job_dir}",
+            *(TINY_OVERRIDES if args.tiny else []),
+            *split_overrides(args.overrides),
+        ]
+        run = run_monitored(
+            [str(benchlib.NMOE_CLI), *overrides], runs_dir / f"clients-{n}.log", benchlib.REPO_ROOT
+        )
         results = load_results(job_dir / "results.json")
         train_sizes = [int(info["num-train"]) for info in results["nodes"]["info"].values()]
         test_sizes = [int(info["num-test"]) for info in results["nodes"]["info"].values()]
-        sizes.append({
-            "clients": n, "run": run.as_dict(), "wall_time_s": results["wall_time_s"], "per_round_s": per_round(results),
-            "stages_sum_s": sum(results["wall_time_s"].values()),
-            "outside_stages_s": run.tree.wall_s - sum(results["wall_time_s"].values()),
-            "train_samples_min_max": [min(train_sizes), max(train_sizes)],
-            "test_samples_min_max": [min(test_sizes), max(test_sizes)],
-            "nmoe_accuracy": {"local": results["accuracy"]["nmoe"]["mean"],
-                              "global": results["accuracy_global"]["nmoe"]["mean"]},
-        })
-        print(f"[scale] {n} clients: {run.tree.wall_s:.1f}s wall, per round {sizes[-1]['per_round_s']}, "
-              f"peak PSS {run.tree.peak_pss_bytes / GIB:.2f} GiB (RSS sum {run.tree.peak_rss_bytes / GIB:.2f} GiB)",
-              flush=True)
+        sizes.append(
+            {
+                "clients": n,
+                "run": run.as_dict(),
+                "wall_time_s": results["wall_time_s"],
+                "per_round_s": per_round(results),
+                "stages_sum_s": sum(results["wall_time_s"].values()),
+                "outside_stages_s": run.tree.wall_s - sum(results["wall_time_s"].values()),
+                "train_samples_min_max": [min(train_sizes), max(train_sizes)],
+                "test_samples_min_max": [min(test_sizes), max(test_sizes)],
+                "nmoe_accuracy": {
+                    "local": results["accuracy"]["nmoe"]["mean"],
+                    "global": results["accuracy_global"]["nmoe"]["mean"],
+                },
+            }
+        )
+        print(
+            f"[scale] {n} clients: {run.tree.wall_s:.1f}s wall, per round {sizes[-1]['per_round_s']}, "
+            f"peak PSS {run.tree.peak_pss_bytes / GIB:.2f} GiB (RSS sum {run.tree.peak_rss_bytes / GIB:.2f} GiB)",
+            flush=True,
+        )
     fits = {}
     for stage in sizes[0]["per_round_s"]:
-        points = [(s["clients"], s["per_round_s"][stage]) for s in sizes if stage in s["per_round_s"]]
+        points = [
+            (s["clients"], s["per_round_s"][stage]) for s in sizes if stage in s["per_round_s"]
+        ]
         fits[stage] = linear_fit([float(x) for x, _ in points], [y for _, y in points])
-    fits["total_wall"] = linear_fit([float(s["clients"]) for s in sizes], [s["run"]["wall_s"] for s in sizes])
+    fits["total_wall"] = linear_fit(
+        [float(s["clients"]) for s in sizes], [s["run"]["wall_s"] for s in sizes]
+    )
     at_bar = [s for s in sizes if s["clients"] == BAR_CLIENTS]
-    bars: dict[str, Any] = {"clients": BAR_CLIENTS, "measured": bool(at_bar),
-                            "wall_limit_s": BAR_WALL_S, "memory_limit_bytes": BAR_MEMORY_BYTES}
+    bars: dict[str, Any] = {
+        "clients": BAR_CLIENTS,
+        "measured": bool(at_bar),
+        "wall_limit_s": BAR_WALL_S,
+        "memory_limit_bytes": BAR_MEMORY_BYTES,
+    }
     if at_bar:
         run = at_bar[0]["run"]
-        bars.update({"wall_s": run["wall_s"], "wall_met": run["wall_s"] <= BAR_WALL_S,
-                     "peak_pss_sum_bytes": run["peak_pss_sum_bytes"], "peak_rss_sum_bytes": run["peak_rss_sum_bytes"],
-                     "memory_met": run["peak_pss_sum_bytes"] <= BAR_MEMORY_BYTES})
+        bars.update(
+            {
+                "wall_s": run["wall_s"],
+                "wall_met": run["wall_s"] <= BAR_WALL_S,
+                "peak_pss_sum_bytes": run["peak_pss_sum_bytes"],
+                "peak_rss_sum_bytes": run["peak_rss_sum_bytes"],
+                "memory_met": run["peak_pss_sum_bytes"] <= BAR_MEMORY_BYTES,
+            }
+        )
     result = {
-        "config": {"nmoe_config": args.nmoe_config, "overrides": args.overrides, "clients": args.clients,
-                   "data_overrides": DATA_OVERRIDES, "tiny": args.tiny,
-                   "data": "digits, partition=iid, dataset.global_test_fraction and local_test_fraction at defaults (0.2)"},
+        "config": {
+            "nmoe_config": args.nmoe_config,
+            "overrides": args.overrides,
+            "clients": args.clients,
+            "data_overrides": DATA_OVERRIDES,
+            "tiny": args.tiny,
+            "data": "digits, partition=iid, dataset.global_test_fraction and local_test_fraction at defaults (0.2)",
+        },
         "sizes": sizes,
         "fits_seconds_vs_clients": fits,
         "bars": bars,

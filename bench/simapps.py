@@ -69,7 +69,9 @@ class Stage1Work:
         return cls(**values)
 
     def bundle(self) -> torch.nn.Module:
-        return build_bundle(SimpleNamespace(**self.model), self.image_shape, self.num_classes, self.seed)
+        return build_bundle(
+            SimpleNamespace(**self.model), self.image_shape, self.num_classes, self.seed
+        )
 
 
 def local_seed(seed: int, partition_id: int, server_round: int) -> int:
@@ -82,7 +84,9 @@ def snapshot(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in state_numpy(module).items()}
 
 
-def average_weighted(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+def average_weighted(
+    states: list[dict[str, np.ndarray]], weights: list[float]
+) -> dict[str, np.ndarray]:
     """Weighted mean, written like Flower's `aggregate_arrayrecords` (float32, same order)."""
     total = sum(weights)
     out: dict[str, np.ndarray] = {}
@@ -96,12 +100,26 @@ def average_weighted(states: list[dict[str, np.ndarray]], weights: list[float]) 
     return out
 
 
-def local_update(work: Stage1Work, bundle: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 partition_id: int, server_round: int) -> float:
+def local_update(
+    work: Stage1Work,
+    bundle: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    partition_id: int,
+    server_round: int,
+) -> float:
     """One client's stage-1 FedCE update, in place; returns the mean training loss."""
-    result = train_extractor(bundle, x, y, method=STAGE1_METHOD, epochs=work.local_epochs, lr=work.lr,
-                             momentum=work.momentum, batch_size=work.batch_size,
-                             seed=local_seed(work.seed, partition_id, server_round))
+    result = train_extractor(
+        bundle,
+        x,
+        y,
+        method=STAGE1_METHOD,
+        epochs=work.local_epochs,
+        lr=work.lr,
+        momentum=work.momentum,
+        batch_size=work.batch_size,
+        seed=local_seed(work.seed, partition_id, server_round),
+    )
     return result.loss
 
 
@@ -136,21 +154,31 @@ def make_fedavg_server(work: Stage1Work, trace: FedAvgTrace) -> ServerApp:
         keys = sorted(arrays.keys())
         for rnd in range(1, work.rounds + 1):
             started = time.time()
-            messages = strategy.configure_stage(STAGE1_ACTION, rnd, arrays, work.config_record(), node_ids)
+            messages = strategy.configure_stage(
+                STAGE1_ACTION, rnd, arrays, work.config_record(), node_ids
+            )
             sent = time.time()
             replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
             received = time.time()
             failed = [r for r in replies if r.has_error()]
             if failed or len(replies) != len(node_ids):
-                raise RuntimeError(f"round {rnd}: {len(replies)} replies, errors {[r.error.reason for r in failed]}")
+                raise RuntimeError(
+                    f"round {rnd}: {len(replies)} replies, errors {[r.error.reason for r in failed]}"
+                )
             ordered = sorted(replies, key=lambda r: int(r.content["metrics"][PARTITION_ID_KEY]))
             aggregated, _ = strategy.aggregate_shared(rnd, ordered, keys)
             assert aggregated is not None
             arrays = aggregated
-            trace.rounds.append({
-                "round": rnd, "started": started, "sent": sent, "received": received, "aggregated": time.time(),
-                "clients": [dict(r.content["metrics"]) for r in ordered],
-            })
+            trace.rounds.append(
+                {
+                    "round": rnd,
+                    "started": started,
+                    "sent": sent,
+                    "received": received,
+                    "aggregated": time.time(),
+                    "clients": [dict(r.content["metrics"]) for r in ordered],
+                }
+            )
         trace.final = {k: v.numpy() for k, v in arrays.items()}
         trace.comm_bytes = ledger.as_dict()
         trace.main_finished = time.time()
@@ -173,16 +201,32 @@ def train_stage1(msg: Message, context: Context) -> Message:
     bundle = received.bundle()
     load_numpy(bundle, {k: v.numpy() for k, v in msg.content["arrays"].items()})
     compute_start = time.perf_counter()
-    loss = local_update(received, bundle, data.train_x, data.train_y, pid, int(msg.content["config"]["server-round"]))
+    loss = local_update(
+        received,
+        bundle,
+        data.train_x,
+        data.train_y,
+        pid,
+        int(msg.content["config"]["server-round"]),
+    )
     compute_s = time.perf_counter() - compute_start
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in state_numpy(bundle).items()}),
-        "metrics": MetricRecord({
-            "num-examples": len(data.train_y), "loss": loss, PARTITION_ID_KEY: pid, "compute-s": compute_s,
-            "handler-start": handler_start, "handler-end": time.time(),
-            "handler-cpu-s": time.process_time() - cpu_start, "worker-pid": os.getpid(),
-        }),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in state_numpy(bundle).items()}),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": len(data.train_y),
+                    "loss": loss,
+                    PARTITION_ID_KEY: pid,
+                    "compute-s": compute_s,
+                    "handler-start": handler_start,
+                    "handler-end": time.time(),
+                    "handler-cpu-s": time.process_time() - cpu_start,
+                    "worker-pid": os.getpid(),
+                }
+            ),
+        }
+    )
     return Message(content, reply_to=msg)
 
 
@@ -202,8 +246,14 @@ class TracingClientApp(ClientApp):
         context.node_config[STATE_DIR_KEY] = self.state_dir
         start, cpu_start = time.time(), time.process_time()
         reply = self.inner(message, context)
-        row = {"type": message.metadata.message_type, "partition": int(context.node_config[PARTITION_ID_KEY]),
-               "start": start, "end": time.time(), "cpu_s": time.process_time() - cpu_start, "worker_pid": os.getpid()}
+        row = {
+            "type": message.metadata.message_type,
+            "partition": int(context.node_config[PARTITION_ID_KEY]),
+            "start": start,
+            "end": time.time(),
+            "cpu_s": time.process_time() - cpu_start,
+            "worker_pid": os.getpid(),
+        }
         with open(self.trace_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         return reply
@@ -227,7 +277,9 @@ class TimingGrid:
         ids = list(self.grid.push_messages(messages))
         types = sorted({m.metadata.message_type for m in messages})
         self._pending[len(self.calls)] = set(ids)
-        self.calls.append({"type": ",".join(types), "messages": len(messages), "start": start, "end": start})
+        self.calls.append(
+            {"type": ",".join(types), "messages": len(messages), "start": start, "end": start}
+        )
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:

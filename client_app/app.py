@@ -9,10 +9,11 @@ the node's state and answers an error reply (with the reason) on bad input.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, wraps
 from logging import WARNING
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,13 +29,20 @@ from nmoe.models import build_bundle, build_expert, build_gate, load_numpy, stag
 from nmoe.protocol import CORR_KEY, EXPERT_INITS, FE_METHOD, GATES, QUERY_MODES, SPLITS
 from nmoe.routing import answer_locally, combine, familiar, random_weights
 from nmoe.training import (
-    accuracy, forward_batched, gate_weights, train_classifier, train_extractor, train_gate,
+    accuracy,
+    forward_batched,
+    gate_weights,
+    train_classifier,
+    train_extractor,
+    train_gate,
 )
 
 from .state import PersonalState
 
 LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
-DATA_CACHE_DIR = "data-cache"  # under the node's state-dir: this device's split, kept between messages
+DATA_CACHE_DIR = (
+    "data-cache"  # under the node's state-dir: this device's split, kept between messages
+)
 PERSONAL_GROUPS = ("model/fe", "model/expert", "model/gate.fedgate", "model/gate.rollgate")
 
 SEED_PRIME_RUN, SEED_PRIME_CLIENT, SEED_PRIME_PART = 1_000_003, 7919, 104_729
@@ -73,15 +81,22 @@ class Node:
 
     def seed(self, *parts: int) -> int:
         """A seed distinct per (run seed, client, purpose, round): primes keep the terms apart."""
-        return (int(self.cfg.seed) * SEED_PRIME_RUN + self.pid * SEED_PRIME_CLIENT
-                + sum(p * SEED_PRIME_PART ** (i + 1) for i, p in enumerate(parts)))
+        return (
+            int(self.cfg.seed) * SEED_PRIME_RUN
+            + self.pid * SEED_PRIME_CLIENT
+            + sum(p * SEED_PRIME_PART ** (i + 1) for i, p in enumerate(parts))
+        )
 
     def bundle(self, arrays: dict[str, np.ndarray] | None = None, method: str | None = None):
         """The seeded stage-1 bundle with `arrays` loaded: every key, or exactly the keys
         stage-1 `method` trains."""
-        bundle = build_bundle(self.cfg.model, self.image_shape, self.num_classes, int(self.cfg.seed))
+        bundle = build_bundle(
+            self.cfg.model, self.image_shape, self.num_classes, int(self.cfg.seed)
+        )
         if arrays is not None:
-            load_numpy(bundle, arrays, expected=None if method is None else stage1_keys(bundle, method))
+            load_numpy(
+                bundle, arrays, expected=None if method is None else stage1_keys(bundle, method)
+            )
         return bundle
 
     def expert(self, group: str = "model/expert"):
@@ -103,11 +118,17 @@ class Node:
             raise ValueError(f"unknown split '{name}', allowed: {', '.join(SPLITS)}")
         d = self.data
         if name in ("expert", "gate"):
-            order = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(self.seed(10)))
+            order = torch.randperm(
+                len(d.train_y), generator=torch.Generator().manual_seed(self.seed(10))
+            )
             held = int(len(order) * float(self.cfg.expert.gate_holdout_fraction))
             index = order[held:] if name == "expert" or held == 0 else order[:held]
             return d.train_x[index], d.train_y[index]
-        return {"train": (d.train_x, d.train_y), "test": (d.test_x, d.test_y), "global": (d.global_x, d.global_y)}[name]
+        return {
+            "train": (d.train_x, d.train_y),
+            "test": (d.test_x, d.test_y),
+            "global": (d.global_x, d.global_y),
+        }[name]
 
 
 @lru_cache(maxsize=4)
@@ -133,17 +154,21 @@ def open_node(msg: Message, context: Context) -> Node:
     return Node(cfg, state, data, classes)
 
 
-def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+def guarded(
+    handler: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
     """Turn any exception into an error reply that names the reason; the node keeps serving."""
 
     @wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except Exception as err:  # noqa: BLE001 - every failure becomes a reply
+        except Exception as err:
             reason = f"{type(err).__name__}: {err}"
             log(WARNING, "%s rejected: %s", msg.metadata.message_type, reason)
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
+            )
 
     return wrapper
 
@@ -161,10 +186,17 @@ def received_arrays(msg: Message, record: str = "arrays") -> dict[str, np.ndarra
     return {k: v.numpy() for k, v in msg.content[record].items()}
 
 
-def reply(msg: Message, metrics: dict[str, Any], arrays: dict[str, Any] | None = None, **records: ArrayRecord) -> Message:
+def reply(
+    msg: Message,
+    metrics: dict[str, Any],
+    arrays: dict[str, Any] | None = None,
+    **records: ArrayRecord,
+) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        content["arrays"] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        )
     for name, record in records.items():
         content[name] = record
     return Message(content, reply_to=msg)
@@ -190,12 +222,17 @@ def check_features(value: np.ndarray, feature_dim: int, max_rows: int, name: str
 @guarded
 def info(msg: Message, context: Context) -> Message:
     node = open_node(msg, context)
-    return reply(msg, {
-        "partition-id": node.pid, "num-partitions": node.num_partitions,
-        "num-train": len(node.data.train_y), "num-test": len(node.data.test_y),
-        "label-counts": [int((node.data.train_y == c).sum()) for c in range(node.num_classes)],
-        **{f"has:{name}": int(node.state.has(name)) for name in PERSONAL_GROUPS},
-    })
+    return reply(
+        msg,
+        {
+            "partition-id": node.pid,
+            "num-partitions": node.num_partitions,
+            "num-train": len(node.data.train_y),
+            "num-test": len(node.data.test_y),
+            "label-counts": [int((node.data.train_y == c).sum()) for c in range(node.num_classes)],
+            **{f"has:{name}": int(node.state.has(name)) for name in PERSONAL_GROUPS},
+        },
+    )
 
 
 # ---------------------------------------------------------------------------- stage 1
@@ -212,23 +249,39 @@ def train_fe(msg: Message, context: Context) -> Message:
     fe_cfg = node.cfg.fe
     server_round = int(config_value(msg, "server-round"))
     result = train_extractor(
-        bundle, node.data.train_x, node.data.train_y, method=method,
-        epochs=int(fe_cfg.local_epochs), lr=float(fe_cfg.lr), momentum=float(fe_cfg.momentum),
-        batch_size=int(fe_cfg.batch_size), seed=node.seed(1, server_round),
-        ssl_weight=float(fe_cfg.ssl_weight), embedding_clip=float(fe_cfg.embedding_clip),
+        bundle,
+        node.data.train_x,
+        node.data.train_y,
+        method=method,
+        epochs=int(fe_cfg.local_epochs),
+        lr=float(fe_cfg.lr),
+        momentum=float(fe_cfg.momentum),
+        batch_size=int(fe_cfg.batch_size),
+        seed=node.seed(1, server_round),
+        ssl_weight=float(fe_cfg.ssl_weight),
+        embedding_clip=float(fe_cfg.embedding_clip),
         augment=ssl_augmentation(node.image_shape) if method != "fedce" else None,
-        others_corr=others_corr, others_weight=others_weight,
+        others_corr=others_corr,
+        others_weight=others_weight,
     )
     trained = stage1_keys(bundle, method)
     arrays = {k: v for k, v in state_numpy(bundle).items() if k in trained}
     if fe_cfg.share_correlation and result.correlation is not None:
         generator = torch.Generator().manual_seed(node.seed(2, server_round))
-        noise = torch.randn(result.correlation.shape, generator=generator) * float(fe_cfg.correlation_noise)
+        noise = torch.randn(result.correlation.shape, generator=generator) * float(
+            fe_cfg.correlation_noise
+        )
         arrays[CORR_KEY] = (result.correlation + (noise + noise.T) / 2).numpy()
-    metrics: dict[str, Any] = {"num-examples": len(node.data.train_y), "loss": result.loss,
-                               "ce-loss": result.ce_loss, "ssl-loss": result.ssl_loss}
+    metrics: dict[str, Any] = {
+        "num-examples": len(node.data.train_y),
+        "loss": result.loss,
+        "ce-loss": result.ce_loss,
+        "ssl-loss": result.ssl_loss,
+    }
     if method != "fedsc":
-        metrics["test-acc"] = accuracy(forward_batched(lambda x: bundle.head(bundle.fe(x)), node.data.test_x), node.data.test_y)
+        metrics["test-acc"] = accuracy(
+            forward_batched(lambda x: bundle.head(bundle.fe(x)), node.data.test_x), node.data.test_y
+        )
     return reply(msg, metrics, arrays)
 
 
@@ -247,7 +300,11 @@ def train_expert(msg: Message, context: Context) -> Message:
     init = str(msg.content["config"].get("expert-init", "scratch"))
     if init not in EXPERT_INITS:
         raise ValueError(f"unknown expert-init '{init}', allowed: {', '.join(EXPERT_INITS)}")
-    fe_arrays = received_arrays(msg) if "arrays" in msg.content.array_records else node.state.get("model/fe")
+    fe_arrays = (
+        received_arrays(msg)
+        if "arrays" in msg.content.array_records
+        else node.state.get("model/fe")
+    )
     bundle = node.bundle(fe_arrays)
     initial = node.expert("model/shared_expert") if init == "shared" else None
     node.state.put("model/fe", fe_arrays)
@@ -255,17 +312,37 @@ def train_expert(msg: Message, context: Context) -> Message:
     ex = node.cfg.expert
     if init != "none":
         x, y = node.split("expert")
-        expert = initial if initial is not None else build_expert(node.cfg.model, node.num_classes, node.seed())
-        metrics["loss"] = train_classifier(expert, forward_batched(bundle.fe, x), y, epochs=int(ex.epochs),
-                                           lr=float(ex.lr), batch_size=int(ex.batch_size), seed=node.seed(3))
+        expert = (
+            initial
+            if initial is not None
+            else build_expert(node.cfg.model, node.num_classes, node.seed())
+        )
+        metrics["loss"] = train_classifier(
+            expert,
+            forward_batched(bundle.fe, x),
+            y,
+            epochs=int(ex.epochs),
+            lr=float(ex.lr),
+            batch_size=int(ex.batch_size),
+            seed=node.seed(3),
+        )
         node.state.put("model/expert", state_numpy(expert))
         metrics["num-examples"] = len(y)
-        metrics["test-acc"] = accuracy(forward_batched(expert, forward_batched(bundle.fe, node.data.test_x)), node.data.test_y)
+        metrics["test-acc"] = accuracy(
+            forward_batched(expert, forward_batched(bundle.fe, node.data.test_x)), node.data.test_y
+        )
     if own_head:  # FedPer/FedRep-style baseline: the global head, fine-tuned locally
         head = bundle.head
         all_feats = forward_batched(bundle.fe, node.data.train_x)
-        train_classifier(head, all_feats, node.data.train_y, epochs=int(ex.epochs), lr=float(ex.lr),
-                         batch_size=int(ex.batch_size), seed=node.seed(4))
+        train_classifier(
+            head,
+            all_feats,
+            node.data.train_y,
+            epochs=int(ex.epochs),
+            lr=float(ex.lr),
+            batch_size=int(ex.batch_size),
+            seed=node.seed(4),
+        )
         node.state.put("model/own_head", state_numpy(head))
     node.state.persist()
     return reply(msg, metrics)
@@ -284,8 +361,15 @@ def train_shared_expert(msg: Message, context: Context) -> Message:
         return reply(msg, {"num-examples": len(node.data.train_y)})
     ex = node.cfg.expert
     feats = node.features(node.data.train_x)
-    loss = train_classifier(expert, feats, node.data.train_y, epochs=int(ex.epochs), lr=float(ex.lr),
-                            batch_size=int(ex.batch_size), seed=node.seed(5, int(config_value(msg, "server-round"))))
+    loss = train_classifier(
+        expert,
+        feats,
+        node.data.train_y,
+        epochs=int(ex.epochs),
+        lr=float(ex.lr),
+        batch_size=int(ex.batch_size),
+        seed=node.seed(5, int(config_value(msg, "server-round"))),
+    )
     return reply(msg, {"num-examples": len(node.data.train_y), "loss": loss}, state_numpy(expert))
 
 
@@ -296,18 +380,36 @@ def train_local_only(msg: Message, context: Context) -> Message:
     node = open_node(msg, context)
     fe_cfg, ex = node.cfg.fe, node.cfg.expert
     bundle = node.bundle()
-    train_extractor(bundle, node.data.train_x, node.data.train_y, method="fedce",
-                    epochs=int(fe_cfg.rounds) * int(fe_cfg.local_epochs), lr=float(fe_cfg.lr),
-                    momentum=float(fe_cfg.momentum), batch_size=int(fe_cfg.batch_size), seed=node.seed(6))
+    train_extractor(
+        bundle,
+        node.data.train_x,
+        node.data.train_y,
+        method="fedce",
+        epochs=int(fe_cfg.rounds) * int(fe_cfg.local_epochs),
+        lr=float(fe_cfg.lr),
+        momentum=float(fe_cfg.momentum),
+        batch_size=int(fe_cfg.batch_size),
+        seed=node.seed(6),
+    )
     expert = build_expert(node.cfg.model, node.num_classes, node.seed())
-    train_classifier(expert, forward_batched(bundle.fe, node.data.train_x), node.data.train_y,
-                     epochs=int(ex.epochs), lr=float(ex.lr), batch_size=int(ex.batch_size), seed=node.seed(7))
-    model = lambda x: expert(bundle.fe(x))  # noqa: E731
-    return reply(msg, {
-        "num-examples": len(node.data.train_y),
-        "acc-local": accuracy(forward_batched(model, node.data.test_x), node.data.test_y),
-        "acc-global": accuracy(forward_batched(model, node.data.global_x), node.data.global_y),
-    })
+    train_classifier(
+        expert,
+        forward_batched(bundle.fe, node.data.train_x),
+        node.data.train_y,
+        epochs=int(ex.epochs),
+        lr=float(ex.lr),
+        batch_size=int(ex.batch_size),
+        seed=node.seed(7),
+    )
+    model = lambda x: expert(bundle.fe(x))
+    return reply(
+        msg,
+        {
+            "num-examples": len(node.data.train_y),
+            "acc-local": accuracy(forward_batched(model, node.data.test_x), node.data.test_y),
+            "acc-global": accuracy(forward_batched(model, node.data.global_x), node.data.global_y),
+        },
+    )
 
 
 # ---------------------------------------------------------------------------- stage 3
@@ -331,13 +433,24 @@ def train_gate_handler(msg: Message, context: Context) -> Message:
     metrics: dict[str, Any] = {"num-examples": len(node.split("gate")[1])}
     if not bool(config_value(msg, "install")):
         cache = node.state.get("scratch/cache")
-        logits, answered = torch.from_numpy(cache["logits"]), torch.from_numpy(cache["answered"]) > 0
+        logits, answered = (
+            torch.from_numpy(cache["logits"]),
+            torch.from_numpy(cache["answered"]) > 0,
+        )
         x, y = node.split("gate")
         gc = node.cfg.gate
         metrics["loss"] = train_gate(
-            gate, node.features(x), y, logits, answered.all(dim=0),
-            k=int(gc.k), noise_std=float(gc.noise_std), epochs=int(gc.local_epochs), lr=float(gc.lr),
-            batch_size=int(gc.batch_size), seed=node.seed(8, int(config_value(msg, "server-round"))),
+            gate,
+            node.features(x),
+            y,
+            logits,
+            answered.all(dim=0),
+            k=int(gc.k),
+            noise_std=float(gc.noise_std),
+            epochs=int(gc.local_epochs),
+            lr=float(gc.lr),
+            batch_size=int(gc.batch_size),
+            seed=node.seed(8, int(config_value(msg, "server-round"))),
         )
     own = state_numpy(gate)
     node.state.put(group, own)
@@ -361,18 +474,30 @@ def evaluate(msg: Message, context: Context) -> Message:
     for method in methods:
         if method == "local_expert":
             expert = node.expert()
-            model = lambda x, e=expert: e(bundle.fe(x))  # noqa: E731
-        elif method == "fedavg":  # the stage-1 model, or a separately trained FedCE model (with FedSC)
-            fedavg = node.bundle(received_arrays(msg, "fedavg")) if "fedavg" in msg.content.array_records else bundle
-            model = lambda x, b=fedavg: b.head(b.fe(x))  # noqa: E731
+            model = lambda x, e=expert: e(bundle.fe(x))
+        elif (
+            method == "fedavg"
+        ):  # the stage-1 model, or a separately trained FedCE model (with FedSC)
+            fedavg = (
+                node.bundle(received_arrays(msg, "fedavg"))
+                if "fedavg" in msg.content.array_records
+                else bundle
+            )
+            model = lambda x, b=fedavg: b.head(b.fe(x))
         elif method == "shared_fe_own_head":
             head = node.bundle().head
             load_numpy(head, node.state.get("model/own_head"))
-            model = lambda x, h=head: h(bundle.fe(x))  # noqa: E731
+            model = lambda x, h=head: h(bundle.fe(x))
         else:
-            raise ValueError(f"unknown local method '{method}', allowed: {', '.join(LOCAL_EVAL_METHODS)}")
-        metrics[f"acc-local.{method}"] = accuracy(forward_batched(model, node.data.test_x), node.data.test_y)
-        metrics[f"acc-global.{method}"] = accuracy(forward_batched(model, node.data.global_x), node.data.global_y)
+            raise ValueError(
+                f"unknown local method '{method}', allowed: {', '.join(LOCAL_EVAL_METHODS)}"
+            )
+        metrics[f"acc-local.{method}"] = accuracy(
+            forward_batched(model, node.data.test_x), node.data.test_y
+        )
+        metrics[f"acc-global.{method}"] = accuracy(
+            forward_batched(model, node.data.global_x), node.data.global_y
+        )
     return reply(msg, metrics)
 
 
@@ -398,7 +523,11 @@ def query_splits(node: Node, value: str, mode: str) -> tuple[torch.Tensor, torch
     if mode == "cache" and len(names) != 1:
         raise ValueError(f"mode 'cache' takes exactly one split, got {names}")
     parts = [node.split(name) for name in names]
-    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), [len(y) for _, y in parts]
+    return (
+        torch.cat([x for x, _ in parts]),
+        torch.cat([y for _, y in parts]),
+        [len(y) for _, y in parts],
+    )
 
 
 @app.query("route")
@@ -435,7 +564,9 @@ def route(msg: Message, context: Context) -> Message:
     logits = local_logits(feats, local)
     quantile = float(node.cfg.gate.local_first_quantile)
     if mode == "infer" and quantile > 0:
-        weights = answer_locally(weights, node.pid, familiar(feats, forward_batched(fe, node.data.train_x), quantile))
+        weights = answer_locally(
+            weights, node.pid, familiar(feats, forward_batched(fe, node.data.train_x), quantile)
+        )
     plan = plan_route(weights, logits)
     pending = {"weights": plan.weights, "labels": y, "segments": np.array(segments)}
     pending.update({f"local_{e}": v for e, v in plan.local_logits.items()})
@@ -448,7 +579,9 @@ def route(msg: Message, context: Context) -> Message:
         if noise_std > 0:
             sent = sent + torch.randn(sent.shape, generator=generator) * noise_std
         outgoing[f"to_{e}"] = Array(sent.numpy())
-    return reply(msg, {"num-examples": len(y), "num-remote": len(plan.remote_index)}, features=outgoing)
+    return reply(
+        msg, {"num-examples": len(y), "num-remote": len(plan.remote_index)}, features=outgoing
+    )
 
 
 @app.query("expert")
@@ -462,7 +595,9 @@ def expert_answer(msg: Message, context: Context) -> Message:
     expert = node.expert()
     dim, limit = int(node.cfg.model.feature_dim), int(node.cfg.max_query_batch)
     checked = {key: check_features(value, dim, limit, key) for key, value in batches.items()}
-    logits = ArrayRecord({key: Array(forward_batched(expert, feats).numpy()) for key, feats in checked.items()})
+    logits = ArrayRecord(
+        {key: Array(forward_batched(expert, feats).numpy()) for key, feats in checked.items()}
+    )
     return reply(msg, {"num-examples": sum(len(v) for v in checked.values())}, logits=logits)
 
 
@@ -493,14 +628,18 @@ def combine_answer(msg: Message, context: Context) -> Message:
     labels = torch.from_numpy(pending["labels"])
     if mode == "cache":
         node.state.put("scratch/cache", {"logits": logits, "answered": answered.float()})
-        return reply(msg, {"num-examples": len(labels), "experts-cached": int(answered.all(dim=0).sum())})
+        return reply(
+            msg, {"num-examples": len(labels), "experts-cached": int(answered.all(dim=0).sum())}
+        )
     combined, degraded = combine(weights, logits, answered, fallback=node.pid)
     predictions = combined.argmax(dim=1)
     with_predictions = bool(config_value(msg, "return-predictions"))
     metrics: dict[str, Any] = {"num-examples": len(labels), "segments": len(pending["segments"])}
     held_elsewhere = torch.ones(weights.shape[1], dtype=torch.bool)
     held_elsewhere[list(plan.local_logits)] = False
-    no_network = ~(weights[:, held_elsewhere] > 0).any(dim=1)  # every chosen expert was held locally
+    no_network = ~(weights[:, held_elsewhere] > 0).any(
+        dim=1
+    )  # every chosen expert was held locally
     start = 0
     for i, size in enumerate(int(v) for v in pending["segments"]):
         part = slice(start, start + size)

@@ -17,7 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from safetensors.torch import load_file, save_file
 
-from nmoe.results import write_atomic
+from nmoe.atomic import write_atomic
 
 CONFIG_KEY = "nmoe-config"
 PERSISTED_PREFIXES = ("model/",)  # scratch entries (caches, pending queries) stay in memory
@@ -47,7 +47,9 @@ class PersonalState:
 
     def config_json(self) -> str:
         if CONFIG_KEY not in self.state.config_records:
-            raise ValueError("this node has no run configuration yet (send query.info or a train message first)")
+            raise ValueError(
+                "this node has no run configuration yet (send query.info or a train message first)"
+            )
         return str(self.state[CONFIG_KEY]["json"])
 
     # --- arrays -----------------------------------------------------------------
@@ -56,11 +58,15 @@ class PersonalState:
 
     def get(self, name: str) -> dict[str, np.ndarray]:
         if name not in self.state.array_records:
-            raise ValueError(f"this node holds no '{name}' yet (run the stage that creates it first)")
+            raise ValueError(
+                f"this node holds no '{name}' yet (run the stage that creates it first)"
+            )
         return {k: v.numpy() for k, v in self.state[name].items()}
 
     def put(self, name: str, arrays: dict[str, Any]) -> None:
-        self.state[name] = ArrayRecord({k: Array(np.ascontiguousarray(_to_numpy(v))) for k, v in arrays.items()})
+        self.state[name] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(_to_numpy(v))) for k, v in arrays.items()}
+        )
 
     def drop(self, name: str) -> None:
         if name in self.state.array_records:
@@ -84,10 +90,13 @@ class PersonalState:
             return None
         tensors = {
             f"{name}{SEP}{key}": torch.from_numpy(np.array(arr.numpy()))
-            for name, record in self.state.array_records.items() if name.startswith(PERSISTED_PREFIXES)
+            for name, record in self.state.array_records.items()
+            if name.startswith(PERSISTED_PREFIXES)
             for key, arr in record.items()
         }
-        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"config": self.config_json()}))
+        write_atomic(
+            path, lambda tmp: save_file(tensors, tmp, metadata={"config": self.config_json()})
+        )
         return path
 
     def load_file(self, path: Path) -> None:

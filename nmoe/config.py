@@ -93,7 +93,9 @@ class ExpertConfig:
     gate_holdout_fraction: float = 0.2  # local training data kept from the expert for the gate
     shared_expert: bool = False
     shared_rounds: int = 5
-    init_from_shared: bool = False  # personal experts start from the trained shared expert (FedRep-style)
+    init_from_shared: bool = (
+        False  # personal experts start from the trained shared expert (FedRep-style)
+    )
 
 
 @dataclass
@@ -178,36 +180,72 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.topology.kind, "topology.kind", TOPOLOGIES)
     _choice(cfg.log_level, "log_level", LOG_LEVELS)
     _choice(cfg.mode, "mode", MODES)
-    _require(cfg.mode != "inference" or bool(cfg.state_key), "state_key",
-             "inference mode needs the state_key under which the training run saved the clients' state")
+    _require(
+        cfg.mode != "inference" or bool(cfg.state_key),
+        "state_key",
+        "inference mode needs the state_key under which the training run saved the clients' state",
+    )
     for name in cfg.baselines:
         _choice(name, "baselines", BASELINES)
     _require(cfg.partition.alpha > 0, "partition.alpha", f"must be > 0, got {cfg.partition.alpha}")
     _require(cfg.partition.classes_per_client > 0, "partition.classes_per_client", "must be > 0")
-    for key in ("fe.rounds", "gate.rounds", "expert.epochs", "expert.shared_rounds",
-                "fe.local_epochs", "gate.local_epochs", "fe.batch_size",
-                "expert.batch_size", "gate.batch_size", "model.feature_dim",
-                "model.expert_hidden", "model.gate_hidden", "model.projector_dim",
-                "gate.k", "min_nodes", "max_query_batch", "simulation.num_clients"):
+    for key in (
+        "fe.rounds",
+        "gate.rounds",
+        "expert.epochs",
+        "expert.shared_rounds",
+        "fe.local_epochs",
+        "gate.local_epochs",
+        "fe.batch_size",
+        "expert.batch_size",
+        "gate.batch_size",
+        "model.feature_dim",
+        "model.expert_hidden",
+        "model.gate_hidden",
+        "model.projector_dim",
+        "gate.k",
+        "min_nodes",
+        "max_query_batch",
+        "simulation.num_clients",
+    ):
         value = OmegaConf.select(cfg, key)
         _require(value > 0, key, f"must be > 0, got {value}")
     for key in ("fe.lr", "expert.lr", "gate.lr", "round_timeout_s", "poll_interval_s"):
         value = OmegaConf.select(cfg, key)
         _require(value > 0, key, f"must be > 0, got {value}")
-    for key in ("gate.noise_std", "feature_noise_std", "fe.correlation_noise",
-                "fe.ssl_weight", "gate.sync_trunk_every", "gate.sync_head_every"):
+    for key in (
+        "gate.noise_std",
+        "feature_noise_std",
+        "fe.correlation_noise",
+        "fe.ssl_weight",
+        "gate.sync_trunk_every",
+        "gate.sync_head_every",
+    ):
         value = OmegaConf.select(cfg, key)
         _require(value >= 0, key, f"must be >= 0, got {value}")
-    _require(not cfg.expert.init_from_shared or bool(cfg.expert.shared_expert), "expert.init_from_shared",
-             "needs the shared expert to start from: use expert=with_shared")
-    _require(0 <= cfg.gate.local_first_quantile <= 1, "gate.local_first_quantile",
-             f"must be in [0, 1], got {cfg.gate.local_first_quantile}")
-    _require(0 <= cfg.expert.gate_holdout_fraction < 1, "expert.gate_holdout_fraction",
-             f"must be in [0, 1), got {cfg.expert.gate_holdout_fraction}")
+    _require(
+        not cfg.expert.init_from_shared or bool(cfg.expert.shared_expert),
+        "expert.init_from_shared",
+        "needs the shared expert to start from: use expert=with_shared",
+    )
+    _require(
+        0 <= cfg.gate.local_first_quantile <= 1,
+        "gate.local_first_quantile",
+        f"must be in [0, 1], got {cfg.gate.local_first_quantile}",
+    )
+    _require(
+        0 <= cfg.expert.gate_holdout_fraction < 1,
+        "expert.gate_holdout_fraction",
+        f"must be in [0, 1), got {cfg.expert.gate_holdout_fraction}",
+    )
     for key in ("dataset.local_test_fraction", "dataset.global_test_fraction"):
         value = OmegaConf.select(cfg, key)
         _require(0 < value < 1, key, f"must be in (0, 1), got {value}")
-    _require(0 < cfg.min_reply_fraction <= 1, "min_reply_fraction", f"must be in (0, 1], got {cfg.min_reply_fraction}")
+    _require(
+        0 < cfg.min_reply_fraction <= 1,
+        "min_reply_fraction",
+        f"must be in (0, 1], got {cfg.min_reply_fraction}",
+    )
     _require(cfg.round_retries >= 0, "round_retries", f"must be >= 0, got {cfg.round_retries}")
     _require(cfg.torch_threads >= 0, "torch_threads", f"must be >= 0, got {cfg.torch_threads}")
     _require(cfg.topology.degree > 0, "topology.degree", "must be > 0")

@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .results import write_npz_atomic
+from .atomic import write_npz_atomic
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -86,7 +87,9 @@ def load_cifar10_folder(path: str) -> ArrayDataset:
     for file in present:
         with file.open("rb") as handle:
             entry = pickle.load(handle, encoding="latin1")
-        images.append(np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        images.append(
+            np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        )
         labels.append(np.asarray(entry["labels"], np.int64))
     return ArrayDataset(_normalise_cifar(np.concatenate(images)), np.concatenate(labels), 10)
 
@@ -114,20 +117,32 @@ def load_arrays(dataset_cfg: Any) -> ArrayDataset:
     if dataset_cfg.name == "digits":
         data = load_digits_arrays()
     elif dataset_cfg.name == "cifar10":
-        data = load_cifar10_folder(dataset_cfg.path) if dataset_cfg.path else load_cifar10_hf(dataset_cfg.hf_name)
+        data = (
+            load_cifar10_folder(dataset_cfg.path)
+            if dataset_cfg.path
+            else load_cifar10_hf(dataset_cfg.hf_name)
+        )
     else:
         raise DatasetUnavailableError(f"unknown dataset '{dataset_cfg.name}'")
     if dataset_cfg.max_samples:
-        data = ArrayDataset(data.images[: dataset_cfg.max_samples], data.labels[: dataset_cfg.max_samples], data.num_classes)
+        data = ArrayDataset(
+            data.images[: dataset_cfg.max_samples],
+            data.labels[: dataset_cfg.max_samples],
+            data.num_classes,
+        )
     return data
 
 
-def balanced_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def balanced_holdout(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a class-balanced held-out set (same count per class) and of the rest."""
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     per_class = max(1, int(counts.min() * fraction))
-    held = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes])
+    held = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
+    )
     rest = np.setdiff1d(np.arange(len(labels)), held)
     return np.sort(held), rest
 
@@ -135,7 +150,11 @@ def balanced_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 def make_partitioner(partition_cfg: Any, num_partitions: int, seed: int):
     """The Flower Datasets partitioner for the configured scheme."""
     # imported here: a deployed ClientApp with a cached split (load_client_data) never needs it
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
 
     if partition_cfg.kind == "iid":
         return IidPartitioner(num_partitions=num_partitions)
@@ -164,7 +183,9 @@ def _tensors(data: ArrayDataset, index: np.ndarray) -> tuple[torch.Tensor, torch
 
 
 @lru_cache(maxsize=4)
-def _federation(spec_json: str, num_partitions: int) -> tuple[ArrayDataset, tuple[dict[str, np.ndarray], ...], np.ndarray]:
+def _federation(
+    spec_json: str, num_partitions: int
+) -> tuple[ArrayDataset, tuple[dict[str, np.ndarray], ...], np.ndarray]:
     spec = json.loads(spec_json)
     dataset_cfg = _Namespace(spec["dataset"])
     partition_cfg = _Namespace(spec["partition"])
@@ -185,10 +206,12 @@ def _federation(spec_json: str, num_partitions: int) -> tuple[ArrayDataset, tupl
                 "(use fewer clients, a larger partition.alpha or partition.min_partition_size)"
             )
         local = part.train_test_split(test_size=dataset_cfg.local_test_fraction, seed=seed)
-        splits.append({
-            "train": np.asarray(local["train"]["index"], np.int64),
-            "test": np.asarray(local["test"]["index"], np.int64),
-        })
+        splits.append(
+            {
+                "train": np.asarray(local["train"]["index"], np.int64),
+                "test": np.asarray(local["test"]["index"], np.int64),
+            }
+        )
     return data, tuple(splits), global_idx
 
 
@@ -204,23 +227,32 @@ def federation_spec(cfg: Any) -> str:
     from omegaconf import OmegaConf
 
     def plain(node: Any) -> Any:
-        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        return (
+            OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        )
 
     return json.dumps(
-        {"dataset": plain(cfg["dataset"]), "partition": plain(cfg["partition"]), "seed": int(cfg["seed"])},
+        {
+            "dataset": plain(cfg["dataset"]),
+            "partition": plain(cfg["partition"]),
+            "seed": int(cfg["seed"]),
+        },
         sort_keys=True,
     )
 
 
-def load_client_data(spec_json: str, partition_id: int, num_partitions: int,
-                     cache_dir: Path | None = None) -> tuple[ClientData, int]:
+def load_client_data(
+    spec_json: str, partition_id: int, num_partitions: int, cache_dir: Path | None = None
+) -> tuple[ClientData, int]:
     """Client `partition_id`'s local train/test split, the global test set, and the number of
     classes. With `cache_dir` the split is kept there as `.npz` (written atomically, keyed by
     the data config), so the next process on this device skips loading and partitioning."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     key = hashlib.sha256(f"{spec_json}|{num_partitions}".encode()).hexdigest()[:16]
-    cached = cache_dir / f"split-{key}-partition-{partition_id}.npz" if cache_dir is not None else None
+    cached = (
+        cache_dir / f"split-{key}-partition-{partition_id}.npz" if cache_dir is not None else None
+    )
     if cached is not None and cached.is_file():
         with np.load(cached, allow_pickle=False) as npz:
             tensors = {name: torch.from_numpy(npz[name]) for name in CLIENT_DATA_FIELDS}
@@ -248,22 +280,28 @@ def num_classes(spec_json: str, num_partitions: int) -> int:
 
 def ssl_augmentation(image_shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Two-view augmentation suited to the image size: returns a per-sample transform."""
-    from torchvision.transforms import v2  # imported here: every deployed ClientApp message is a fresh process
+    from torchvision.transforms import (
+        v2,
+    )  # imported here: every deployed ClientApp message is a fresh process
 
     channels, height, _ = image_shape
     if channels == 3:
-        transform = v2.Compose([
-            v2.RandomResizedCrop(height, scale=(0.2, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-        ])
+        transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(height, scale=(0.2, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+            ]
+        )
     else:  # small grey digits: no flips (they change the digit), mild geometry + noise
-        transform = v2.Compose([
-            v2.RandomResizedCrop(height, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-            v2.RandomAffine(degrees=12, translate=(0.1, 0.1)),
-            v2.GaussianNoise(mean=0.0, sigma=0.05, clip=False),
-        ])
+        transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(height, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+                v2.RandomAffine(degrees=12, translate=(0.1, 0.1)),
+                v2.GaussianNoise(mean=0.0, sigma=0.05, clip=False),
+            ]
+        )
 
     def augment(batch: torch.Tensor) -> torch.Tensor:
         return torch.stack([transform(img) for img in batch])

@@ -19,7 +19,9 @@ class RoutePlan:
     remote_index: dict[int, torch.Tensor]  # expert id -> indices of the samples sent to it
 
 
-def local_logits(feats: torch.Tensor, local_experts: dict[int, nn.Module]) -> dict[int, torch.Tensor]:
+def local_logits(
+    feats: torch.Tensor, local_experts: dict[int, nn.Module]
+) -> dict[int, torch.Tensor]:
     """Every locally held expert's logits on every sample."""
     return {e: forward_batched(module, feats) for e, module in local_experts.items()}
 
@@ -50,7 +52,9 @@ def assemble(
         if index is None:
             raise ValueError(f"logits from expert {e}, which was not asked")
         if tuple(values.shape) != (len(index), num_classes):
-            raise ValueError(f"expert {e} returned shape {tuple(values.shape)}, expected {(len(index), num_classes)}")
+            raise ValueError(
+                f"expert {e} returned shape {tuple(values.shape)}, expected {(len(index), num_classes)}"
+            )
         logits[index, e] = values
         answered[index, e] = True
     return logits, answered

@@ -18,9 +18,12 @@ class CNNExtractor(nn.Module):
         super().__init__()
         half = max(1, channels // 2)
         self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, half, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(half, channels, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(CNN_POOLED_SIDE), nn.Flatten(),
+            nn.Conv2d(in_channels, half, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(half, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(CNN_POOLED_SIDE),
+            nn.Flatten(),
         )
         self.proj = nn.Sequential(nn.Linear(channels * CNN_POOLED_SIDE**2, feature_dim), nn.ReLU())
 
@@ -34,12 +37,19 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(min(GROUPS_PER_NORM, cout), cout), nn.ReLU(),
-            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.GroupNorm(min(GROUPS_PER_NORM, cout), cout),
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            nn.GroupNorm(min(GROUPS_PER_NORM, cout), cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.GroupNorm(min(GROUPS_PER_NORM, cout), cout),
         )
         self.skip = (
-            nn.Identity() if stride == 1 and cin == cout
-            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(min(GROUPS_PER_NORM, cout), cout))
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False),
+                nn.GroupNorm(min(GROUPS_PER_NORM, cout), cout),
+            )
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +62,9 @@ class ResNetExtractor(nn.Module):
     def __init__(self, in_channels: int, width: int, blocks: int, feature_dim: int) -> None:
         super().__init__()
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.GroupNorm(min(GROUPS_PER_NORM, width), width), nn.ReLU(),
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.GroupNorm(min(GROUPS_PER_NORM, width), width),
+            nn.ReLU(),
         ]
         cin = width
         for stage, mult in enumerate((1, 2, 4)):
@@ -73,7 +85,9 @@ class Expert(nn.Module):
 
     def __init__(self, feature_dim: int, hidden: int, num_classes: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(
+            nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
@@ -96,7 +110,9 @@ class Projector(nn.Module):
 
     def __init__(self, feature_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, out_dim))
+        self.net = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, out_dim)
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
@@ -118,13 +134,22 @@ def build_extractor(model_cfg: Any, image_shape: tuple[int, ...]) -> nn.Module:
     if model_cfg.extractor == "cnn":
         return CNNExtractor(channels, int(model_cfg.cnn_channels), int(model_cfg.feature_dim))
     if model_cfg.extractor == "resnet":
-        return ResNetExtractor(channels, int(model_cfg.resnet_width), int(model_cfg.resnet_blocks), int(model_cfg.feature_dim))
+        return ResNetExtractor(
+            channels,
+            int(model_cfg.resnet_width),
+            int(model_cfg.resnet_blocks),
+            int(model_cfg.feature_dim),
+        )
     raise ValueError(f"unknown extractor '{model_cfg.extractor}'")
 
 
 # the parts of the stage-1 bundle each method trains (and so shares): FedCE never touches the
 # projector, FedSC never the CE head; the untrained part stays at its seeded initialisation
-STAGE1_PARTS = {"fedce": ("fe", "head"), "fedsc": ("fe", "projector"), "hybrid": ("fe", "head", "projector")}
+STAGE1_PARTS = {
+    "fedce": ("fe", "head"),
+    "fedsc": ("fe", "projector"),
+    "hybrid": ("fe", "head", "projector"),
+}
 
 
 def stage1_keys(bundle: ExtractorBundle, method: str) -> list[str]:
@@ -133,12 +158,16 @@ def stage1_keys(bundle: ExtractorBundle, method: str) -> list[str]:
     return sorted(k for k in bundle.state_dict() if k.split(".", 1)[0] in parts)
 
 
-def build_bundle(model_cfg: Any, image_shape: tuple[int, ...], num_classes: int, seed: int) -> ExtractorBundle:
+def build_bundle(
+    model_cfg: Any, image_shape: tuple[int, ...], num_classes: int, seed: int
+) -> ExtractorBundle:
     """F + linear head + projector, initialised from `seed` (identical on every node)."""
     torch.manual_seed(seed)
     fe = build_extractor(model_cfg, image_shape)
     dim = int(model_cfg.feature_dim)
-    return ExtractorBundle(fe, nn.Linear(dim, num_classes), Projector(dim, int(model_cfg.projector_dim)))
+    return ExtractorBundle(
+        fe, nn.Linear(dim, num_classes), Projector(dim, int(model_cfg.projector_dim))
+    )
 
 
 def build_expert(model_cfg: Any, num_classes: int, seed: int) -> Expert:
@@ -155,11 +184,17 @@ def build_gate(model_cfg: Any, num_experts: int, seed: int) -> Gate:
 
 def state_numpy(module: nn.Module, prefix: str = "") -> dict[str, Any]:
     """A module's parameters as numpy arrays, optionally keeping only one prefix."""
-    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items() if k.startswith(prefix)}
+    return {
+        k: v.detach().cpu().numpy() for k, v in module.state_dict().items() if k.startswith(prefix)
+    }
 
 
-def load_numpy(module: nn.Module, arrays: dict[str, Any], strict: bool = True,
-               expected: list[str] | None = None) -> None:
+def load_numpy(
+    module: nn.Module,
+    arrays: dict[str, Any],
+    strict: bool = True,
+    expected: list[str] | None = None,
+) -> None:
     """Load numpy arrays into a module; shapes and key sets must match: all of the module's keys
     (`strict`), exactly `expected`, or (neither) any subset."""
     own = module.state_dict()
@@ -171,7 +206,9 @@ def load_numpy(module: nn.Module, arrays: dict[str, Any], strict: bool = True,
         raise ValueError(f"missing parameter keys: {sorted(allowed - set(arrays))[:5]}")
     for key, value in arrays.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"shape mismatch for '{key}': got {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            raise ValueError(
+                f"shape mismatch for '{key}': got {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+            )
         if not torch.isfinite(torch.as_tensor(value)).all():
             raise ValueError(f"non-finite values (NaN/Inf) in '{key}'")
     module.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()}, strict=False)

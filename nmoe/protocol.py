@@ -11,7 +11,14 @@ TRAINABLE_GATES = ("rollgate", "fedgate")
 QUERY_MODES = ("infer", "cache")
 SPLITS = ("train", "gate", "test", "global")
 # per-split metrics of a `query.combine` reply, keyed `<name>.<i>` for the query's i-th split
-SEGMENT_METRICS = ("num-examples", "accuracy", "degraded", "answered-locally", "route-counts", "predictions")
+SEGMENT_METRICS = (
+    "num-examples",
+    "accuracy",
+    "degraded",
+    "answered-locally",
+    "route-counts",
+    "predictions",
+)
 # `train.expert` config "expert-init": train the personal expert from scratch, from the installed
 # shared expert, or not at all (install F and the baseline head only)
 EXPERT_INITS = ("scratch", "shared", "none")

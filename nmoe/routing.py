@@ -27,7 +27,9 @@ def topk_weights(
     """
     num_reachable = int(reachable.sum())
     if k > num_reachable:
-        raise ValueError(f"k={k} is larger than the neighbourhood ({num_reachable} reachable experts)")
+        raise ValueError(
+            f"k={k} is larger than the neighbourhood ({num_reachable} reachable experts)"
+        )
     if noise_std > 0:
         noise = torch.randn(scores.shape, generator=generator, dtype=scores.dtype) * noise_std
         scores = scores + noise
@@ -35,7 +37,9 @@ def topk_weights(
     top_values, top_index = scores.topk(k, dim=1)
     if renormalise:
         return torch.zeros_like(scores).scatter(1, top_index, torch.softmax(top_values, dim=1))
-    return torch.zeros_like(scores).scatter(1, top_index, torch.softmax(scores, dim=1).gather(1, top_index))
+    return torch.zeros_like(scores).scatter(
+        1, top_index, torch.softmax(scores, dim=1).gather(1, top_index)
+    )
 
 
 def random_weights(
@@ -46,7 +50,9 @@ def random_weights(
     scores = masked_scores(scores, reachable)
     num_reachable = int(reachable.sum())
     if k > num_reachable:
-        raise ValueError(f"k={k} is larger than the neighbourhood ({num_reachable} reachable experts)")
+        raise ValueError(
+            f"k={k} is larger than the neighbourhood ({num_reachable} reachable experts)"
+        )
     top_index = scores.topk(k, dim=1).indices
     return torch.zeros_like(scores).scatter(1, top_index, 1.0 / k)
 
@@ -73,17 +79,21 @@ def combine(
     return (kept.unsqueeze(-1) * expert_logits).sum(dim=1), degraded
 
 
-def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, exclude_self: bool = False,
-                      chunk: int = DISTANCE_CHUNK_ROWS) -> torch.Tensor:
+def nearest_distances(
+    queries: torch.Tensor,
+    reference: torch.Tensor,
+    exclude_self: bool = False,
+    chunk: int = DISTANCE_CHUNK_ROWS,
+) -> torch.Tensor:
     """(B,) Euclidean distance from each query row to its nearest reference row, `chunk` rows at a
     time (bounded memory); with `exclude_self`, queries are the reference and row i skips itself."""
     out = torch.empty(len(queries))
     for start in range(0, len(queries), chunk):
-        block = torch.cdist(queries[start:start + chunk], reference)
+        block = torch.cdist(queries[start : start + chunk], reference)
         if exclude_self:
             rows = torch.arange(len(block))
             block[rows, rows + start] = float("inf")
-        out[start:start + chunk] = block.min(dim=1).values
+        out[start : start + chunk] = block.min(dim=1).values
     return out
 
 

@@ -22,7 +22,9 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator
 
 
 @torch.no_grad()
-def forward_batched(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def forward_batched(
+    module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
     """Evaluate `module` on `x` in chunks, without gradients."""
     if isinstance(module, nn.Module):
         module.eval()
@@ -98,14 +100,22 @@ def train_extractor(
             steps += 1
     steps = max(steps, 1)
     return ExtractorResult(
-        totals["loss"] / steps, totals["ce"] / steps, totals["ssl"] / steps,
+        totals["loss"] / steps,
+        totals["ce"] / steps,
+        totals["ssl"] / steps,
         None if corr_sum is None else corr_sum / steps,
     )
 
 
 def fit(
-    module: nn.Module, num_samples: int, batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-    *, epochs: int, lr: float, batch_size: int, seed: int,
+    module: nn.Module,
+    num_samples: int,
+    batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
 ) -> float:
     """Adam over shuffled minibatches of `num_samples`; `batch_loss(indices, generator)` gives
     each batch's loss. Returns the last epoch's mean loss."""
@@ -127,11 +137,25 @@ def fit(
 
 
 def train_classifier(
-    module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int, seed: int
+    module: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
 ) -> float:
     """Supervised training of a small module (expert, head, probe); returns last-epoch loss."""
-    return fit(module, len(x), lambda idx, _: F.cross_entropy(module(x[idx]), y[idx]),
-               epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    return fit(
+        module,
+        len(x),
+        lambda idx, _: F.cross_entropy(module(x[idx]), y[idx]),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+    )
 
 
 def train_gate(
@@ -153,26 +177,41 @@ def train_gate(
     For k = 1 the softmax over one score is constant, so the kept weight is the softmax over
     all reachable experts instead (Switch style); inference uses the plain top-k rule.
     """
+
     def batch_loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        weights = topk_weights(gate(feats[idx]), reachable, k, noise_std, generator, renormalise=k > 1)
+        weights = topk_weights(
+            gate(feats[idx]), reachable, k, noise_std, generator, renormalise=k > 1
+        )
         return F.cross_entropy((weights.unsqueeze(-1) * expert_logits[idx]).sum(dim=1), y[idx])
 
     return fit(gate, len(feats), batch_loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
 @torch.no_grad()
-def gate_weights(gate: nn.Module, feats: torch.Tensor, reachable: torch.Tensor, k: int) -> torch.Tensor:
+def gate_weights(
+    gate: nn.Module, feats: torch.Tensor, reachable: torch.Tensor, k: int
+) -> torch.Tensor:
     """Inference routing weights: plain top-k over reachable experts (no noise)."""
     gate.eval()
     return topk_weights(forward_batched(gate, feats), reachable, k)
 
 
 def linear_probe(
-    train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-    *, num_classes: int, epochs: int, lr: float, batch_size: int, seed: int,
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
 ) -> float:
     """Accuracy of a linear classifier trained on frozen features."""
     torch.manual_seed(seed)
     probe = nn.Linear(train_f.shape[1], num_classes)
-    train_classifier(probe, train_f, train_y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    train_classifier(
+        probe, train_f, train_y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed
+    )
     return accuracy(forward_batched(probe, test_f), test_y)

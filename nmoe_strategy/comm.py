@@ -44,7 +44,9 @@ def describe_message(message: Message, direction: str, stage: str) -> dict[str, 
         "direction": direction,
         "stage": stage,
         "type": message.metadata.message_type,
-        "node": message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id,
+        "node": message.metadata.dst_node_id
+        if direction == "down"
+        else message.metadata.src_node_id,
         "error": message.error.reason if message.has_error() else None,
         "arrays": {},
     }
@@ -59,8 +61,13 @@ class CountingGrid:
     """Wraps a Grid: every send_and_receive is counted in the ledger under the current stage
     and, when `audit_path` is set, described (keys, shapes, dtypes) in a JSON-lines file."""
 
-    def __init__(self, grid: Grid, ledger: CommLedger, audit_path: str | Path | None = None,
-                 poll_interval_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        ledger: CommLedger,
+        audit_path: str | Path | None = None,
+        poll_interval_s: float = 0.02,
+    ) -> None:
         self.grid = grid
         self.ledger = ledger
         self.stage = "setup"

@@ -57,28 +57,43 @@ class NodeDirectory:
         raise KeyError(f"node {node_id} is not in the directory")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node_of": {str(k): v for k, v in self.node_of.items()},
-                "info": {str(k): v for k, v in self.info.items()},
-                "num_partitions": self.num_partitions}
+        return {
+            "node_of": {str(k): v for k, v in self.node_of.items()},
+            "info": {str(k): v for k, v in self.info.items()},
+            "num_partitions": self.num_partitions,
+        }
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> NodeDirectory:
-        return cls({int(k): int(v) for k, v in saved["node_of"].items()},
-                   {int(k): v for k, v in saved["info"].items()}, int(saved["num_partitions"]))
+        return cls(
+            {int(k): int(v) for k, v in saved["node_of"].items()},
+            {int(k): v for k, v in saved["info"].items()},
+            int(saved["num_partitions"]),
+        )
 
 
-def discover(grid: CountingGrid, config: ConfigRecord, min_nodes: int, timeout: float) -> NodeDirectory:
+def discover(
+    grid: CountingGrid, config: ConfigRecord, min_nodes: int, timeout: float
+) -> NodeDirectory:
     """Ask every connected node who it is (`query.info`) until all partitions are present."""
     deadline = time.monotonic() + timeout
     directory = NodeDirectory()
     while True:
         node_ids = [n for n in grid.get_node_ids() if n not in directory.node_of.values()]
         if node_ids and len(directory.node_of) + len(node_ids) >= min_nodes:
-            sent = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query.info") for n in node_ids]
+            sent = [
+                Message(RecordDict({"config": config}), dst_node_id=n, message_type="query.info")
+                for n in node_ids
+            ]
             replies = grid.send_and_receive(sent, timeout=timeout)
             for node_id, reply in replies_by_node(sent, replies).items():
                 if reply.has_error():
-                    log(WARNING, "node %d did not answer query.info: %s", node_id, reply.error.reason)
+                    log(
+                        WARNING,
+                        "node %d did not answer query.info: %s",
+                        node_id,
+                        reply.error.reason,
+                    )
                     continue
                 info = dict(reply.content["metrics"])
                 pid = int(info["partition-id"])
@@ -91,12 +106,20 @@ def discover(grid: CountingGrid, config: ConfigRecord, min_nodes: int, timeout: 
             break
         if time.monotonic() > deadline:
             if len(directory.node_of) >= min_nodes:
-                log(WARNING, "only %d of %d partitions connected; continuing",
-                    len(directory.node_of), directory.num_partitions)
+                log(
+                    WARNING,
+                    "only %d of %d partitions connected; continuing",
+                    len(directory.node_of),
+                    directory.num_partitions,
+                )
                 break
-            raise TimeoutError(f"only {len(directory.node_of)} nodes connected within {timeout}s (min_nodes={min_nodes})")
+            raise TimeoutError(
+                f"only {len(directory.node_of)} nodes connected within {timeout}s (min_nodes={min_nodes})"
+            )
         time.sleep(NODE_POLL_S)
-    log(INFO, "Node directory: %d partitions -> nodes %s", len(directory.node_of), directory.node_of)
+    log(
+        INFO, "Node directory: %d partitions -> nodes %s", len(directory.node_of), directory.node_of
+    )
     return directory
 
 
@@ -118,8 +141,10 @@ class Router:
         self.timeout = timeout
 
     def _send(self, contents: dict[int, RecordDict], message_type: str) -> dict[int, Message]:
-        sent = [Message(content, dst_node_id=self.directory.node_of[pid], message_type=message_type)
-                for pid, content in contents.items()]
+        sent = [
+            Message(content, dst_node_id=self.directory.node_of[pid], message_type=message_type)
+            for pid, content in contents.items()
+        ]
         by_node = replies_by_node(sent, self.grid.send_and_receive(sent, timeout=self.timeout))
         return {self.directory.pid_of(node): reply for node, reply in by_node.items()}
 
@@ -127,30 +152,46 @@ class Router:
         """One routed query per requester pid; `configs[pid]` says what to answer."""
         failed_requesters: set[int] = set()
         # Wave 1: route
-        routed = self._send({pid: RecordDict({"config": cfg}) for pid, cfg in configs.items()}, "query.route")
+        routed = self._send(
+            {pid: RecordDict({"config": cfg}) for pid, cfg in configs.items()}, "query.route"
+        )
         outbox: dict[int, dict[str, Any]] = defaultdict(dict)  # expert pid -> {from_<i>: features}
         asked: dict[int, list[int]] = {}
         for pid in configs:
             reply = routed.get(pid)
             if reply is None or reply.has_error():
-                log(WARNING, "requester %d failed in wave 1: %s", pid, reply.error.reason if reply else "no reply")
+                log(
+                    WARNING,
+                    "requester %d failed in wave 1: %s",
+                    pid,
+                    reply.error.reason if reply else "no reply",
+                )
                 failed_requesters.add(pid)
                 continue
             features = reply.content["features"]
             asked[pid] = []
             for key in features:
-                expert = int(key[len(TO_PREFIX):])
+                expert = int(key[len(TO_PREFIX) :])
                 outbox[expert][f"{FROM_PREFIX}{pid}"] = features[key]
                 asked[pid].append(expert)
         # Wave 2: expert
         reachable_owners = {e: batch for e, batch in outbox.items() if e in self.directory.node_of}
-        answered = self._send(
-            {e: RecordDict({"features": ArrayRecord(batch)}) for e, batch in reachable_owners.items()},
-            "query.expert",
-        ) if reachable_owners else {}
+        answered = (
+            self._send(
+                {
+                    e: RecordDict({"features": ArrayRecord(batch)})
+                    for e, batch in reachable_owners.items()
+                },
+                "query.expert",
+            )
+            if reachable_owners
+            else {}
+        )
         failed_experts = sorted(e for e in outbox if e not in answered or answered[e].has_error())
         for e in failed_experts:
-            reason = answered[e].error.reason if e in answered else "no reply (timeout or unknown node)"
+            reason = (
+                answered[e].error.reason if e in answered else "no reply (timeout or unknown node)"
+            )
             log(WARNING, "expert %d failed in wave 2: %s", e, reason)
         # Wave 3: combine
         combine_contents: dict[int, RecordDict] = {}
@@ -158,7 +199,9 @@ class Router:
             logits = ArrayRecord()
             for e in experts:
                 if e not in failed_experts:
-                    logits[f"{EXPERT_PREFIX}{e}"] = answered[e].content["logits"][f"{FROM_PREFIX}{pid}"]
+                    logits[f"{EXPERT_PREFIX}{e}"] = answered[e].content["logits"][
+                        f"{FROM_PREFIX}{pid}"
+                    ]
             failed = [e for e in experts if e in failed_experts]
             combine_config = ConfigRecord(dict(configs[pid]))
             combine_config["failed"] = ",".join(str(e) for e in failed)
@@ -168,9 +211,13 @@ class Router:
         for pid in asked:
             reply = combined.get(pid)
             if reply is None or reply.has_error():
-                log(WARNING, "requester %d failed in wave 3: %s", pid, reply.error.reason if reply else "no reply")
+                log(
+                    WARNING,
+                    "requester %d failed in wave 3: %s",
+                    pid,
+                    reply.error.reason if reply else "no reply",
+                )
                 failed_requesters.add(pid)
                 continue
             metrics[pid] = reply.content["metrics"]
         return WaveReport(metrics, failed_experts, sorted(failed_requesters))
-

@@ -57,7 +57,9 @@ class NMoEStrategy(FedAvg):
             content = RecordDict({ARRAYS: arrays, CONFIG: config})
             if per_node_arrays and node_id in per_node_arrays:
                 content["peer"] = per_node_arrays[node_id]
-            messages.append(Message(content=content, dst_node_id=node_id, message_type=f"train.{stage}"))
+            messages.append(
+                Message(content=content, dst_node_id=node_id, message_type=f"train.{stage}")
+            )
         return messages
 
     def enough_replies(self, num_valid: int, num_sent: int) -> bool:
@@ -74,19 +76,32 @@ class NMoEStrategy(FedAvg):
             return None, None
         filtered: list[RecordDict] = []
         for reply in valid:
-            received = reply.content[ARRAYS] if ARRAYS in reply.content.array_records else ArrayRecord()
+            received = (
+                reply.content[ARRAYS] if ARRAYS in reply.content.array_records else ArrayRecord()
+            )
             missing = [k for k in shared if k not in received]
             if missing:
-                raise ValueError(f"reply from node {reply.metadata.src_node_id} lacks shared keys {missing[:5]}")
+                raise ValueError(
+                    f"reply from node {reply.metadata.src_node_id} lacks shared keys {missing[:5]}"
+                )
             extra = [k for k in received if k not in shared]
             if extra:
-                log(WARNING, "Dropping %d non-shared keys from node %d (e.g. %s)",
-                    len(extra), reply.metadata.src_node_id, extra[0])
+                log(
+                    WARNING,
+                    "Dropping %d non-shared keys from node %d (e.g. %s)",
+                    len(extra),
+                    reply.metadata.src_node_id,
+                    extra[0],
+                )
             metrics = reply.content[METRICS]
-            filtered.append(RecordDict({
-                ARRAYS: ArrayRecord({k: received[k] for k in shared}),
-                METRICS: MetricRecord({NUM_EXAMPLES: metrics[NUM_EXAMPLES]}),
-            }))
+            filtered.append(
+                RecordDict(
+                    {
+                        ARRAYS: ArrayRecord({k: received[k] for k in shared}),
+                        METRICS: MetricRecord({NUM_EXAMPLES: metrics[NUM_EXAMPLES]}),
+                    }
+                )
+            )
         arrays = aggregate_arrayrecords(filtered, NUM_EXAMPLES) if shared else ArrayRecord()
         metrics = self.train_metrics_aggr_fn([r.content for r in valid], NUM_EXAMPLES)
         return arrays, metrics

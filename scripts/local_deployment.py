@@ -57,7 +57,9 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = STARTUP
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"process {process.pid} exited with code {process.returncode} before listening on {port}")
+            raise RuntimeError(
+                f"process {process.pid} exited with code {process.returncode} before listening on {port}"
+            )
         with socket.socket() as sock:
             if sock.connect_ex((LOOPBACK, port)) == 0:
                 return
@@ -169,8 +171,14 @@ class SuperNode:
 class Deployment:
     """A SuperLink and N SuperNodes on loopback, each a real process stopped by PID."""
 
-    def __init__(self, workdir: Path, num_nodes: int, tls: bool = False, auth: bool = False,
-                 certs_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        num_nodes: int,
+        tls: bool = False,
+        auth: bool = False,
+        certs_dir: Path | None = None,
+    ) -> None:
         if num_nodes < 1:
             raise ValueError(f"--nodes must be >= 1, got {num_nodes}")
         if auth and not tls:
@@ -199,24 +207,43 @@ class Deployment:
 
     def env(self, home: Path) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({"FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
+        env.update(
+            {
+                "FLWR_HOME": str(home),
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            }
+        )
         return env
 
     def flwr(self, *args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
         """Run the `flwr` CLI against this deployment (cwd = repo root, FLWR_HOME of the launcher)."""
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env(self.home), cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env(self.home),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def _spawn(self, command: list[str], home: Path, log: Path) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as handle:
-            return subprocess.Popen(command, env=self.env(home), cwd=REPO, stdout=handle,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                command,
+                env=self.env(home),
+                cwd=REPO,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     # --- setup -----------------------------------------------------------------------
     def _certificates(self) -> None:
-        out = subprocess.run(["bash", str(CERT_SCRIPT), str(self.certs_dir)], capture_output=True, text=True)
+        out = subprocess.run(
+            ["bash", str(CERT_SCRIPT), str(self.certs_dir)], capture_output=True, text=True
+        )
         if out.returncode != 0:
             raise RuntimeError(f"{CERT_SCRIPT.name} failed: {out.stdout} {out.stderr}")
 
@@ -233,13 +260,18 @@ class Deployment:
         private = self.keys_dir / name
         if not private.is_file():
             self.keys_dir.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["ssh-keygen", *KEY_TYPE, "-N", "", "-q", "-C", name, "-f", str(private)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["ssh-keygen", *KEY_TYPE, "-N", "", "-q", "-C", name, "-f", str(private)],
+                check=True,
+                capture_output=True,
+            )
         return private
 
     def register(self, private_key: Path) -> str:
         """`flwr supernode register <key>.pub`; returns the node id the SuperLink assigned."""
-        out = self.flwr("supernode", "register", f"{private_key}.pub", CONNECTION, "--format", "json")
+        out = self.flwr(
+            "supernode", "register", f"{private_key}.pub", CONNECTION, "--format", "json"
+        )
         payload = _json_payload(out.stdout)
         if not payload.get("success"):
             raise RuntimeError(f"registering {private_key}.pub failed: {out.stdout} {out.stderr}")
@@ -260,17 +292,34 @@ class Deployment:
     def start(self) -> Deployment:
         """Start a fresh SuperLink, then every SuperNode (registering its key first with --auth)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for stale in self.workdir.glob("state.db*"):  # a fresh SuperLink each launch; node state dirs stay
+        for stale in self.workdir.glob(
+            "state.db*"
+        ):  # a fresh SuperLink each launch; node state dirs stay
             stale.unlink()
         if self.tls:
             self._certificates()
         self._write_connection()
-        command = [str(BIN / "flower-superlink"), "--isolation", "subprocess", "--host", LOOPBACK,
-                   "--port", str(self.port), "--database", str(self.workdir / "state.db"),
-                   "--disable-runtime-dependency-installation"]
+        command = [
+            str(BIN / "flower-superlink"),
+            "--isolation",
+            "subprocess",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.workdir / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.tls:
-            command += ["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.certs_dir / "server.pem"),
-                        "--ssl-keyfile", str(self.certs_dir / "server.key")]
+            command += [
+                "--ssl-ca-certfile",
+                str(self.ca_cert),
+                "--ssl-certfile",
+                str(self.certs_dir / "server.pem"),
+                "--ssl-keyfile",
+                str(self.certs_dir / "server.key"),
+            ]
         else:
             command.append("--insecure")
         if self.auth:
@@ -286,10 +335,19 @@ class Deployment:
 
     # --- SuperNodes ----------------------------------------------------------------------
     def _node_command(self, node: SuperNode, num_partitions: int) -> list[str]:
-        node_config = (f"partition-id={node.index} num-partitions={num_partitions} "
-                       f"state-dir='{node.state_dir}'")
-        command = [str(BIN / "flower-supernode"), "--superlink", self.address, "--port", str(node.port),
-                   "--node-config", node_config]
+        node_config = (
+            f"partition-id={node.index} num-partitions={num_partitions} "
+            f"state-dir='{node.state_dir}'"
+        )
+        command = [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            self.address,
+            "--port",
+            str(node.port),
+            "--node-config",
+            node_config,
+        ]
         command += ["--root-certificates", str(self.ca_cert)] if self.tls else ["--insecure"]
         if node.private_key is not None:
             command += ["--auth-supernode-private-key", str(node.private_key)]
@@ -305,8 +363,14 @@ class Deployment:
             raise RuntimeError(f"SuperNode {index} is already running (PID {old.process.pid})")
         if private_key is None and self.auth:
             private_key = self.keys_dir / f"node-{index}"
-        node = SuperNode(index, free_port(), self.workdir / f"node-{index}", self.workdir / "homes" / f"node-{index}",
-                         self.logs_dir / f"node-{index}.log", private_key)
+        node = SuperNode(
+            index,
+            free_port(),
+            self.workdir / f"node-{index}",
+            self.workdir / "homes" / f"node-{index}",
+            self.logs_dir / f"node-{index}.log",
+            private_key,
+        )
         node.state_dir.mkdir(parents=True, exist_ok=True)
         node.process = self._spawn(self._node_command(node, self.num_nodes), node.home, node.log)
         self.nodes[index] = node
@@ -314,8 +378,14 @@ class Deployment:
 
     def start_extra_node(self, name: str, partition_id: int, private_key: Path | None) -> SuperNode:
         """Start a SuperNode outside the federation's N (e.g. with an unregistered key)."""
-        node = SuperNode(partition_id, free_port(), self.workdir / name, self.workdir / "homes" / name,
-                         self.logs_dir / f"{name}.log", private_key)
+        node = SuperNode(
+            partition_id,
+            free_port(),
+            self.workdir / name,
+            self.workdir / "homes" / name,
+            self.logs_dir / f"{name}.log",
+            private_key,
+        )
         node.state_dir.mkdir(parents=True, exist_ok=True)
         node.process = self._spawn(self._node_command(node, self.num_nodes), node.home, node.log)
         self._extra.append(node)
@@ -351,8 +421,10 @@ class Deployment:
         while time.monotonic() < deadline:
             for node in self.nodes.values():
                 if node.process is not None and node.process.poll() is not None:
-                    raise RuntimeError(f"SuperNode {node.index} exited with code {node.process.returncode}; "
-                                       f"see {node.log}")
+                    raise RuntimeError(
+                        f"SuperNode {node.index} exited with code {node.process.returncode}; "
+                        f"see {node.log}"
+                    )
             online = self.online_nodes()
             if len(online) == count:
                 return online
@@ -362,7 +434,9 @@ class Deployment:
     # --- runs ------------------------------------------------------------------------------
     def submit(self, overrides: str) -> str:
         """`flwr run . <conn> --run-config overrides='...'`; returns the run id."""
-        out = self.flwr("run", ".", CONNECTION, "--run-config", f"overrides='{overrides}'", "--format", "json")
+        out = self.flwr(
+            "run", ".", CONNECTION, "--run-config", f"overrides='{overrides}'", "--format", "json"
+        )
         payload = _json_payload(out.stdout)
         if not payload.get("success"):
             raise RuntimeError(f"flwr run failed: {out.stdout} {out.stderr}")
@@ -395,7 +469,9 @@ class Deployment:
 
     def pids(self) -> dict[str, int]:
         """PIDs of the processes still running, by name."""
-        named = {"superlink": self.superlink} | {f"node-{i}": n.process for i, n in self.nodes.items()}
+        named = {"superlink": self.superlink} | {
+            f"node-{i}": n.process for i, n in self.nodes.items()
+        }
         named |= {n.log.stem: n.process for n in self._extra}
         return {name: p.pid for name, p in named.items() if p is not None and p.poll() is None}
 
@@ -424,38 +500,67 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (= partitions)")
-    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "deployment",
-                        help="folder for logs, FLWR_HOME, keys, certificates and node state")
-    parser.add_argument("--overrides", default="experiment=smoke", help="Hydra overrides for the run")
-    parser.add_argument("--tls", action="store_true", help="TLS with certificates from generate_certs.sh")
-    parser.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
-    parser.add_argument("--certs", type=Path, default=None, help="certificate folder (default: <workdir>/certificates)")
-    parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT_S, help="seconds to wait for the run")
-    parser.add_argument("--keep-running", action="store_true",
-                        help="leave the SuperLink and SuperNodes up after the run and print their PIDs")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPO / "outputs" / "deployment",
+        help="folder for logs, FLWR_HOME, keys, certificates and node state",
+    )
+    parser.add_argument(
+        "--overrides", default="experiment=smoke", help="Hydra overrides for the run"
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="TLS with certificates from generate_certs.sh"
+    )
+    parser.add_argument(
+        "--auth", action="store_true", help="SuperNode authentication (needs --tls)"
+    )
+    parser.add_argument(
+        "--certs",
+        type=Path,
+        default=None,
+        help="certificate folder (default: <workdir>/certificates)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=RUN_TIMEOUT_S, help="seconds to wait for the run"
+    )
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the SuperLink and SuperNodes up after the run and print their PIDs",
+    )
     args = parser.parse_args(argv)
 
     try:
-        deployment = Deployment(args.workdir, args.nodes, tls=args.tls, auth=args.auth, certs_dir=args.certs)
+        deployment = Deployment(
+            args.workdir, args.nodes, tls=args.tls, auth=args.auth, certs_dir=args.certs
+        )
     except ValueError as err:
         parser.error(str(err))
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    overrides, results = with_output_dir(args.overrides, deployment.workdir / "outputs" / time.strftime("%Y%m%d-%H%M%S"))
+    overrides, results = with_output_dir(
+        args.overrides, deployment.workdir / "outputs" / time.strftime("%Y%m%d-%H%M%S")
+    )
     keep = False
     try:
         started = time.monotonic()
         deployment.start()
-        print(f"SuperLink {deployment.address} ({'TLS' if args.tls else 'insecure'}"
-              f"{', node auth' if args.auth else ''}), {args.nodes} SuperNodes online "
-              f"in {time.monotonic() - started:.1f}s; logs in {deployment.logs_dir}", flush=True)
+        print(
+            f"SuperLink {deployment.address} ({'TLS' if args.tls else 'insecure'}"
+            f"{', node auth' if args.auth else ''}), {args.nodes} SuperNodes online "
+            f"in {time.monotonic() - started:.1f}s; logs in {deployment.logs_dir}",
+            flush=True,
+        )
         started = time.monotonic()
         status, run_id = deployment.run(overrides, args.timeout)
         print(f"run {run_id}: {status} in {time.monotonic() - started:.1f}s")
         print(f"results: {results}")
         if args.keep_running:
             keep = True
-            print(f"FLWR_HOME={deployment.home} (connection '{CONNECTION}'); still running, stop each with "
-                  "kill -TERM -<PID>:")
+            print(
+                f"FLWR_HOME={deployment.home} (connection '{CONNECTION}'); still running, stop each with "
+                "kill -TERM -<PID>:"
+            )
             for name, pid in deployment.pids().items():
                 print(f"  {name}: {pid}")
         return 0 if status == COMPLETED_STATUS else 1

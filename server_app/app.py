@@ -45,7 +45,11 @@ def make_server_app(cfg: DictConfig | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = cfg if cfg is not None else compose_config(parse_overrides(str(context.run_config.get("overrides", ""))))
+        config = (
+            cfg
+            if cfg is not None
+            else compose_config(parse_overrides(str(context.run_config.get("overrides", ""))))
+        )
         run_job(grid, config)
 
     return server_app

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from nmoe.results import write_json_atomic, write_npz_atomic
+from nmoe.atomic import write_json_atomic, write_npz_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
@@ -37,19 +37,30 @@ class Checkpoint:
 
     def round_done(self, stage: str) -> int:
         """Last completed round of `stage` (0 if none)."""
-        return int(self.in_progress.get("round", 0)) if self.in_progress.get("stage") == stage else 0
+        return (
+            int(self.in_progress.get("round", 0)) if self.in_progress.get("stage") == stage else 0
+        )
 
 
 def save(output_dir: Path, checkpoint: Checkpoint) -> None:
     """Write arrays first, then state.json (which names a consistent set of arrays)."""
     folder = output_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    flat = {f"{name}{SEP}{key}": arr.numpy() for name, rec in checkpoint.arrays.items() for key, arr in rec.items()}
+    flat = {
+        f"{name}{SEP}{key}": arr.numpy()
+        for name, rec in checkpoint.arrays.items()
+        for key, arr in rec.items()
+    }
     write_npz_atomic(folder / ARRAYS_FILE, flat)
-    write_json_atomic(folder / STATE_FILE, {
-        "completed": checkpoint.completed, "in_progress": checkpoint.in_progress,
-        "results": checkpoint.results, "ledger": checkpoint.ledger,
-    })
+    write_json_atomic(
+        folder / STATE_FILE,
+        {
+            "completed": checkpoint.completed,
+            "in_progress": checkpoint.in_progress,
+            "results": checkpoint.results,
+            "ledger": checkpoint.ledger,
+        },
+    )
 
 
 def load(resume_dir: str | Path) -> Checkpoint:
@@ -64,4 +75,6 @@ def load(resume_dir: str | Path) -> Checkpoint:
             for full_key in npz.files:
                 name, key = full_key.split(SEP, 1)
                 arrays.setdefault(name, ArrayRecord())[key] = Array(np.array(npz[full_key]))
-    return Checkpoint(state["completed"], state["in_progress"], state["results"], state["ledger"], arrays)
+    return Checkpoint(
+        state["completed"], state["in_progress"], state["results"], state["ledger"], arrays
+    )

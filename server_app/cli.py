@@ -56,7 +56,9 @@ def run_job(cfg: DictConfig) -> Path:
     )
     output_dir = Path(str(cfg.output_dir)).expanduser().resolve()
     if not (output_dir / RESULTS_FILE).is_file():
-        raise RuntimeError(f"the simulation wrote no {RESULTS_FILE} in {output_dir}: see the log above")
+        raise RuntimeError(
+            f"the simulation wrote no {RESULTS_FILE} in {output_dir}: see the log above"
+        )
     log.info("Results and plots in %s", output_dir)
     return output_dir
 

@@ -41,7 +41,16 @@ NO_OVERRIDES_LABEL = "(no overrides)"
 ACC_SUFFIX = "-acc"
 LOSS_KEY = "loss"
 SPLITS = (("accuracy", "local test"), ("accuracy_global", "global test"))
-CSV_COLUMNS = ("group", "method", "n_seeds", "seeds", "local_mean", "local_std", "global_mean", "global_std")
+CSV_COLUMNS = (
+    "group",
+    "method",
+    "n_seeds",
+    "seeds",
+    "local_mean",
+    "local_std",
+    "global_mean",
+    "global_std",
+)
 
 DPI = 120
 WIDE_FIGSIZE = (11.0, 4.5)
@@ -61,12 +70,16 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _round_series(history: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
+def _round_series(
+    history: list[dict[str, Any]],
+) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
     """`(stage, metric) -> (rounds, per-round mean)` for every numeric metric of the history."""
     values: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in history:
         for key, value in row.items():
-            if key not in ("stage", "round", "replies", "client") and isinstance(value, (int, float)):
+            if key not in ("stage", "round", "replies", "client") and isinstance(
+                value, (int, float)
+            ):
                 values[(str(row["stage"]), key)][int(row["round"])].append(float(value))
     return {
         key: (sorted(by_round), [statistics.fmean(by_round[r]) for r in sorted(by_round)])
@@ -83,10 +96,15 @@ def plot_rounds(results: dict[str, Any], path: Path) -> Path | None:
     acc_ax, loss_ax = fig.subplots(1, 2)
     for (stage, metric), (rounds, values) in series.items():
         if metric.endswith(ACC_SUFFIX):
-            acc_ax.plot(rounds, values, marker="o", markersize=MARKER_SIZE, label=f"{stage}: {metric}")
+            acc_ax.plot(
+                rounds, values, marker="o", markersize=MARKER_SIZE, label=f"{stage}: {metric}"
+            )
         elif metric == LOSS_KEY:
             loss_ax.plot(rounds, values, marker="o", markersize=MARKER_SIZE, label=stage)
-    for ax, title, ylabel in ((acc_ax, "Accuracy per round", "accuracy"), (loss_ax, "Training loss per round", "loss")):
+    for ax, title, ylabel in (
+        (acc_ax, "Accuracy per round", "accuracy"),
+        (loss_ax, "Training loss per round", "loss"),
+    ):
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -136,7 +154,9 @@ def plot_routing(results: dict[str, Any], path: Path) -> Path | None:
     for row, pid in enumerate(requesters):
         matrix[row, : len(counts[pid])] = counts[pid]
     expert_labels = [str(j) for j in range(num_experts)]
-    if results.get("config", {}).get("expert", {}).get("shared_expert") and num_experts > len(requesters):
+    if results.get("config", {}).get("expert", {}).get("shared_expert") and num_experts > len(
+        requesters
+    ):
         expert_labels[-1] = "shared"
     fig = Figure(figsize=SQUARE_FIGSIZE)
     ax = fig.subplots()
@@ -150,8 +170,15 @@ def plot_routing(results: dict[str, Any], path: Path) -> Path | None:
     if matrix.size <= ANNOTATE_MAX_CELLS:
         middle = matrix.max() / 2
         for (row, col), value in np.ndenumerate(matrix):
-            ax.text(col, row, f"{int(value)}", ha="center", va="center", fontsize="small",
-                    color="black" if value > middle else "white")
+            ax.text(
+                col,
+                row,
+                f"{int(value)}",
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="black" if value > middle else "white",
+            )
     return _save(fig, path)
 
 
@@ -166,7 +193,12 @@ def plot_bytes(results: dict[str, Any], path: Path) -> Path | None:
     fig = Figure(figsize=WIDE_FIGSIZE)
     ax = fig.subplots()
     for index, direction in enumerate(("up", "down")):
-        ax.bar(x + (index - 0.5) * width, [ledger[s].get(direction, 0) for s in stages], width, label=direction)
+        ax.bar(
+            x + (index - 0.5) * width,
+            [ledger[s].get(direction, 0) for s in stages],
+            width,
+            label=direction,
+        )
     ax.set_yscale("log")
     ax.set_xticks(x, stages, rotation=30, ha="right")
     ax.set_ylabel("bytes (log scale)")
@@ -262,18 +294,23 @@ def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
         for method in methods:
             scored = [job for job in members if method in job.results.get("accuracy", {})]
             local = [float(job.results["accuracy"][method]["mean"]) for job in scored]
-            glob = [float(job.results["accuracy_global"][method]["mean"]) for job in scored
-                    if method in job.results.get("accuracy_global", {})]
-            rows.append({
-                "group": label,
-                "method": method,
-                "n_seeds": len(scored),
-                "seeds": " ".join(str(job.seed) for job in scored),
-                "local_mean": statistics.fmean(local),
-                "local_std": _std(local),
-                "global_mean": statistics.fmean(glob) if glob else math.nan,
-                "global_std": _std(glob),
-            })
+            glob = [
+                float(job.results["accuracy_global"][method]["mean"])
+                for job in scored
+                if method in job.results.get("accuracy_global", {})
+            ]
+            rows.append(
+                {
+                    "group": label,
+                    "method": method,
+                    "n_seeds": len(scored),
+                    "seeds": " ".join(str(job.seed) for job in scored),
+                    "local_mean": statistics.fmean(local),
+                    "local_std": _std(local),
+                    "global_mean": statistics.fmean(glob) if glob else math.nan,
+                    "global_std": _std(glob),
+                }
+            )
     return rows
 
 
@@ -290,8 +327,10 @@ def _markdown(sweep_dir: Path, rows: list[dict[str, Any]], num_jobs: int) -> str
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['group']} | {row['method']} | {row['n_seeds']} | {row['seeds']} | "
-                     f"{cell(row['local_mean'], row['local_std'])} | {cell(row['global_mean'], row['global_std'])} |")
+        lines.append(
+            f"| {row['group']} | {row['method']} | {row['n_seeds']} | {row['seeds']} | "
+            f"{cell(row['local_mean'], row['local_std'])} | {cell(row['global_mean'], row['global_std'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +356,9 @@ def summarize_sweep(sweep_dir: str | Path) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     """`nmoe-report PATH`: replot one job (PATH holds results.json) or a whole sweep plus its summary."""
     parser = argparse.ArgumentParser(prog="nmoe-report", description=main.__doc__)
-    parser.add_argument("path", type=Path, help=f"a job folder (with {RESULTS_FILE}) or a sweep folder")
+    parser.add_argument(
+        "path", type=Path, help=f"a job folder (with {RESULTS_FILE}) or a sweep folder"
+    )
     args = parser.parse_args(argv)
     path: Path = args.path
     if path.is_file() and path.name == RESULTS_FILE:

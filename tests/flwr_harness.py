@@ -61,8 +61,13 @@ class LocalFederation:
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({"FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
+        env.update(
+            {
+                "FLWR_HOME": str(self.home),
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            }
+        )
         return env
 
     def start(self) -> LocalFederation:
@@ -74,10 +79,24 @@ class LocalFederation:
         )
         log = (self.home / "superlink.log").open("w")
         self.process = subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-             "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.home / "state.db"),
-             "--disable-runtime-dependency-installation"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.home / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         wait_for_port(self.port)
         return self
@@ -87,13 +106,21 @@ class LocalFederation:
             stop(self.process)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def run_app(self, overrides: str) -> str:
         """`flwr run . test --run-config overrides=...`; returns the run id."""
-        out = self.flwr("run", ".", "test", "--run-config", f"overrides='{overrides}'", "--format", "json")
-        payload = json.loads(out.stdout[out.stdout.index("{"):])
+        out = self.flwr(
+            "run", ".", "test", "--run-config", f"overrides='{overrides}'", "--format", "json"
+        )
+        payload = json.loads(out.stdout[out.stdout.index("{") :])
         if not payload.get("success"):
             raise RuntimeError(f"flwr run failed: {out.stdout} {out.stderr}")
         return str(payload["run-id"])
@@ -103,7 +130,7 @@ class LocalFederation:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             out = self.flwr("ls", "test", "--format", "json")
-            runs = json.loads(out.stdout[out.stdout.index("{"):]).get("runs", [])
+            runs = json.loads(out.stdout[out.stdout.index("{") :]).get("runs", [])
             status = next((r["status"] for r in runs if str(r["run-id"]) == run_id), "")
             if status.startswith(TERMINAL_STATUS):
                 return status

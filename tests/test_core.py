@@ -12,7 +12,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from nmoe.config import ConfigError, compose_config
 from nmoe.data import federation_spec, load_all_clients, load_client_data
 from nmoe.inference import assemble, local_logits, plan_route
-from nmoe.routing import answer_locally, combine, familiar, nearest_distances, random_weights, topk_weights
+from nmoe.routing import (
+    answer_locally,
+    combine,
+    familiar,
+    nearest_distances,
+    random_weights,
+    topk_weights,
+)
 from nmoe_strategy.comm import CommLedger
 from nmoe_strategy.strategy import NMoEStrategy
 
@@ -29,20 +36,30 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _reply(node_id: int, arrays: dict[str, np.ndarray], num_examples: int) -> Message:
-    request = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node_id, message_type="train.fe_ce")
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": num_examples, "loss": float(node_id)}),
-    })
+    request = Message(
+        RecordDict({"config": ConfigRecord({"x": 1})}),
+        dst_node_id=node_id,
+        message_type="train.fe_ce",
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": num_examples, "loss": float(node_id)}),
+        }
+    )
     return Message(content, reply_to=request)
 
 
 def test_strategy_averages_exactly_the_shared_keys() -> None:
     counts = [10, 30, 60]
-    shared = {f"fe.w{i}": [RNG.normal(size=(3, 4)).astype(np.float32) for _ in counts] for i in range(2)}
+    shared = {
+        f"fe.w{i}": [RNG.normal(size=(3, 4)).astype(np.float32) for _ in counts] for i in range(2)
+    }
     personal = [RNG.normal(size=(5,)).astype(np.float32) for _ in counts]
     replies = [
-        _reply(n + 1, {**{k: v[n] for k, v in shared.items()}, "net.0.weight": personal[n]}, counts[n])
+        _reply(
+            n + 1, {**{k: v[n] for k, v in shared.items()}, "net.0.weight": personal[n]}, counts[n]
+        )
         for n in range(len(counts))
     ]
     arrays, metrics = NMoEStrategy(CommLedger()).aggregate_shared(1, replies, shared.keys())
@@ -51,11 +68,16 @@ def test_strategy_averages_exactly_the_shared_keys() -> None:
         expected = sum(c * v for c, v in zip(counts, values)) / sum(counts)
         np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
     assert metrics is not None
-    assert metrics["loss"] == pytest.approx(sum(c * (i + 1) for i, c in enumerate(counts)) / sum(counts))
+    assert metrics["loss"] == pytest.approx(
+        sum(c * (i + 1) for i, c in enumerate(counts)) / sum(counts)
+    )
 
 
 def test_strategy_rejects_reply_missing_a_shared_key() -> None:
-    replies = [_reply(1, {"fe.a": np.ones(2, np.float32)}, 5), _reply(2, {"fe.b": np.ones(2, np.float32)}, 5)]
+    replies = [
+        _reply(1, {"fe.a": np.ones(2, np.float32)}, 5),
+        _reply(2, {"fe.b": np.ones(2, np.float32)}, 5),
+    ]
     with pytest.raises(ValueError, match="lacks shared keys"):
         NMoEStrategy(CommLedger()).aggregate_shared(1, replies, ["fe.a"])
 
@@ -81,7 +103,11 @@ def test_masked_experts_never_chosen_even_with_noise() -> None:
     reachable = torch.tensor([True, False, True, False, True, False])
     for _ in range(50):
         scores = torch.randn(64, 6, generator=generator) * 10
-        assert topk_weights(scores, reachable, 3, noise_std=5.0, generator=generator)[:, ~reachable].eq(0).all()
+        assert (
+            topk_weights(scores, reachable, 3, noise_std=5.0, generator=generator)[:, ~reachable]
+            .eq(0)
+            .all()
+        )
         rand = random_weights(64, reachable, 2, generator)
         assert rand[:, ~reachable].eq(0).all() and torch.allclose(rand.sum(1), torch.ones(64))
 
@@ -111,11 +137,17 @@ def test_combination_equals_weighted_sum_of_expert_logits() -> None:
 def test_local_first_keeps_familiar_samples_on_the_own_expert() -> None:
     """Familiar = within the quantile of the own training features' nearest-neighbour distances;
     those samples go to the own expert alone, the others keep their gate weights."""
-    own_feats = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])  # leave-one-out NN distances 1, 1, 2
-    queries = torch.tensor([[0.5, 0.0], [3.0, 1.5], [10.0, 0.0], [1.0, 0.9]])  # NN distances 0.5, 1.5, 7, 0.9
+    own_feats = torch.tensor(
+        [[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]]
+    )  # leave-one-out NN distances 1, 1, 2
+    queries = torch.tensor(
+        [[0.5, 0.0], [3.0, 1.5], [10.0, 0.0], [1.0, 0.9]]
+    )  # NN distances 0.5, 1.5, 7, 0.9
     assert familiar(queries, own_feats, 0.5).tolist() == [True, False, False, True]  # radius 1
     assert familiar(queries, own_feats, 1.0).tolist() == [True, True, False, True]  # radius 2
-    assert not familiar(queries, own_feats[:1], 1.0).any()  # one own sample: no radius, nothing familiar
+    assert not familiar(
+        queries, own_feats[:1], 1.0
+    ).any()  # one own sample: no radius, nothing familiar
     weights = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.0, 0.8], [0.0, 0.0, 1.0], [0.3, 0.7, 0.0]])
     local = torch.tensor([True, False, True, False])
     out = answer_locally(weights, own=1, local=local)
@@ -145,7 +177,9 @@ def test_partitions_are_deterministic_disjoint_and_global_test_balanced() -> Non
     assert counts.min() == counts.max() > 0
     sizes = [len(c.train_y) + len(c.test_y) for c in clients]
     assert sum(sizes) + len(clients[0].global_y) == 1797
-    label_shares = [torch.bincount(c.train_y, minlength=10).float() / len(c.train_y) for c in clients]
+    label_shares = [
+        torch.bincount(c.train_y, minlength=10).float() / len(c.train_y) for c in clients
+    ]
     assert max(float(s.max()) for s in label_shares) > 0.4  # alpha 0.3 is visibly skewed
 
 
@@ -173,13 +207,20 @@ def test_partition_id_out_of_range() -> None:
         load_client_data(spec, 6, 6)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("fe.rounds=0", "fe.rounds"), ("partition.alpha=0", "partition.alpha"), ("gate.k=-1", "gate.k"),
-    ("baselines=[fedprox]", "baselines"), ("fe.method=fedfoo", "fe.method"),
-    ("dataset.name=mnist", "dataset.name"), ("expert.epochs=0", "expert.epochs"),
-    ("gate.local_first_quantile=1.5", "gate.local_first_quantile"),
-    ("expert.init_from_shared=true", "expert.init_from_shared"),  # needs expert=with_shared
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("fe.rounds=0", "fe.rounds"),
+        ("partition.alpha=0", "partition.alpha"),
+        ("gate.k=-1", "gate.k"),
+        ("baselines=[fedprox]", "baselines"),
+        ("fe.method=fedfoo", "fe.method"),
+        ("dataset.name=mnist", "dataset.name"),
+        ("expert.epochs=0", "expert.epochs"),
+        ("gate.local_first_quantile=1.5", "gate.local_first_quantile"),
+        ("expert.init_from_shared=true", "expert.init_from_shared"),  # needs expert=with_shared
+    ],
+)
 def test_invalid_config_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         compose_config([override])
@@ -198,7 +239,19 @@ def test_gate_with_k1_still_learns() -> None:
     gate = build_gate(type("M", (), {"feature_dim": dim, "gate_hidden": 16})(), experts, 0)
     before = [p.detach().clone() for p in gate.parameters()]
     reachable = torch.ones(experts, dtype=torch.bool)
-    train_gate(gate, feats, labels, logits, reachable, k=1, noise_std=0.5, epochs=20, lr=0.05, batch_size=32, seed=0)
+    train_gate(
+        gate,
+        feats,
+        labels,
+        logits,
+        reachable,
+        k=1,
+        noise_std=0.5,
+        epochs=20,
+        lr=0.05,
+        batch_size=32,
+        seed=0,
+    )
     assert any(not torch.equal(a, b) for a, b in zip(before, gate.parameters()))
     with torch.no_grad():
         chosen = topk_weights(gate(feats), reachable, 1).argmax(dim=1)
@@ -211,4 +264,6 @@ def test_nearest_distances_in_chunks_match_the_full_matrix() -> None:
     full = torch.cdist(queries, reference).min(dim=1).values
     torch.testing.assert_close(nearest_distances(queries, reference, chunk=7), full)
     among = torch.cdist(reference, reference).fill_diagonal_(float("inf")).min(dim=1).values
-    torch.testing.assert_close(nearest_distances(reference, reference, exclude_self=True, chunk=7), among)
+    torch.testing.assert_close(
+        nearest_distances(reference, reference, exclude_self=True, chunk=7), among
+    )

@@ -44,9 +44,13 @@ CRASH_NODES = 4
 VICTIM = 3
 CRASH_FE_ROUNDS = 4
 KILL_AFTER_ROUND = 1
-CRASH_ROUND_TIMEOUT_S = 180  # live nodes answer well within it; the SuperLink gives the dead one up sooner
-CRASH_RUN = (f"experiment=smoke partition=iid gate=rangate fe.rounds={CRASH_FE_ROUNDS} fe.local_epochs=1 "
-             f"expert.epochs=3 baselines=[] round_timeout_s={CRASH_ROUND_TIMEOUT_S} round_retries=1")
+CRASH_ROUND_TIMEOUT_S = (
+    180  # live nodes answer well within it; the SuperLink gives the dead one up sooner
+)
+CRASH_RUN = (
+    f"experiment=smoke partition=iid gate=rangate fe.rounds={CRASH_FE_ROUNDS} fe.local_epochs=1 "
+    f"expert.epochs=3 baselines=[] round_timeout_s={CRASH_ROUND_TIMEOUT_S} round_retries=1"
+)
 REPLY_FRACTIONS = {"tolerant": 0.5, "strict": 0.8}  # 3 of 4 replies are enough / are not
 
 
@@ -62,7 +66,9 @@ def insecure(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory):
-    with Deployment(tmp_path_factory.mktemp("secure"), NUM_NODES, tls=True, auth=True) as deployment:
+    with Deployment(
+        tmp_path_factory.mktemp("secure"), NUM_NODES, tls=True, auth=True
+    ) as deployment:
         yield deployment
 
 
@@ -82,7 +88,9 @@ def checkpointed_round(out: Path) -> int:
     return CRASH_FE_ROUNDS if "fe_ce" in saved.completed else saved.round_done("fe_ce")
 
 
-def kill_victim_after_round(deployment: Deployment, outs: list[Path], killed: dict[str, Any]) -> None:
+def kill_victim_after_round(
+    deployment: Deployment, outs: list[Path], killed: dict[str, Any]
+) -> None:
     """Crash SuperNode VICTIM once every run has checkpointed KILL_AFTER_ROUND stage-1 rounds."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -99,13 +107,26 @@ def crash(tmp_path_factory: pytest.TempPathFactory):
     """The four-node federation, its two runs submitted, and a watcher that kills VICTIM."""
     with Deployment(tmp_path_factory.mktemp("crash"), CRASH_NODES) as deployment:
         outs = {name: tmp_path_factory.mktemp(name) for name in REPLY_FRACTIONS}
-        runs = {name: deployment.submit(f"{CRASH_RUN} min_reply_fraction={fraction} output_dir={outs[name]}")
-                for name, fraction in REPLY_FRACTIONS.items()}
+        runs = {
+            name: deployment.submit(
+                f"{CRASH_RUN} min_reply_fraction={fraction} output_dir={outs[name]}"
+            )
+            for name, fraction in REPLY_FRACTIONS.items()
+        }
         killed: dict[str, Any] = {}
-        watcher = threading.Thread(target=kill_victim_after_round, args=(deployment, list(outs.values()), killed),
-                                   daemon=True)
+        watcher = threading.Thread(
+            target=kill_victim_after_round,
+            args=(deployment, list(outs.values()), killed),
+            daemon=True,
+        )
         watcher.start()
-        yield {"deployment": deployment, "runs": runs, "outs": outs, "killed": killed, "watcher": watcher}
+        yield {
+            "deployment": deployment,
+            "runs": runs,
+            "outs": outs,
+            "killed": killed,
+            "watcher": watcher,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -113,32 +134,48 @@ def crashed_runs(crash: dict[str, Any]) -> dict[str, Any]:
     """Final statuses, results and logs of both runs after the crash."""
     crash["watcher"].join(RUN_TIMEOUT_S)
     deployment: Deployment = crash["deployment"]
-    statuses = {name: deployment.wait(run_id, RUN_TIMEOUT_S) for name, run_id in crash["runs"].items()}
+    statuses = {
+        name: deployment.wait(run_id, RUN_TIMEOUT_S) for name, run_id in crash["runs"].items()
+    }
     return {
-        "killed": crash["killed"], "status": statuses,
+        "killed": crash["killed"],
+        "status": statuses,
         "logs": {name: deployment.logs(run_id) for name, run_id in crash["runs"].items()},
-        "results": {name: results_of(out) if (out / "results.json").is_file() else {}
-                    for name, out in crash["outs"].items()},
+        "results": {
+            name: results_of(out) if (out / "results.json").is_file() else {}
+            for name, out in crash["outs"].items()
+        },
     }
 
 
 @pytest.fixture(scope="module")
-def trained(insecure: Deployment, secure_run: tuple[str, Path], crash: dict[str, Any],
-            tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+def trained(
+    insecure: Deployment,
+    secure_run: tuple[str, Path],
+    crash: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[str, dict[str, Any]]:
     """A full training run (stages 1-3) that saves state under STATE_KEY and records predictions.
 
     Requests `secure_run` and `crash` so the TLS run and the crash runs are already going.
     """
     out = tmp_path_factory.mktemp("train")
-    status, _ = insecure.run(f"{TINY} state_key={STATE_KEY} record_predictions=true output_dir={out}", RUN_TIMEOUT_S)
+    status, _ = insecure.run(
+        f"{TINY} state_key={STATE_KEY} record_predictions=true output_dir={out}", RUN_TIMEOUT_S
+    )
     return status, results_of(out) if status == COMPLETED_STATUS else {}
 
 
 def state_files(deployment: Deployment) -> list[Path]:
-    return [deployment.workdir / f"node-{i}" / STATE_KEY / f"partition-{i}.safetensors" for i in range(NUM_NODES)]
+    return [
+        deployment.workdir / f"node-{i}" / STATE_KEY / f"partition-{i}.safetensors"
+        for i in range(NUM_NODES)
+    ]
 
 
-def test_insecure_run_completes_and_saves_state(insecure: Deployment, trained: tuple[str, dict[str, Any]]) -> None:
+def test_insecure_run_completes_and_saves_state(
+    insecure: Deployment, trained: tuple[str, dict[str, Any]]
+) -> None:
     status, results = trained
     assert status == COMPLETED_STATUS
     nmoe = results["accuracy"]["nmoe"]
@@ -149,7 +186,9 @@ def test_insecure_run_completes_and_saves_state(insecure: Deployment, trained: t
         assert path.is_file(), f"missing {path}"
 
 
-def test_state_files_hold_only_model_tensors(insecure: Deployment, trained: tuple[str, dict[str, Any]]) -> None:
+def test_state_files_hold_only_model_tensors(
+    insecure: Deployment, trained: tuple[str, dict[str, Any]]
+) -> None:
     assert trained[0] == COMPLETED_STATUS
     for path in state_files(insecure):
         with safe_open(str(path), framework="pt") as handle:
@@ -171,9 +210,13 @@ def test_loader_rejects_a_pickle_in_place_of_the_state_file(tmp_path: Path) -> N
     path = tmp_path / "state" / STATE_KEY / "partition-0.safetensors"
     path.parent.mkdir(parents=True)
     path.write_bytes(pickle.dumps(_Payload(str(marker))))
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1,
-                                                        "state-dir": str(tmp_path / "state")},
-                      state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 1, "state-dir": str(tmp_path / "state")},
+        state=RecordDict(),
+        run_config={},
+    )
     with pytest.raises(SafetensorError):
         PersonalState(context, json.dumps({"state_key": STATE_KEY}))
     assert not marker.exists()
@@ -191,7 +234,8 @@ class _Payload:
 
 
 def test_inference_with_a_dead_expert_answers_every_live_query(
-        insecure: Deployment, trained: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    insecure: Deployment, trained: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
     """SuperNode 2 is down: the others' queries are all answered, renormalised over the experts
     that answered; the degraded count is exactly the samples they had routed to expert 2."""
     status, train_results = trained
@@ -199,9 +243,12 @@ def test_inference_with_a_dead_expert_answers_every_live_query(
     dead = NUM_NODES - 1
     insecure.stop_node(dead)
     insecure.wait_for_nodes(NUM_NODES - 1)
-    status, _ = insecure.run(f"{TINY} mode=inference state_key={STATE_KEY} record_predictions=true "
-                             f"min_nodes={NUM_NODES - 1} round_timeout_s={DEAD_NODE_TIMEOUT_S} "
-                             f"output_dir={tmp_path}", RUN_TIMEOUT_S)
+    status, _ = insecure.run(
+        f"{TINY} mode=inference state_key={STATE_KEY} record_predictions=true "
+        f"min_nodes={NUM_NODES - 1} round_timeout_s={DEAD_NODE_TIMEOUT_S} "
+        f"output_dir={tmp_path}",
+        RUN_TIMEOUT_S,
+    )
     insecure.start_node(dead)
     insecure.wait_for_nodes(NUM_NODES)
     assert status == COMPLETED_STATUS
@@ -219,8 +266,9 @@ def test_inference_with_a_dead_expert_answers_every_live_query(
     assert results["accuracy"]["nmoe"]["clients"] == [int(c) for c in live]
 
 
-def test_restarted_node_serves_the_same_predictions(insecure: Deployment, trained: tuple[str, dict[str, Any]],
-                                                    tmp_path: Path) -> None:
+def test_restarted_node_serves_the_same_predictions(
+    insecure: Deployment, trained: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
     """Stop SuperNode 1, start it again on the same state dir; an inference-only run reloads
     every client's saved state and reproduces the training run's final predictions exactly."""
     status, train_results = trained
@@ -232,8 +280,11 @@ def test_restarted_node_serves_the_same_predictions(insecure: Deployment, traine
     assert restarted.state_dir == old.state_dir and restarted.process.pid != old.process.pid
     insecure.wait_for_nodes(NUM_NODES)
 
-    status, _ = insecure.run(f"{TINY} mode=inference state_key={STATE_KEY} record_predictions=true "
-                             f"output_dir={tmp_path}", RUN_TIMEOUT_S)
+    status, _ = insecure.run(
+        f"{TINY} mode=inference state_key={STATE_KEY} record_predictions=true "
+        f"output_dir={tmp_path}",
+        RUN_TIMEOUT_S,
+    )
     assert status == COMPLETED_STATUS
     results = results_of(tmp_path)
     gate = train_results["config"]["gate"]["method"]
@@ -299,4 +350,6 @@ def test_strict_run_stops_cleanly_with_what_it_measured(crashed_runs: dict[str, 
     assert results["wall_time_s"]["fe_ce"] > 0 and results["comm_bytes"]["fe_ce"]["up"] > 0
     failed_round = int(results["error"].split("round ")[1].split(":")[0])
     attempts = [entry for entry in results["extra"]["dropped"] if entry["round"] == failed_round]
-    assert len(attempts) == 2 and all(entry["clients"] == [VICTIM] for entry in attempts)  # first try + 1 retry
+    assert len(attempts) == 2 and all(
+        entry["clients"] == [VICTIM] for entry in attempts
+    )  # first try + 1 retry

@@ -89,8 +89,16 @@ def test_no_expert_or_raw_input_crosses_the_grid(finished_run) -> None:
     feature_dim, num_classes = cfg.model.feature_dim, 10
     expert_keys = set(state_numpy(build_expert(cfg.model, num_classes, 0)))
     rows = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
-    assert {r["type"] for r in rows} >= {"query.info", "train.fe_ce", "train.expert", "train.gate",
-                                          "evaluate", "query.route", "query.expert", "query.combine"}
+    assert {r["type"] for r in rows} >= {
+        "query.info",
+        "train.fe_ce",
+        "train.expert",
+        "train.gate",
+        "evaluate",
+        "query.route",
+        "query.expert",
+        "query.combine",
+    }
     for row in rows:
         for key, meta in row["arrays"].items():
             record, name = key.split("/", 1)
@@ -99,7 +107,9 @@ def test_no_expert_or_raw_input_crosses_the_grid(finished_run) -> None:
             if row["direction"] == "up" and row["type"] != "train.shared_expert":
                 assert name not in expert_keys, f"expert key {key} sent up in {row['type']}"
             if row["type"] == "query.route" and row["direction"] == "up":
-                assert record == "features" and shape[1] == feature_dim and meta["dtype"] == "float32"
+                assert (
+                    record == "features" and shape[1] == feature_dim and meta["dtype"] == "float32"
+                )
             if row["type"] == "query.expert":
                 assert shape[1] == (feature_dim if row["direction"] == "down" else num_classes)
             if row["type"] == "train.gate" and row["direction"] == "up":
@@ -108,7 +118,9 @@ def test_no_expert_or_raw_input_crosses_the_grid(finished_run) -> None:
     assert not any(r["error"] for r in ups)
 
 
-def test_invalid_override_fails_before_training(federation: LocalFederation, tmp_path: Path) -> None:
+def test_invalid_override_fails_before_training(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
     run_id = federation.run_app(f"gate.k=0 output_dir={tmp_path}")
     status = federation.wait(run_id, RUN_TIMEOUT_S)
     assert status == "finished:failed"
@@ -116,7 +128,9 @@ def test_invalid_override_fails_before_training(federation: LocalFederation, tmp
     assert not (tmp_path / "results.json").exists()
 
 
-def test_stopped_run_resumes_after_its_last_checkpointed_round(federation: LocalFederation, tmp_path: Path) -> None:
+def test_stopped_run_resumes_after_its_last_checkpointed_round(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
     """Stop the ServerApp's run in the middle of stage 1, start it again with resume=: it continues."""
     import shutil
 
@@ -127,7 +141,10 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(federation: Local
     state = first / "checkpoint" / "state.json"
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
-        if state.is_file() and json.loads(state.read_text())["in_progress"].get("round", 0) >= stop_after:
+        if (
+            state.is_file()
+            and json.loads(state.read_text())["in_progress"].get("round", 0) >= stop_after
+        ):
             break
         time.sleep(0.1)
     federation.flwr("stop", run_id, "test")
@@ -139,15 +156,22 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(federation: Local
         time.sleep(CHECKPOINT_SETTLE_S)
     shutil.copytree(first, snapshot)
     progress = json.loads((snapshot / "checkpoint" / "state.json").read_text())
-    assert progress["in_progress"].get("stage") == "fe_ce", f"stage 1 ended before the stop: {progress}"
+    assert progress["in_progress"].get("stage") == "fe_ce", (
+        f"stage 1 ended before the stop: {progress}"
+    )
     done = progress["in_progress"]["round"]
     assert stop_after <= done < rounds
     resumed = federation.run_app(f"{overrides} resume={snapshot} output_dir={second}")
     assert federation.wait(resumed, RUN_TIMEOUT_S) == "finished:completed"
     assert f"resuming after round {done}" in federation.logs(resumed)
     results = json.loads((second / "results.json").read_text())
-    assert [h["round"] for h in results["history"] if h["stage"] == "fe_ce"] == list(range(1, rounds + 1))
-    assert results["status"] == "completed" and len(results["accuracy"]["nmoe"]["per_client"]) == NUM_CLIENTS
+    assert [h["round"] for h in results["history"] if h["stage"] == "fe_ce"] == list(
+        range(1, rounds + 1)
+    )
+    assert (
+        results["status"] == "completed"
+        and len(results["accuracy"]["nmoe"]["per_client"]) == NUM_CLIENTS
+    )
 
 
 def test_flwr_run_and_hydra_cli_resolve_the_same_config(finished_run) -> None:
@@ -163,7 +187,12 @@ def test_flwr_run_and_hydra_cli_resolve_the_same_config(finished_run) -> None:
     _, out, _ = finished_run
     from_flwr = json.loads((out / "results.json").read_text())["config"]
     cli = Path(sys.executable).parent / "nmoe"
-    printed = subprocess.run([str(cli), *OVERRIDES.split(), f"output_dir={out}", "--cfg", "job"],
-                             capture_output=True, text=True, check=True, timeout=120).stdout
+    printed = subprocess.run(
+        [str(cli), *OVERRIDES.split(), f"output_dir={out}", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     from_cli = to_dict(to_structured(OmegaConf.create(yaml.safe_load(printed))))
     assert from_cli == from_flwr

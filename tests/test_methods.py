@@ -22,8 +22,13 @@ import torch
 
 from nmoe.config import compose_config
 from nmoe.data import (
-    DatasetUnavailableError, federation_spec, load_all_clients, load_arrays, load_cifar10_folder,
-    load_cifar10_hf, ssl_augmentation,
+    DatasetUnavailableError,
+    federation_spec,
+    load_all_clients,
+    load_arrays,
+    load_cifar10_folder,
+    load_cifar10_hf,
+    ssl_augmentation,
 )
 from nmoe.losses import clip_embeddings, spectral_contrastive_loss
 from nmoe.models import build_bundle, build_extractor, build_gate
@@ -35,7 +40,9 @@ DIGITS_SHAPE = (1, 8, 8)
 
 
 # ---------------------------------------------------------------------------- 1. loss
-def reference_spectral_loss(z1: torch.Tensor, z2: torch.Tensor, others=None, weight: float = 0.0) -> float:
+def reference_spectral_loss(
+    z1: torch.Tensor, z2: torch.Tensor, others=None, weight: float = 0.0
+) -> float:
     """-2/N sum_i z1_i.z2_i + ||M||_F^2, M = (1/(2N)) sum_i (z1_i z1_i^T + z2_i z2_i^T), with plain loops.
 
     With `others`, M is mixed as (1 - w) M + w * others.
@@ -102,7 +109,9 @@ def test_spectral_loss_gradient_reaches_the_feature_extractor():
     z2 = clip_embeddings(bundle.projector(bundle.fe(view2)), 1.0)
     spectral_contrastive_loss(z1, z2).backward()
     for name, param in bundle.fe.named_parameters():
-        assert param.grad is not None and float(param.grad.abs().sum()) > 0, f"no gradient in fe.{name}"
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0, (
+            f"no gradient in fe.{name}"
+        )
     for name, param in bundle.head.named_parameters():
         assert param.grad is None, f"the CE head takes no part in the SSL loss (head.{name})"
 
@@ -129,9 +138,17 @@ def _probe(cfg, bundle, clients) -> float:
     """The server's protocol: linear probe on pooled training features, scored on the global test set."""
     x = torch.cat([c.train_x for c in clients])
     y = torch.cat([c.train_y for c in clients])
-    return linear_probe(forward_batched(bundle.fe, x), y, forward_batched(bundle.fe, clients[0].global_x),
-                        clients[0].global_y, num_classes=10, epochs=int(cfg.fe.probe_epochs),
-                        lr=float(cfg.expert.lr), batch_size=int(cfg.expert.batch_size), seed=0)
+    return linear_probe(
+        forward_batched(bundle.fe, x),
+        y,
+        forward_batched(bundle.fe, clients[0].global_x),
+        clients[0].global_y,
+        num_classes=10,
+        epochs=int(cfg.fe.probe_epochs),
+        lr=float(cfg.expert.lr),
+        batch_size=int(cfg.expert.batch_size),
+        seed=0,
+    )
 
 
 @torch.no_grad()
@@ -154,16 +171,31 @@ def test_fedsc_federated_loop_learns_features():
             local = build_bundle(cfg.model, DIGITS_SHAPE, 10, seed=0)
             local.load_state_dict(global_bundle.state_dict())
             result = train_extractor(
-                local, client.train_x, client.train_y, method="fedsc", epochs=int(fe.local_epochs), lr=float(fe.lr),
-                momentum=float(fe.momentum), batch_size=int(fe.batch_size), seed=100 * rnd + pid,
-                embedding_clip=float(fe.embedding_clip), augment=augment)
-            assert np.isfinite(result.loss) and result.ce_loss == 0.0 and result.correlation is not None
+                local,
+                client.train_x,
+                client.train_y,
+                method="fedsc",
+                epochs=int(fe.local_epochs),
+                lr=float(fe.lr),
+                momentum=float(fe.momentum),
+                batch_size=int(fe.batch_size),
+                seed=100 * rnd + pid,
+                embedding_clip=float(fe.embedding_clip),
+                augment=augment,
+            )
+            assert (
+                np.isfinite(result.loss)
+                and result.ce_loss == 0.0
+                and result.correlation is not None
+            )
             # FedSC trains F and the projector, never the CE head
             for key, value in global_bundle.state_dict().items():
                 moved = not torch.equal(value, local.state_dict()[key])
                 assert moved == (not key.startswith("head.")), key
             states.append(local.state_dict())
-        global_bundle.load_state_dict({k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]})
+        global_bundle.load_state_dict(
+            {k: torch.stack([s[k] for s in states]).mean(dim=0) for k in states[0]}
+        )
 
     # the SSL objective improved on images no client trained on (fixed augmented views)
     torch.manual_seed(123)
@@ -176,7 +208,9 @@ def test_fedsc_federated_loop_learns_features():
 
     probe_random = _probe(cfg, initial, clients)
     probe_fedsc = _probe(cfg, global_bundle, clients)
-    print(f"linear probe on the global test: random init {probe_random:.4f}, FedSC {probe_fedsc:.4f}")
+    print(
+        f"linear probe on the global test: random init {probe_random:.4f}, FedSC {probe_fedsc:.4f}"
+    )
     assert probe_fedsc >= 0.5  # chance is 0.1
     # No "FedSC beats random init" assertion: on 8x8 digits a random CNN already probes at ~0.83,
     # and after a few FedSC epochs the projector sits on the rank-one plateau of the spectral loss
@@ -190,11 +224,27 @@ def test_hybrid_objective_is_ce_plus_weighted_ssl():
     weight = float(fe.ssl_weight)
     assert weight == 0.5
     augment = ssl_augmentation(DIGITS_SHAPE)
-    args = dict(lr=float(fe.lr), momentum=float(fe.momentum), batch_size=int(fe.batch_size),
-                embedding_clip=float(fe.embedding_clip))
+    args = dict(
+        lr=float(fe.lr),
+        momentum=float(fe.momentum),
+        batch_size=int(fe.batch_size),
+        embedding_clip=float(fe.embedding_clip),
+    )
     bundle = build_bundle(cfg.model, DIGITS_SHAPE, 10, seed=0)
-    results = [train_extractor(bundle, client.train_x, client.train_y, method="hybrid", epochs=1, seed=epoch,
-                               ssl_weight=weight, augment=augment, **args) for epoch in range(3)]
+    results = [
+        train_extractor(
+            bundle,
+            client.train_x,
+            client.train_y,
+            method="hybrid",
+            epochs=1,
+            seed=epoch,
+            ssl_weight=weight,
+            augment=augment,
+            **args,
+        )
+        for epoch in range(3)
+    ]
     for r in results:
         assert r.ce_loss > 0
         assert r.ssl_loss < 0  # the spectral loss is negative once the two views' embeddings align
@@ -202,15 +252,26 @@ def test_hybrid_objective_is_ce_plus_weighted_ssl():
     assert results[-1].ce_loss < results[0].ce_loss
     assert results[-1].loss < results[0].loss
     with pytest.raises(ValueError, match="augmentation"):
-        train_extractor(bundle, client.train_x, client.train_y, method="hybrid", epochs=1, seed=0, **args)
+        train_extractor(
+            bundle, client.train_x, client.train_y, method="hybrid", epochs=1, seed=0, **args
+        )
 
     # lambda = 0 is exactly FedCE; lambda > 0 changes F
     x, y = client.train_x[:128], client.train_y[:128]
 
     def trained(method: str, ssl_weight: float):
         b = build_bundle(cfg.model, DIGITS_SHAPE, 10, seed=0)
-        train_extractor(b, x, y, method=method, epochs=1, seed=7, ssl_weight=ssl_weight,
-                        augment=augment if method != "fedce" else None, **args)
+        train_extractor(
+            b,
+            x,
+            y,
+            method=method,
+            epochs=1,
+            seed=7,
+            ssl_weight=ssl_weight,
+            augment=augment if method != "fedce" else None,
+            **args,
+        )
         return b.fe.state_dict()
 
     ce = trained("fedce", 1.0)
@@ -260,7 +321,11 @@ def test_topology_ring():
         assert _symmetric(sets)
         assert all(sorted({(i - 1) % n, i, (i + 1) % n}) == nb for i, nb in enumerate(sets))
         summary = describe(cfg.topology, n, 0)
-        assert summary["kind"] == "ring" and summary["degrees"] == [2] * n and summary["connected"] is True
+        assert (
+            summary["kind"] == "ring"
+            and summary["degrees"] == [2] * n
+            and summary["connected"] is True
+        )
     assert neighbour_sets(cfg.topology, 2, 0) == [[0, 1], [0, 1]]
 
 
@@ -294,8 +359,12 @@ def test_topology_geometric():
             assert summary["degrees"] == [len(nb) - 1 for nb in sets]
             assert summary["connected"] is _connected(sets)
             outcomes.add(summary["connected"])
-    assert outcomes == {True, False}, "the cases above should include connected and disconnected graphs"
-    far = compose_config(["topology=geometric", "topology.radius=1.5"])  # > sqrt(2): every pair in range
+    assert outcomes == {True, False}, (
+        "the cases above should include connected and disconnected graphs"
+    )
+    far = compose_config(
+        ["topology=geometric", "topology.radius=1.5"]
+    )  # > sqrt(2): every pair in range
     assert neighbour_sets(far.topology, 9, 3) == [list(range(9))] * 9
     assert describe(far.topology, 9, 3)["connected"] is True
 
@@ -335,8 +404,17 @@ def test_routing_k_larger_than_neighbourhood_raises():
 
 
 # ---------------------------------------------------------------------------- 6. RollGate (simulation) and gate training
-ALL_METHODS = ("fedavg", "shared_fe_own_head", "local_only", "centralized", "rangate", "rollgate", "fedgate",
-               "local_expert", "nmoe")
+ALL_METHODS = (
+    "fedavg",
+    "shared_fe_own_head",
+    "local_only",
+    "centralized",
+    "rangate",
+    "rollgate",
+    "fedgate",
+    "local_expert",
+    "nmoe",
+)
 
 
 @pytest.fixture(scope="module")
@@ -347,13 +425,24 @@ def rollgate_results(tmp_path_factory):
     import server_app.app
 
     out = tmp_path_factory.mktemp("rollgate")
-    cfg = compose_config([
-        "experiment=smoke", "gate=rollgate", "gate.roll_order=shuffled", "gate.rounds=2",
-        "simulation.num_clients=3", "partition=iid", f"output_dir={out}",
-        "baselines=[fedavg,shared_fe_own_head,local_only,centralized,rangate,fedgate]",
-    ])
-    run_simulation(server_app=server_app.app.make_server_app(cfg), client_app=client_app.app.app,
-                   num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1.0}})
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            "gate=rollgate",
+            "gate.roll_order=shuffled",
+            "gate.rounds=2",
+            "simulation.num_clients=3",
+            "partition=iid",
+            f"output_dir={out}",
+            "baselines=[fedavg,shared_fe_own_head,local_only,centralized,rangate,fedgate]",
+        ]
+    )
+    run_simulation(
+        server_app=server_app.app.make_server_app(cfg),
+        client_app=client_app.app.app,
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1.0}},
+    )
     path = out / "results.json"
     assert path.is_file(), "the simulation wrote no results.json"
     return json.loads(path.read_text())
@@ -407,15 +496,30 @@ def test_train_gate_learns_to_route_on_cached_logits():
     def mixture_loss() -> tuple[float, float]:
         w = gate_weights(gate, feats, reachable, int(cfg.gate.k))
         mix = (w.unsqueeze(-1) * logits).sum(dim=1)
-        return (float(torch.nn.functional.cross_entropy(mix, y)),
-                float((w.argmax(dim=1) == group).float().mean()))
+        return (
+            float(torch.nn.functional.cross_entropy(mix, y)),
+            float((w.argmax(dim=1) == group).float().mean()),
+        )
 
     loss_before, routed_before = mixture_loss()
-    train_gate(gate, feats, y, logits, reachable, k=int(cfg.gate.k), noise_std=float(cfg.gate.noise_std),
-               epochs=15, lr=float(cfg.gate.lr), batch_size=int(cfg.gate.batch_size), seed=0)
+    train_gate(
+        gate,
+        feats,
+        y,
+        logits,
+        reachable,
+        k=int(cfg.gate.k),
+        noise_std=float(cfg.gate.noise_std),
+        epochs=15,
+        lr=float(cfg.gate.lr),
+        batch_size=int(cfg.gate.batch_size),
+        seed=0,
+    )
     loss_after, routed_after = mixture_loss()
-    print(f"gate: mixture CE {loss_before:.3f} -> {loss_after:.3f}, routed to the right expert "
-          f"{routed_before:.3f} -> {routed_after:.3f}")
+    print(
+        f"gate: mixture CE {loss_before:.3f} -> {loss_after:.3f}, routed to the right expert "
+        f"{routed_before:.3f} -> {routed_after:.3f}"
+    )
     assert any(not torch.equal(initial[k], v) for k, v in gate.state_dict().items())
     assert loss_after < 0.8 * loss_before
     assert routed_after > 0.9
@@ -456,10 +560,14 @@ def test_cifar10_local_folder(tmp_path):
         expected = (raw[i, c * 1024 + h * 32 + w] / 255.0 - CIFAR_MEAN[c]) / CIFAR_STD[c]
         assert data.images[i, c, h, w] == pytest.approx(expected, abs=1e-5)
     # the folder itself works too, and so does the config route with a sample cap
-    assert np.array_equal(load_cifar10_folder(str(tmp_path / "cifar-10-batches-py")).images, data.images)
+    assert np.array_equal(
+        load_cifar10_folder(str(tmp_path / "cifar-10-batches-py")).images, data.images
+    )
     cfg = compose_config(["dataset=cifar10", f"dataset.path={tmp_path}", "dataset.max_samples=100"])
     capped = load_arrays(cfg.dataset)
-    assert capped.images.shape == (100, 3, 32, 32) and np.array_equal(capped.images, data.images[:100])
+    assert capped.images.shape == (100, 3, 32, 32) and np.array_equal(
+        capped.images, data.images[:100]
+    )
 
 
 def test_cifar10_missing_folder_names_the_fix(tmp_path):
@@ -489,7 +597,9 @@ def test_cifar10_hf_offline_names_the_fix(tmp_path, monkeypatch):
 
 
 def test_resnet_extractor_on_cifar_shaped_input(tmp_path):
-    cfg = compose_config(["dataset=cifar10", "model=resnet", "partition=iid", f"dataset.path={tmp_path}"])
+    cfg = compose_config(
+        ["dataset=cifar10", "model=resnet", "partition=iid", f"dataset.path={tmp_path}"]
+    )
     _write_cifar(tmp_path)
     clients = load_all_clients(federation_spec(cfg), 2)
     assert tuple(clients[0].train_x.shape[1:]) == (3, 32, 32)

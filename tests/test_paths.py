@@ -28,7 +28,9 @@ def write_fake_cifar(root: Path) -> Path:
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         labels = rng.integers(0, 10, IMAGES_PER_BATCH)
         base = (labels[:, None] * 25).astype(np.int64)
-        data = np.clip(base + rng.integers(0, 40, (IMAGES_PER_BATCH, 3 * CIFAR_SIDE * CIFAR_SIDE)), 0, 255)
+        data = np.clip(
+            base + rng.integers(0, 40, (IMAGES_PER_BATCH, 3 * CIFAR_SIDE * CIFAR_SIDE)), 0, 255
+        )
         with (folder / name).open("wb") as handle:
             pickle.dump({"data": data.astype(np.uint8), "labels": labels.tolist()}, handle)
     return root
@@ -38,21 +40,45 @@ def write_fake_cifar(root: Path) -> Path:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data_root = write_fake_cifar(tmp_path_factory.mktemp("cifar"))
     out = tmp_path_factory.mktemp("out")
-    cfg = compose_config([
-        "experiment=smoke", "dataset=cifar10", f"dataset.path={data_root}", "model=resnet",
-        "model.resnet_width=4", "model.feature_dim=16", "model.projector_dim=8", "fe=fedsc", "fe.rounds=2",
-        "fe.share_correlation=true", "fe.correlation_noise=0.01", "fe.probe_epochs=5", "expert=with_shared",
-        "expert.shared_rounds=2", "topology=ring", "gate=fedgate", "gate.sync_head_every=1", "partition=iid",
-        "baselines=[fedavg]", f"output_dir={out}",
-    ])
-    run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=NUM_CLIENTS,
-                   backend_config={"client_resources": {"num_cpus": 1.0}})
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            "dataset=cifar10",
+            f"dataset.path={data_root}",
+            "model=resnet",
+            "model.resnet_width=4",
+            "model.feature_dim=16",
+            "model.projector_dim=8",
+            "fe=fedsc",
+            "fe.rounds=2",
+            "fe.share_correlation=true",
+            "fe.correlation_noise=0.01",
+            "fe.probe_epochs=5",
+            "expert=with_shared",
+            "expert.shared_rounds=2",
+            "topology=ring",
+            "gate=fedgate",
+            "gate.sync_head_every=1",
+            "partition=iid",
+            "baselines=[fedavg]",
+            f"output_dir={out}",
+        ]
+    )
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=client_app,
+        num_supernodes=NUM_CLIENTS,
+        backend_config={"client_resources": {"num_cpus": 1.0}},
+    )
     return json.loads((out / "results.json").read_text())
 
 
 def test_run_completes_on_cifar_with_resnet_and_fedsc(results: dict) -> None:
     assert results["status"] == "completed"
-    assert results["config"]["dataset"]["name"] == "cifar10" and results["config"]["model"]["extractor"] == "resnet"
+    assert (
+        results["config"]["dataset"]["name"] == "cifar10"
+        and results["config"]["model"]["extractor"] == "resnet"
+    )
     probe = [h["probe-acc"] for h in results["history"] if h["stage"] == "fe_sc"]
     assert len(probe) == 2 and all(0.0 <= p <= 1.0 for p in probe)
     for method in ("nmoe", "local_expert", "fedavg"):

@@ -22,8 +22,14 @@ NMOE_CLI = Path(sys.executable).parent / "nmoe"
 SWEEP_TIMEOUT_S = 600
 SEEDS = (0, 1)
 NUM_CLIENTS = 3
-FAST_OVERRIDES = ("experiment=smoke", "fe.rounds=2", "gate.rounds=1", "expert.epochs=2",
-                  f"simulation.num_clients={NUM_CLIENTS}", "partition=iid")
+FAST_OVERRIDES = (
+    "experiment=smoke",
+    "fe.rounds=2",
+    "gate.rounds=1",
+    "expert.epochs=2",
+    f"simulation.num_clients={NUM_CLIENTS}",
+    "partition=iid",
+)
 MIN_PNG_BYTES = 5_000
 PNG_MAGIC = b"\x89PNG"
 EXPECTED_PLOTS = set(report.PLOT_FILES.values())
@@ -66,7 +72,11 @@ def test_presets_apply_their_values() -> None:
     assert compose_config(["experiment=smoke"]).simulation.num_clients == 4
     paper = compose_config(["experiment=paper_cifar10_noniid"])
     assert (paper.dataset.name, paper.model.extractor, paper.fe.method, paper.partition.kind) == (
-        "cifar10", "resnet", "fedsc", "dirichlet")
+        "cifar10",
+        "resnet",
+        "fedsc",
+        "dirichlet",
+    )
 
 
 @pytest.mark.parametrize("overrides", README_OVERRIDES)
@@ -91,7 +101,9 @@ def test_wrong_value_names_the_key(override: str, pattern: str) -> None:
 
 
 # ---------------------------------------------------------------------------- sweep summary on fake jobs
-def _fake_job(job_dir: Path, seed: int, local: float, global_: float, overrides: list[str] | None) -> None:
+def _fake_job(
+    job_dir: Path, seed: int, local: float, global_: float, overrides: list[str] | None
+) -> None:
     job_dir.mkdir(parents=True)
     results = {
         "config": {"seed": seed, "gate": {"method": "rangate"}, "output_dir": str(job_dir)},
@@ -117,7 +129,12 @@ def test_summarize_sweep_groups_seeds(tmp_path: Path) -> None:
     rows = _read_csv(csv_path)
     assert len(rows) == 1
     row = rows[0]
-    assert (row["group"], row["method"], row["n_seeds"], row["seeds"]) == ("gate=rangate", "nmoe", "2", "0 1")
+    assert (row["group"], row["method"], row["n_seeds"], row["seeds"]) == (
+        "gate=rangate",
+        "nmoe",
+        "2",
+        "0 1",
+    )
     locals_ = [v[0] for v in values.values()]
     globals_ = [v[1] for v in values.values()]
     assert float(row["local_mean"]) == pytest.approx(statistics.fmean(locals_))
@@ -148,9 +165,16 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`nmoe -m ... seed=0,1`: two real in-process simulations, run once for this module."""
     workdir = tmp_path_factory.mktemp("cli")
     sweep = workdir / "sweep"
-    command = [str(NMOE_CLI), "-m", *FAST_OVERRIDES, "seed=" + ",".join(map(str, SEEDS)),
-               f"hydra.sweep.dir={sweep}"]
-    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+    command = [
+        str(NMOE_CLI),
+        "-m",
+        *FAST_OVERRIDES,
+        "seed=" + ",".join(map(str, SEEDS)),
+        f"hydra.sweep.dir={sweep}",
+    ]
+    done = subprocess.run(
+        command, cwd=workdir, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return sweep
 
