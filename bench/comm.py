@@ -95,20 +95,26 @@ def model_sizes(config: dict[str, Any], num_clients: int) -> dict[str, int]:
         "gate_trunk": param_bytes(gate.trunk),
         "gate_head": param_bytes(gate.head),
         "raw_sample": int(math.prod(shape)) * benchlib.BYTES_PER_FLOAT32 + LABEL_BYTES,
+        "num_experts": num_experts,
     }
 
 
 def shared_gate_bytes(config: dict[str, Any], sizes: dict[str, int]) -> float:
     """Gate bytes one client uploads per FedGate round, averaged over the configured rounds
-    (the trunk is due every `sync_trunk_every` rounds, the output layer every `sync_head_every`)."""
-    from nmoe.protocol import sync_due
+    (the keys the gate's module declares shared in each round)."""
+    from omegaconf import OmegaConf
 
-    gate = config["gate"]
-    rounds = range(1, int(gate["rounds"]) + 1)
+    from nmoe import gates
+
+    cfg = OmegaConf.create(config)
+    fedgate = gates.get("fedgate")
+    num_experts = sizes["num_experts"]
+    params = fedgate.initial_params(cfg.model, num_experts, 0)
+    rounds = range(1, int(cfg.gate.rounds) + 1)
     synced = sum(
-        sizes[part] * sync_due(rnd, int(gate[key]))
+        params[k].nbytes
         for rnd in rounds
-        for part, key in (("gate_trunk", "sync_trunk_every"), ("gate_head", "sync_head_every"))
+        for k in fedgate.shared_keys(cfg.gate, rnd, sorted(params))
     )
     return synced / len(rounds)
 

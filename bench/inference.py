@@ -105,7 +105,9 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
 
     from client_app.app import app as project_client_app
     from server_app.cli import backend_config
-    from server_app.stages import open_run, routed_accuracy, run_all
+    from server_app.app import run_stages
+    from server_app.run import open_run
+    from server_app.stages.evaluation import routed_accuracy
 
     gate = str(cfg.gate.method)
     out: dict[str, Any] = {"queries": []}
@@ -116,8 +118,8 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
         torch.set_num_threads(int(cfg.torch_threads))
         timing = TimingGrid(grid)
         run = open_run(timing, cfg, run_dir)
-        run_all(run)
-        run.results.data["status"] = "completed"
+        run_stages(run)
+        run.results.mark_completed()
         run.results.write(run_dir)
         out["results"] = json.loads(json.dumps(run.results.data))
         for repeat in range(repeats):
@@ -141,7 +143,7 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
                             for m in metrics.values()
                         ),
                         "waves": timing.calls[first_call:],
-                        "bytes": dict(run.strategy.ledger.bytes[stage]),
+                        "bytes": dict(run.ledger.bytes[stage]),
                         "predictions": {
                             str(p): [v for metrics in per_split for v in metrics[p]["predictions"]]
                             for p in per_split[0]
@@ -167,95 +169,87 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
 
 
 # ---------------------------------------------------------------------------- local reference
-def load_state(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """One node's saved personal state: group -> {key: array} (see client_app/state.py)."""
-    from safetensors.torch import load_file
-
-    from client_app.state import SEP
-
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    for full_key, tensor in load_file(str(path)).items():
-        group, key = full_key.split(SEP, 1)
-        groups.setdefault(group, {})[key] = tensor.numpy()
-    return groups
-
-
 class LocalPipeline:
-    """The routed computation on one machine: every node's saved F, gate and experts in memory."""
+    """The routed computation on one machine: every node's saved F, gate and experts in memory,
+    run through the same functions the ClientApp's handlers call (nmoe.pipeline)."""
 
     def __init__(self, cfg: Any, state_dir: Path, neighbours: list[list[int]]) -> None:
+        from client_app.state import read_state_file
+        from nmoe import gates
         from nmoe.data import federation_spec, load_all_clients, num_classes
-        from nmoe.models import build_bundle, build_expert, build_gate, load_numpy
+        from nmoe.models import build_bundle, build_expert, load_numpy
 
+        self.cfg = cfg
         self.n = int(cfg.simulation.num_clients)
         spec = federation_spec(cfg)
         self.num_classes = num_classes(spec, self.n)
-        self.k = int(cfg.gate.k)
+        self.gate = gates.get(str(cfg.gate.method))
         self.shared_id = self.n if cfg.expert.shared_expert else None
         num_experts = self.n + (1 if self.shared_id is not None else 0)
         self.data = load_all_clients(spec, self.n)
         shape = tuple(self.data[0].train_x.shape[1:])
-        self.fe, self.gate, self.expert, self.shared, self.reachable = [], [], [], [], []
+        self.fe, self.gate_params, self.experts, self.reachable = [], [], [], []
         for pid in range(self.n):
-            state = load_state(state_dir / f"partition-{pid}.safetensors")
+            state = read_state_file(state_dir / f"partition-{pid}.safetensors")
             bundle = build_bundle(cfg.model, shape, self.num_classes, int(cfg.seed))
-            load_numpy(bundle, state["model/fe"])
-            gate = build_gate(cfg.model, num_experts, int(cfg.seed))
-            load_numpy(gate, state[f"model/gate.{cfg.gate.method}"])
-            expert = build_expert(cfg.model, self.num_classes, 0)
-            load_numpy(expert, state["model/expert"])
+            load_numpy(bundle, state["model/fe"], strict=False)
             self.fe.append(bundle.fe)
-            self.gate.append(gate)
-            self.expert.append(expert)
-            if self.shared_id is not None:
-                shared = build_expert(cfg.model, self.num_classes, 0)
-                load_numpy(shared, state["model/shared_expert"])
-                self.shared.append(shared)
+            self.gate_params.append(state.get(f"model/gate.{self.gate.name}", {}))
+            local = {}
+            for eid, group in ((pid, "model/expert"), (self.shared_id, "model/shared_expert")):
+                if eid is not None:
+                    local[eid] = build_expert(cfg.model, self.num_classes, 0)
+                    load_numpy(local[eid], state[group])
+            self.experts.append(local)
             mask = torch.zeros(num_experts, dtype=torch.bool)
             mask[neighbours[pid]] = True
             if self.shared_id is not None:
                 mask[self.shared_id] = True
             self.reachable.append(mask)
         self.raw_bytes_per_sample = int(np.prod(shape)) * benchlib.BYTES_PER_FLOAT32
-        self.local_first_quantile = float(cfg.gate.local_first_quantile)
 
-    def inputs(self, pid: int, splits: list[str]) -> torch.Tensor:
+    def inputs(self, pid: int, splits: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.data[pid]
-        return torch.cat([{"test": d.test_x, "global": d.global_x}[split] for split in splits])
+        parts = [
+            {"test": (d.test_x, d.test_y), "global": (d.global_x, d.global_y)}[s] for s in splits
+        ]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
     def run(self, splits: list[str]) -> tuple[dict[int, list[int]], float, float]:
         """Predictions of every client on its `splits` (one batch), seconds for the whole pipeline
         and for the expert forward passes alone."""
-        from nmoe.inference import assemble, local_logits, plan_route
-        from nmoe.routing import answer_locally, combine, familiar
-        from nmoe.training import forward_batched, gate_weights
+        from nmoe.pipeline import PendingQuery, answer, finish_query, plan_query
+        from nmoe.training import forward_batched
 
         predictions, experts_s = {}, 0.0
+        quantile = float(self.cfg.gate.local_first_quantile)
+        k = int(self.cfg.gate.k)
         started = time.perf_counter()
         for pid in range(self.n):
-            feats = forward_batched(self.fe[pid], self.inputs(pid, splits))
-            weights = gate_weights(self.gate[pid], feats, self.reachable[pid], self.k)
-            local = {pid: self.expert[pid]}
-            if self.shared_id is not None:
-                local[self.shared_id] = self.shared[pid]
+            x, y = self.inputs(pid, splits)
+            feats = forward_batched(self.fe[pid], x)
+            weights = self.gate.weights(
+                self.gate_params[pid],
+                feats,
+                self.reachable[pid],
+                k,
+                self.cfg.model,
+                torch.Generator().manual_seed(0),
+            )
             experts_start = time.perf_counter()
-            logits = local_logits(feats, local)
-            if self.local_first_quantile > 0:
-                own_feats = forward_batched(
-                    self.fe[pid], self.data[pid].train_x
-                )  # as the requester does per query
-                weights = answer_locally(
-                    weights, pid, familiar(feats, own_feats, self.local_first_quantile)
-                )
-            plan = plan_route(weights, logits)
+            own_feats = (
+                forward_batched(self.fe[pid], self.data[pid].train_x) if quantile > 0 else None
+            )
+            plan = plan_query(feats, weights, self.experts[pid], pid, own_feats, quantile)
             remote = {
-                e: forward_batched(self.expert[e], feats[index])
+                e: answer(self.experts[e][e], {pid: feats[index]})[pid]
                 for e, index in plan.remote_index.items()
             }
             experts_s += time.perf_counter() - experts_start
-            logits, answered = assemble(plan, remote, self.num_classes)
-            combined, _ = combine(weights, logits, answered, fallback=pid)
-            predictions[pid] = [int(p) for p in combined.argmax(dim=1)]
+            reports = finish_query(
+                PendingQuery(plan, y, [len(y)], "infer"), remote, self.num_classes, pid
+            )
+            predictions[pid] = reports[0].predictions
         return predictions, time.perf_counter() - started, experts_s
 
 

@@ -6,7 +6,9 @@ Both entry points (the ServerApp under `flwr run` and the Hydra CLI) call
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -14,24 +16,19 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import gates
+from .models import STAGE1_PARTS
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-FE_METHODS = ("fedce", "fedsc", "hybrid")
-GATE_METHODS = ("rangate", "rollgate", "fedgate")
+FE_METHODS = tuple(STAGE1_PARTS)
 DATASETS = ("digits", "cifar10")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 EXTRACTORS = ("cnn", "resnet")
 TOPOLOGIES = ("full", "ring", "regular", "geometric")
-ROLL_ORDERS = ("fixed", "shuffled")
-BASELINES = (
-    "fedavg",
-    "shared_fe_own_head",
-    "local_only",
-    "centralized",
-    "rangate",
-    "rollgate",
-    "fedgate",
-)
+# baselines besides the gates: the FedAvg model, FedRep-style heads, local-only, pooled data
+MODEL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized")
+BASELINES = MODEL_BASELINES + gates.names()
 LOG_LEVELS = ("quiet", "info", "verbose")
 MODES = ("train", "inference")
 
@@ -99,7 +96,9 @@ class ExpertConfig:
 
 
 @dataclass
-class GateConfig:
+class GateCommonConfig:
+    """Keys every gate has; each gate module adds its own (`Options`) to `GateConfig`."""
+
     method: str = "fedgate"
     k: int = 2
     rounds: int = 5
@@ -107,12 +106,32 @@ class GateConfig:
     lr: float = 0.01
     batch_size: int = 32
     noise_std: float = 1.0
-    sync_trunk_every: int = 4  # FedGate: average the trunk every s rounds (0 = never)
-    sync_head_every: int = 2  # FedGate: average the output layer every s rounds (0 = never)
-    roll_order: str = "fixed"
-    # Local-first inference: a sample at least as close to the client's own training features as this
-    # quantile of their nearest-neighbour distances is answered by the own expert alone (0 = off).
+    # Local-first inference: a sample at least as close to the client's own training features as
+    # this quantile of their nearest-neighbour distances goes to the own expert alone (0 = off).
     local_first_quantile: float = 0.0
+
+
+def _gate_config_class() -> type:
+    """`GateConfig`: the common keys plus every registered gate's own keys, all typed."""
+    fields: list[tuple[str, Any, Any]] = [
+        (f.name, f.type, field(default=f.default)) for f in dataclasses.fields(GateCommonConfig)
+    ]
+    hints = typing.get_type_hints(GateCommonConfig)
+    fields = [(name, hints[name], default) for name, _, default in fields]
+    seen = {name for name, _, _ in fields}
+    for gate in gates.GATES.values():
+        if gate.Options is None:
+            continue
+        option_hints = typing.get_type_hints(gate.Options)
+        for option in dataclasses.fields(gate.Options):
+            if option.name in seen:
+                raise RuntimeError(f"gate '{gate.name}' redefines config key gate.{option.name}")
+            seen.add(option.name)
+            fields.append((option.name, option_hints[option.name], field(default=option.default)))
+    return dataclasses.make_dataclass("GateConfig", fields)
+
+
+GateConfig = _gate_config_class()
 
 
 @dataclass
@@ -175,8 +194,9 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.partition.kind, "partition.kind", PARTITIONS)
     _choice(cfg.model.extractor, "model.extractor", EXTRACTORS)
     _choice(cfg.fe.method, "fe.method", FE_METHODS)
-    _choice(cfg.gate.method, "gate.method", GATE_METHODS)
-    _choice(cfg.gate.roll_order, "gate.roll_order", ROLL_ORDERS)
+    _choice(cfg.gate.method, "gate.method", gates.names())
+    for gate in gates.GATES.values():
+        gate.validate(cfg.gate, _require)
     _choice(cfg.topology.kind, "topology.kind", TOPOLOGIES)
     _choice(cfg.log_level, "log_level", LOG_LEVELS)
     _choice(cfg.mode, "mode", MODES)
@@ -218,8 +238,6 @@ def validate(cfg: DictConfig) -> None:
         "feature_noise_std",
         "fe.correlation_noise",
         "fe.ssl_weight",
-        "gate.sync_trunk_every",
-        "gate.sync_head_every",
     ):
         value = OmegaConf.select(cfg, key)
         _require(value >= 0, key, f"must be >= 0, got {value}")

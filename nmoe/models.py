@@ -207,7 +207,8 @@ def load_numpy(
     for key, value in arrays.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(
-                f"shape mismatch for '{key}': got {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+                f"shape mismatch for '{key}': got {tuple(value.shape)}, "
+                f"expected {tuple(own[key].shape)}"
             )
         if not torch.isfinite(torch.as_tensor(value)).all():
             raise ValueError(f"non-finite values (NaN/Inf) in '{key}'")

@@ -1,4 +1,5 @@
-"""Top-k routing over a neighbour mask, local-first routing by feature distance, and the weighted combination of expert logits."""
+"""Top-k routing over a neighbour mask, local-first routing by feature distance, and the
+weighted combination of expert logits."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def nearest_distances(
 
 
 def familiar(feats: torch.Tensor, own_feats: torch.Tensor, quantile: float) -> torch.Tensor:
-    """bool (B,): samples whose nearest own training feature is no farther than the `quantile` of the
+    """bool (B,): samples whose nearest own training feature is no farther than the `quantile` of
     own training features' nearest-neighbour distances to each other (leave one out)."""
     if len(own_feats) < 2:
         return torch.zeros(len(feats), dtype=torch.bool)

@@ -63,7 +63,7 @@ def train_extractor(
     others_corr: torch.Tensor | None = None,
     others_weight: float = 0.0,
 ) -> ExtractorResult:
-    """Stage 1 local update. method: fedce (CE), fedsc (spectral contrastive), hybrid (CE + w * SSL)."""
+    """Stage 1 local update: fedce (CE), fedsc (spectral contrastive), hybrid (CE + w * SSL)."""
     use_ce = method in ("fedce", "hybrid")
     use_ssl = method in ("fedsc", "hybrid")
     if use_ssl and augment is None:

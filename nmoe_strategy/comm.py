@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 
 
 def content_bytes(content: RecordDict) -> int:
-    """Payload bytes of a RecordDict: array data plus keys, and the serialised configs and metrics."""
+    """Payload bytes of a RecordDict: array data and keys, serialised configs and metrics."""
     total = sum(record.count_bytes() for record in content.array_records.values())
     total += sum(len(record.deflate()) for record in content.config_records.values())
     return total + sum(len(record.deflate()) for record in content.metric_records.values())

@@ -1,11 +1,12 @@
 """Peer inference relayed by the ServerApp in three batched waves, and the node directory.
 
-Flower has no client-to-client channel: the server forwards feature batches
-(never raw inputs) from requesters to expert owners and logits back.
-Wave 1 `query.route`: requesters compute features and gate weights, and return
-one feature batch per chosen remote expert. Wave 2 `query.expert`: each owner
-gets all batches addressed to it in one message and returns logits. Wave 3
-`query.combine`: requesters get the logits (and which experts failed) and combine.
+Flower has no client-to-client channel: the server forwards feature batches (never raw inputs)
+from requesters to expert owners and logits back, one `send_and_receive` per wave for all nodes.
+Wave 1 `query.route`: requesters compute features and gate weights and return one feature batch
+per chosen remote expert. Wave 2 `query.expert`: each owner gets every batch addressed to it in
+one message and returns logits. Wave 3 `query.combine`: requesters get the logits of the experts
+that answered (a missing expert failed) and combine. Any reply that breaks the contract (unknown
+or missing batches, wrong shapes, non-finite values) counts as a failed node.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Message
 from flwr.common import log
+
+from nmoe_protocol import messages as wire
+from nmoe_protocol.codec import ProtocolError, WireMessage
 
 from .comm import CountingGrid
 
-TO_PREFIX = "to_"
-FROM_PREFIX = "from_"
-EXPERT_PREFIX = "exp_"
 NODE_POLL_S = 1.0
 
 
@@ -40,10 +42,10 @@ def replies_by_node(sent: list[Message], replies: list[Message]) -> dict[int, Me
 
 @dataclass
 class NodeDirectory:
-    """Partition id <-> node id, plus what each node reported about itself."""
+    """Partition id <-> node id, plus what each node reported about itself at set-up."""
 
     node_of: dict[int, int] = field(default_factory=dict)
-    info: dict[int, dict[str, Any]] = field(default_factory=dict)
+    info: dict[int, wire.NodeInfo] = field(default_factory=dict)
     num_partitions: int = 0
 
     @property
@@ -59,49 +61,58 @@ class NodeDirectory:
     def to_dict(self) -> dict[str, Any]:
         return {
             "node_of": {str(k): v for k, v in self.node_of.items()},
-            "info": {str(k): v for k, v in self.info.items()},
+            "info": {str(k): vars(v) for k, v in self.info.items()},
             "num_partitions": self.num_partitions,
         }
 
-    @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> NodeDirectory:
-        return cls(
-            {int(k): int(v) for k, v in saved["node_of"].items()},
-            {int(k): v for k, v in saved["info"].items()},
-            int(saved["num_partitions"]),
-        )
+
+def exchange(
+    grid: CountingGrid, requests: dict[int, WireMessage], node_of: dict[int, int], timeout: float
+) -> dict[int, Message]:
+    """One wave: `requests[key]` to node `node_of[key]`; the replies by key (missing: no reply)."""
+    sent = {
+        key: Message(req.to_content(), dst_node_id=node_of[key], message_type=req.TYPE)
+        for key, req in requests.items()
+    }
+    by_node = replies_by_node(
+        list(sent.values()), grid.send_and_receive(list(sent.values()), timeout)
+    )
+    return {
+        key: by_node[m.metadata.dst_node_id]
+        for key, m in sent.items()
+        if m.metadata.dst_node_id in by_node
+    }
 
 
-def discover(
-    grid: CountingGrid, config: ConfigRecord, min_nodes: int, timeout: float
-) -> NodeDirectory:
-    """Ask every connected node who it is (`query.info`) until all partitions are present."""
+def decode(reply: Message | None, reply_type: type[WireMessage]) -> tuple[Any, str | None]:
+    """(decoded reply, None) or (None, why it failed)."""
+    if reply is None:
+        return None, "no reply (timeout or unknown node)"
+    try:
+        return reply_type.from_message(reply), None
+    except ProtocolError as err:
+        return None, str(err)
+
+
+def discover(grid: CountingGrid, config_json: str, min_nodes: int, timeout: float) -> NodeDirectory:
+    """Send the run's set-up to every connected node until all partitions answered."""
     deadline = time.monotonic() + timeout
     directory = NodeDirectory()
+    request = wire.SetupRequest(config_json=config_json)
     while True:
-        node_ids = [n for n in grid.get_node_ids() if n not in directory.node_of.values()]
-        if node_ids and len(directory.node_of) + len(node_ids) >= min_nodes:
-            sent = [
-                Message(RecordDict({"config": config}), dst_node_id=n, message_type="query.info")
-                for n in node_ids
-            ]
-            replies = grid.send_and_receive(sent, timeout=timeout)
-            for node_id, reply in replies_by_node(sent, replies).items():
-                if reply.has_error():
-                    log(
-                        WARNING,
-                        "node %d did not answer query.info: %s",
-                        node_id,
-                        reply.error.reason,
-                    )
+        new = [n for n in grid.get_node_ids() if n not in directory.node_of.values()]
+        if new and len(directory.node_of) + len(new) >= min_nodes:
+            replies = exchange(grid, {n: request for n in new}, {n: n for n in new}, timeout)
+            for node_id, reply in replies.items():
+                info, error = decode(reply, wire.NodeInfo)
+                if info is None:
+                    log(WARNING, "node %d refused the set-up: %s", node_id, error)
                     continue
-                info = dict(reply.content["metrics"])
-                pid = int(info["partition-id"])
-                if pid in directory.node_of:
-                    raise RuntimeError(f"two nodes claim partition-id {pid}")
-                directory.node_of[pid] = node_id
-                directory.info[pid] = info
-                directory.num_partitions = int(info["num-partitions"])
+                if info.partition_id in directory.node_of:
+                    raise RuntimeError(f"two nodes claim partition-id {info.partition_id}")
+                directory.node_of[info.partition_id] = node_id
+                directory.info[info.partition_id] = info
+                directory.num_partitions = info.num_partitions
         if directory.num_partitions and len(directory.node_of) >= directory.num_partitions:
             break
         if time.monotonic() > deadline:
@@ -114,7 +125,8 @@ def discover(
                 )
                 break
             raise TimeoutError(
-                f"only {len(directory.node_of)} nodes connected within {timeout}s (min_nodes={min_nodes})"
+                f"only {len(directory.node_of)} nodes connected within {timeout}s "
+                f"(min_nodes={min_nodes})"
             )
         time.sleep(NODE_POLL_S)
     log(
@@ -124,10 +136,10 @@ def discover(
 
 
 @dataclass
-class WaveReport:
-    """Outcome of one routed query: per-requester metrics and the experts that failed."""
+class QueryOutcome:
+    """One routed query: per-requester reports and the nodes that failed, by wave."""
 
-    metrics: dict[int, MetricRecord]
+    reports: dict[int, wire.CombineReply]
     failed_experts: list[int]
     failed_requesters: list[int]
 
@@ -135,89 +147,91 @@ class WaveReport:
 class Router:
     """Runs the three inference waves for a set of requesters."""
 
-    def __init__(self, grid: CountingGrid, directory: NodeDirectory, timeout: float) -> None:
+    def __init__(
+        self,
+        grid: CountingGrid,
+        directory: NodeDirectory,
+        timeout: float,
+        feature_dim: int,
+        num_classes: int,
+    ) -> None:
         self.grid = grid
         self.directory = directory
         self.timeout = timeout
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
 
-    def _send(self, contents: dict[int, RecordDict], message_type: str) -> dict[int, Message]:
-        sent = [
-            Message(content, dst_node_id=self.directory.node_of[pid], message_type=message_type)
-            for pid, content in contents.items()
-        ]
-        by_node = replies_by_node(sent, self.grid.send_and_receive(sent, timeout=self.timeout))
-        return {self.directory.pid_of(node): reply for node, reply in by_node.items()}
-
-    def run(self, configs: dict[int, ConfigRecord]) -> WaveReport:
-        """One routed query per requester pid; `configs[pid]` says what to answer."""
-        failed_requesters: set[int] = set()
-        # Wave 1: route
-        routed = self._send(
-            {pid: RecordDict({"config": cfg}) for pid, cfg in configs.items()}, "query.route"
+    def _wave(
+        self, requests: dict[int, WireMessage], reply_type: type[WireMessage], wave: str
+    ) -> tuple[dict[int, Any], dict[int, str]]:
+        replies = (
+            exchange(self.grid, requests, self.directory.node_of, self.timeout) if requests else {}
         )
-        outbox: dict[int, dict[str, Any]] = defaultdict(dict)  # expert pid -> {from_<i>: features}
+        ok, failed = {}, {}
+        for pid in requests:
+            decoded, error = decode(replies.get(pid), reply_type)
+            if decoded is None:
+                failed[pid] = str(error)
+                log(WARNING, "%s: node %d failed: %s", wave, pid, error)
+            else:
+                ok[pid] = decoded
+        return ok, failed
+
+    def run(
+        self, requests: dict[int, wire.RouteRequest], return_predictions: bool = False
+    ) -> QueryOutcome:
+        """One routed query per requester pid (all with the same query id)."""
+        routed, failed_requesters = self._wave(dict(requests), wire.RouteReply, "route")
+        # wave 2: every batch addressed to an expert, from every requester, in one message
+        outbox: dict[int, dict[int, np.ndarray]] = defaultdict(dict)
         asked: dict[int, list[int]] = {}
-        for pid in configs:
-            reply = routed.get(pid)
-            if reply is None or reply.has_error():
-                log(
-                    WARNING,
-                    "requester %d failed in wave 1: %s",
-                    pid,
-                    reply.error.reason if reply else "no reply",
-                )
-                failed_requesters.add(pid)
+        for pid, reply in list(routed.items()):
+            problem = self._check_features(reply.features)
+            if problem:
+                log(WARNING, "route: requester %d sent malformed features: %s", pid, problem)
+                failed_requesters[pid] = problem
+                del routed[pid]
                 continue
-            features = reply.content["features"]
-            asked[pid] = []
-            for key in features:
-                expert = int(key[len(TO_PREFIX) :])
-                outbox[expert][f"{FROM_PREFIX}{pid}"] = features[key]
-                asked[pid].append(expert)
-        # Wave 2: expert
-        reachable_owners = {e: batch for e, batch in outbox.items() if e in self.directory.node_of}
-        answered = (
-            self._send(
-                {
-                    e: RecordDict({"features": ArrayRecord(batch)})
-                    for e, batch in reachable_owners.items()
-                },
-                "query.expert",
+            asked[pid] = sorted(reply.features)
+            for expert, batch in reply.features.items():
+                outbox[expert][pid] = batch
+        query_id = next(iter(requests.values())).query_id if requests else ""
+        owners = {
+            e: wire.ExpertQuery(query_id=query_id, batches=b)
+            for e, b in outbox.items()
+            if e in self.directory.node_of
+        }
+        answers, failed_experts = self._wave(owners, wire.ExpertAnswer, "expert")
+        failed_experts.update({e: "not in the directory" for e in outbox if e not in owners})
+        returned: dict[int, dict[int, np.ndarray]] = defaultdict(
+            dict
+        )  # requester -> expert -> logits
+        for e, answer in answers.items():
+            for pid, batch in outbox[e].items():
+                value = answer.logits.get(pid)
+                if value is None or value.shape != (len(batch), self.num_classes):
+                    log(WARNING, "expert %d: no or misshapen logits for requester %d", e, pid)
+                elif not np.isfinite(value).all():
+                    log(WARNING, "expert %d: non-finite logits for requester %d", e, pid)
+                else:
+                    returned[pid][e] = value
+        # wave 3: each requester gets the logits of the experts that answered it
+        combine = {
+            pid: wire.CombineRequest(
+                query_id=query_id, logits=returned[pid], return_predictions=return_predictions
             )
-            if reachable_owners
-            else {}
-        )
-        failed_experts = sorted(e for e in outbox if e not in answered or answered[e].has_error())
-        for e in failed_experts:
-            reason = (
-                answered[e].error.reason if e in answered else "no reply (timeout or unknown node)"
-            )
-            log(WARNING, "expert %d failed in wave 2: %s", e, reason)
-        # Wave 3: combine
-        combine_contents: dict[int, RecordDict] = {}
-        for pid, experts in asked.items():
-            logits = ArrayRecord()
-            for e in experts:
-                if e not in failed_experts:
-                    logits[f"{EXPERT_PREFIX}{e}"] = answered[e].content["logits"][
-                        f"{FROM_PREFIX}{pid}"
-                    ]
-            failed = [e for e in experts if e in failed_experts]
-            combine_config = ConfigRecord(dict(configs[pid]))
-            combine_config["failed"] = ",".join(str(e) for e in failed)
-            combine_contents[pid] = RecordDict({"logits": logits, "config": combine_config})
-        combined = self._send(combine_contents, "query.combine") if combine_contents else {}
-        metrics: dict[int, MetricRecord] = {}
-        for pid in asked:
-            reply = combined.get(pid)
-            if reply is None or reply.has_error():
-                log(
-                    WARNING,
-                    "requester %d failed in wave 3: %s",
-                    pid,
-                    reply.error.reason if reply else "no reply",
-                )
-                failed_requesters.add(pid)
-                continue
-            metrics[pid] = reply.content["metrics"]
-        return WaveReport(metrics, failed_experts, sorted(failed_requesters))
+            for pid in asked
+        }
+        reports, failed_combine = self._wave(combine, wire.CombineReply, "combine")
+        failed_requesters.update(failed_combine)
+        return QueryOutcome(reports, sorted(failed_experts), sorted(failed_requesters))
+
+    def _check_features(self, features: dict[int, np.ndarray]) -> str | None:
+        for e, batch in features.items():
+            if e >= self.directory.num_partitions:
+                return f"features addressed to expert {e}, which no node holds"
+            if batch.dtype != np.float32 or batch.ndim != 2 or batch.shape[1] != self.feature_dim:
+                return f"batch for expert {e} is {batch.dtype}{list(batch.shape)}"
+            if len(batch) == 0 or not np.isfinite(batch).all():
+                return f"batch for expert {e} is empty or not finite"
+        return None

@@ -1,107 +1,144 @@
-"""NMoEStrategy: FedAvg over the shared keys only, one message type per stage."""
+"""Aggregation of the shared keys only, by a Flower strategy (FedAvg by default).
+
+`SharedKeyStrategy` validates every training reply before anything is aggregated: it must hold
+exactly the keys the stage declares shared, each with the shape of the server's copy and finite
+values, and a `num_examples` no larger than what the node reported at set-up. A reply that fails
+is dropped (and named); the valid ones, reduced to the shared keys, go to the Flower strategy's
+own `aggregate_train` (FedAvg, FedMedian or FedTrimmedAvg: `aggregation=` in the config).
+Everything personal (experts, personal gate parts, correlation statistics) is dropped before
+aggregation, so no such value is ever held by the server's model state.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from dataclasses import dataclass
 from logging import WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
-from .comm import CommLedger
+from nmoe_protocol.messages import TrainReply
 
-NUM_EXAMPLES = "num-examples"
-ARRAYS = "arrays"
-CONFIG = "config"
+PARAMS = "params"
 METRICS = "metrics"
+NUM_EXAMPLES = "num_examples"
+AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 
 
-class NMoEStrategy(FedAvg):
-    """FedAvg that only ever averages (and keeps) the keys a stage declares shared.
+def flower_strategy(aggregation: str, trim_fraction: float = 0.2) -> Strategy:
+    """The Flower strategy that averages the validated shared keys."""
+    common = {"weighted_by_key": NUM_EXAMPLES, "arrayrecord_key": PARAMS}
+    if aggregation == "fedavg":
+        return FedAvg(**common)
+    if aggregation == "median":
+        return FedMedian(**common)
+    if aggregation == "trimmed_mean":
+        return FedTrimmedAvg(beta=trim_fraction, **common)
+    raise ValueError(f"unknown aggregation '{aggregation}', allowed: {', '.join(AGGREGATIONS)}")
 
-    Everything personal (experts, personal gate parts, correlation statistics)
-    is dropped before aggregation, so no such value is ever held by the server's
-    model state. `ledger` keeps the bytes sent and received per stage.
-    """
 
-    def __init__(self, ledger: CommLedger, min_reply_fraction: float = 1.0) -> None:
-        super().__init__(
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=1,
-            weighted_by_key=NUM_EXAMPLES,
-            arrayrecord_key=ARRAYS,
-            configrecord_key=CONFIG,
-        )
-        self.ledger = ledger
+@dataclass
+class Aggregate:
+    """A round's outcome: the new shared keys, the averaged metrics, the replies refused."""
+
+    params: dict[str, np.ndarray] | None
+    metrics: dict[str, float]
+    rejected: dict[int, str]
+
+
+def numeric_fields(reply: TrainReply) -> dict[str, int | float]:
+    """The reply's numeric metrics (`num_examples`, losses, accuracies), finite ones only."""
+    out: dict[str, int | float] = {}
+    for f in dataclasses.fields(reply):
+        value = getattr(reply, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+            out[f.name] = value
+    return out
+
+
+class SharedKeyStrategy:
+    """Validates replies and aggregates exactly the shared keys with a Flower strategy."""
+
+    def __init__(self, inner: Strategy | None = None, min_reply_fraction: float = 1.0) -> None:
+        self.inner = inner or flower_strategy("fedavg")
         self.min_reply_fraction = min_reply_fraction
-
-    def configure_stage(
-        self,
-        stage: str,
-        server_round: int,
-        arrays: ArrayRecord,
-        config: ConfigRecord,
-        node_ids: list[int],
-        per_node_arrays: dict[int, ArrayRecord] | None = None,
-    ) -> list[Message]:
-        """One `train.<stage>` message per node carrying the shared arrays and the config."""
-        config = ConfigRecord(dict(config))
-        config["server-round"] = server_round
-        messages = []
-        for node_id in node_ids:
-            content = RecordDict({ARRAYS: arrays, CONFIG: config})
-            if per_node_arrays and node_id in per_node_arrays:
-                content["peer"] = per_node_arrays[node_id]
-            messages.append(
-                Message(content=content, dst_node_id=node_id, message_type=f"train.{stage}")
-            )
-        return messages
 
     def enough_replies(self, num_valid: int, num_sent: int) -> bool:
         """Whether a round got the configured fraction of replies."""
         return num_sent > 0 and num_valid >= self.min_reply_fraction * num_sent
 
-    def aggregate_shared(
-        self, server_round: int, replies: Iterable[Message], shared_keys: Iterable[str]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Weighted (by num-examples) mean of exactly `shared_keys` over the valid replies."""
-        shared = sorted(shared_keys)
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
-        if not valid:
-            return None, None
-        filtered: list[RecordDict] = []
-        for reply in valid:
-            received = (
-                reply.content[ARRAYS] if ARRAYS in reply.content.array_records else ArrayRecord()
-            )
-            missing = [k for k in shared if k not in received]
-            if missing:
-                raise ValueError(
-                    f"reply from node {reply.metadata.src_node_id} lacks shared keys {missing[:5]}"
+    def check(
+        self,
+        reply: TrainReply,
+        shared: list[str],
+        reference: dict[str, np.ndarray],
+        max_examples: int | None,
+    ) -> str | None:
+        """Why a decoded reply cannot be aggregated (None if it can)."""
+        missing = [k for k in shared if k not in reply.params]
+        if missing:
+            return f"lacks shared keys {missing[:5]}"
+        for key in shared:
+            value = reply.params[key]
+            if value.shape != reference[key].shape or value.dtype != reference[key].dtype:
+                return (
+                    f"'{key}' is {value.dtype}{list(value.shape)}, expected "
+                    f"{reference[key].dtype}{list(reference[key].shape)}"
                 )
-            extra = [k for k in received if k not in shared]
+            if not np.isfinite(value).all():
+                return f"non-finite values in '{key}'"
+        if reply.num_examples < 1 or (
+            max_examples is not None and reply.num_examples > max_examples
+        ):
+            return f"num_examples {reply.num_examples} outside [1, {max_examples}]"
+        if not np.isfinite(reply.loss):
+            return "non-finite loss"
+        return None
+
+    def aggregate(
+        self,
+        server_round: int,
+        replies: dict[int, tuple[Message, TrainReply]],
+        shared_keys: list[str],
+        reference: dict[str, np.ndarray],
+        max_examples: dict[int, int] | None = None,
+    ) -> Aggregate:
+        """Validate each (message, decoded reply) by partition id, then aggregate the shared keys
+        of the valid ones with the Flower strategy."""
+        shared = sorted(shared_keys)
+        valid: list[Message] = []
+        rejected: dict[int, str] = {}
+        for pid, (message, reply) in replies.items():
+            reason = self.check(reply, shared, reference, (max_examples or {}).get(pid))
+            if reason is not None:
+                rejected[pid] = reason
+                log(WARNING, "round %d: reply of client %d refused: %s", server_round, pid, reason)
+                continue
+            extra = sorted(set(reply.params) - set(shared))
             if extra:
                 log(
                     WARNING,
-                    "Dropping %d non-shared keys from node %d (e.g. %s)",
+                    "round %d: dropping %d non-shared keys from client %d (e.g. %s)",
+                    server_round,
                     len(extra),
-                    reply.metadata.src_node_id,
+                    pid,
                     extra[0],
                 )
-            metrics = reply.content[METRICS]
-            filtered.append(
-                RecordDict(
-                    {
-                        ARRAYS: ArrayRecord({k: received[k] for k in shared}),
-                        METRICS: MetricRecord({NUM_EXAMPLES: metrics[NUM_EXAMPLES]}),
-                    }
-                )
+            message.content = RecordDict(
+                {
+                    PARAMS: ArrayRecord({k: Array(reply.params[k]) for k in shared}),
+                    METRICS: MetricRecord(numeric_fields(reply)),
+                }
             )
-        arrays = aggregate_arrayrecords(filtered, NUM_EXAMPLES) if shared else ArrayRecord()
-        metrics = self.train_metrics_aggr_fn([r.content for r in valid], NUM_EXAMPLES)
-        return arrays, metrics
+            valid.append(message)
+        if not valid:
+            return Aggregate(None, {}, rejected)
+        if not shared:  # a round that averages no keys still reports its metrics
+            metrics = self.inner.train_metrics_aggr_fn([m.content for m in valid], NUM_EXAMPLES)
+            return Aggregate({}, {k: float(v) for k, v in metrics.items()}, rejected)
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        params = {k: v.numpy() for k, v in (arrays or ArrayRecord()).items()}
+        return Aggregate(params, {k: float(v) for k, v in (metrics or {}).items()}, rejected)

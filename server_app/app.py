@@ -1,4 +1,9 @@
-"""NMoE ServerApp: composes the config, runs stages 1-3, baselines and evaluation."""
+"""NMoE ServerApp: composes the config and runs the algorithm, stage by stage.
+
+    set-up -> stage 1 (F) -> stage 2 (experts) -> stage 3 (gates) -> baselines -> evaluation
+
+Each stage is timed, its bytes counted, results.json rewritten and a checkpoint written after it.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,73 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
+from nmoe import gates
 from nmoe.config import compose_config, parse_overrides
+from nmoe_protocol import messages as wire
 
 from .report import RESULTS_FILE, write_plots
-from .stages import open_run, run_all
+from .run import Run, open_run
+from .stages import baselines, evaluation, experts, extractor
+from .stages import gates as gate_stage
+
+STAGE1_NAMES = {"fedce": "fe_ce", "fedsc": "fe_sc", "hybrid": "fe_hybrid"}
+
+
+def run_stages(run: Run) -> None:
+    """Stages 1-3, baselines and evaluation (or, in `mode=inference`, the evaluation only)."""
+    cfg = run.cfg
+    nmoe_gate = str(cfg.gate.method)
+    if cfg.mode == "inference":
+        run.stage("evaluate_local", lambda: evaluation.evaluate_local(run))
+        run.stage("inference", lambda: evaluation.evaluate_routed(run, [nmoe_gate], nmoe_gate))
+        return
+
+    method, stage1 = str(cfg.fe.method), STAGE1_NAMES[str(cfg.fe.method)]
+    fe = run.resumable(stage1, lambda: extractor.train_extractor(run, method, stage1), keep=True)
+    fedavg = None
+    if "fedavg" in cfg.baselines and method == "fedsc":  # FedSC trains no head: FedAvg gets FedCE
+        fedavg = run.resumable(
+            "baseline_fedavg",
+            lambda: extractor.train_extractor(run, "fedce", "baseline_fedavg"),
+            keep=True,
+        )
+
+    if not resumed_on_clients(run, "expert", wire.EXPERT_STATE):
+        trained = extractor.initial_bundle(run, method)[1]
+        run.stage("expert", lambda: experts.train_experts(run, fe, trained))
+    if "shared_fe_own_head" in cfg.baselines:
+        run.stage("baseline_own_head", lambda: baselines.train_own_heads(run))
+
+    gate_names = [nmoe_gate] + [g for g in gates.names() if g in cfg.baselines and g != nmoe_gate]
+    to_train = [
+        gates.get(g)
+        for g in gate_names
+        if gates.get(g).trainable and not resumed_on_clients(run, g, wire.gate_state(g))
+    ]
+    if to_train:
+        run.stage("gate_cache", lambda: gate_stage.fill_gate_cache(run))
+    for gate in to_train:
+        run.stage(gate.name, lambda gate=gate: gate_stage.train_gate(run, gate))
+
+    if "local_only" in cfg.baselines:
+        run.resumable("baseline_local_only", lambda: baselines.local_only(run))
+    if "centralized" in cfg.baselines:
+        run.resumable("baseline_centralized", lambda: baselines.centralized(run))
+
+    def evaluate_local() -> None:
+        if fedavg is not None:
+            experts.install(
+                run, "fedavg", {k: fedavg[k] for k in extractor.initial_bundle(run, "fedce")[1]}
+            )
+        evaluation.evaluate_local(run)
+
+    run.stage("evaluate_local", evaluate_local)
+    run.stage("inference", lambda: evaluation.evaluate_routed(run, gate_names, nmoe_gate))
+
+
+def resumed_on_clients(run: Run, stage: str, group: str) -> bool:
+    """A client-side stage is skipped on resume only if every client still holds its result."""
+    return stage in run.checkpoint.completed and run.clients_hold(group)
 
 
 def run_job(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
@@ -25,18 +93,17 @@ def run_job(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(str(cfg.output_dir)).expanduser().resolve()
     run = open_run(grid, cfg, output_dir)
     try:
-        results = run_all(run)
+        run_stages(run)
     except Exception as err:  # stop cleanly: whatever was measured so far is kept, with the reason
-        run.results.data["status"] = "failed"
-        run.results.data["error"] = f"{type(err).__name__}: {err}"
+        run.results.mark_failed(err)
         run.results.write(output_dir)
         log(ERROR, "Run failed: %s (partial results in %s)", err, output_dir / RESULTS_FILE)
         raise
-    run.results.data["status"] = "completed"
+    run.results.mark_completed()
     path = run.results.write(output_dir)
-    plots = write_plots(output_dir, results)
+    plots = write_plots(output_dir, run.results.data)
     log(INFO, "Results written to %s (%d plots beside it)", path, len(plots))
-    return results
+    return run.results.data
 
 
 def make_server_app(cfg: DictConfig | None = None) -> ServerApp:
@@ -45,12 +112,8 @@ def make_server_app(cfg: DictConfig | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = (
-            cfg
-            if cfg is not None
-            else compose_config(parse_overrides(str(context.run_config.get("overrides", ""))))
-        )
-        run_job(grid, config)
+        overrides = parse_overrides(str(context.run_config.get("overrides", "")))
+        run_job(grid, cfg if cfg is not None else compose_config(overrides))
 
     return server_app
 

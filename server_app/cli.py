@@ -38,7 +38,7 @@ def override_keys(overrides: list[str]) -> set[str]:
 
 
 def backend_config(cfg: DictConfig) -> dict[str, Any]:
-    """Flower simulation backend config: CPUs per client and, if set, the Ray cluster to attach to."""
+    """Flower simulation backend config: CPUs per client and, if set, the Ray cluster to join."""
     config: dict[str, Any] = {"client_resources": {"num_cpus": float(cfg.simulation.client_cpus)}}
     if cfg.simulation.ray_address:
         config["init_args"] = {"address": str(cfg.simulation.ray_address)}

@@ -123,7 +123,7 @@ def plot_per_client(results: dict[str, Any], path: Path) -> Path | None:
     fig = Figure(figsize=WIDE_FIGSIZE)
     axes = fig.subplots(1, len(SPLITS), sharey=True)
     width = GROUP_WIDTH / len(methods)
-    for ax, (key, title) in zip(axes, SPLITS):
+    for ax, (key, title) in zip(axes, SPLITS, strict=True):
         block = results.get(key, {})
         seen: set[int] = set()
         for index, method in enumerate(methods):
@@ -269,7 +269,7 @@ def group_labels(jobs: list[Job]) -> list[str]:
     keys = sorted({key for i in from_config for key in flat[i]} - NON_GROUPING_KEYS)
     varying = [key for key in keys if len({repr(flat[i].get(key)) for i in from_config}) > 1]
     labels = []
-    for job, config in zip(jobs, flat):
+    for job, config in zip(jobs, flat, strict=True):
         if job.overrides is not None:
             parts = sorted(o for o in job.overrides if _override_key(o) != SEED_KEY)
         else:
@@ -285,7 +285,7 @@ def _std(values: list[float]) -> float:
 def summary_rows(jobs: list[Job]) -> list[dict[str, Any]]:
     """One row per (group, method): seeds, mean and sample std of local and global accuracy."""
     groups: dict[str, list[Job]] = defaultdict(list)
-    for label, job in zip(group_labels(jobs), jobs):
+    for label, job in zip(group_labels(jobs), jobs, strict=True):
         groups[label].append(job)
     rows = []
     for label in sorted(groups):
@@ -321,7 +321,8 @@ def _markdown(sweep_dir: Path, rows: list[dict[str, Any]], num_jobs: int) -> str
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
-        f"{num_jobs} jobs. Accuracy: mean ± sample standard deviation over seeds (n = number of seeds).",
+        f"{num_jobs} jobs. Accuracy: mean ± sample standard deviation over seeds "
+        "(n = number of seeds).",
         "",
         "| group | method | n | seeds | local accuracy | global accuracy |",
         "|---|---|---|---|---|---|",
@@ -329,7 +330,8 @@ def _markdown(sweep_dir: Path, rows: list[dict[str, Any]], num_jobs: int) -> str
     for row in rows:
         lines.append(
             f"| {row['group']} | {row['method']} | {row['n_seeds']} | {row['seeds']} | "
-            f"{cell(row['local_mean'], row['local_std'])} | {cell(row['global_mean'], row['global_std'])} |"
+            f"{cell(row['local_mean'], row['local_std'])} | "
+            f"{cell(row['global_mean'], row['global_std'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -354,7 +356,7 @@ def summarize_sweep(sweep_dir: str | Path) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------- console script
 def main(argv: list[str] | None = None) -> int:
-    """`nmoe-report PATH`: replot one job (PATH holds results.json) or a whole sweep plus its summary."""
+    """`nmoe-report PATH`: replot one job (PATH holds results.json) or a sweep and its summary."""
     parser = argparse.ArgumentParser(prog="nmoe-report", description=main.__doc__)
     parser.add_argument(
         "path", type=Path, help=f"a job folder (with {RESULTS_FILE}) or a sweep folder"

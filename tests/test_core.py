@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, RecordDict
 
 from nmoe.config import ConfigError, compose_config
 from nmoe.data import federation_spec, load_all_clients, load_client_data
-from nmoe.inference import assemble, local_logits, plan_route
+from nmoe.pipeline import assemble, local_logits, plan_route
 from nmoe.routing import (
     answer_locally,
     combine,
@@ -20,8 +20,8 @@ from nmoe.routing import (
     random_weights,
     topk_weights,
 )
-from nmoe_strategy.comm import CommLedger
-from nmoe_strategy.strategy import NMoEStrategy
+from nmoe_protocol.messages import TrainReply
+from nmoe_strategy.strategy import SharedKeyStrategy
 
 RNG = np.random.default_rng(0)
 
@@ -35,19 +35,12 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def _reply(node_id: int, arrays: dict[str, np.ndarray], num_examples: int) -> Message:
-    request = Message(
-        RecordDict({"config": ConfigRecord({"x": 1})}),
-        dst_node_id=node_id,
-        message_type="train.fe_ce",
-    )
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": num_examples, "loss": float(node_id)}),
-        }
-    )
-    return Message(content, reply_to=request)
+def _reply(
+    pid: int, arrays: dict[str, np.ndarray], num_examples: int
+) -> tuple[Message, TrainReply]:
+    request = Message(RecordDict(), dst_node_id=pid + 1, message_type="train.extractor")
+    reply = TrainReply(params=arrays, num_examples=num_examples, loss=float(pid + 1))
+    return Message(reply.to_content(), reply_to=request), reply
 
 
 def test_strategy_averages_exactly_the_shared_keys() -> None:
@@ -56,34 +49,38 @@ def test_strategy_averages_exactly_the_shared_keys() -> None:
         f"fe.w{i}": [RNG.normal(size=(3, 4)).astype(np.float32) for _ in counts] for i in range(2)
     }
     personal = [RNG.normal(size=(5,)).astype(np.float32) for _ in counts]
-    replies = [
-        _reply(
-            n + 1, {**{k: v[n] for k, v in shared.items()}, "net.0.weight": personal[n]}, counts[n]
+    replies = {
+        n: _reply(
+            n, {**{k: v[n] for k, v in shared.items()}, "net.0.weight": personal[n]}, counts[n]
         )
         for n in range(len(counts))
-    ]
-    arrays, metrics = NMoEStrategy(CommLedger()).aggregate_shared(1, replies, shared.keys())
-    assert arrays is not None and set(arrays.keys()) == set(shared)
+    }
+    reference = {k: v[0] for k, v in shared.items()}
+    outcome = SharedKeyStrategy().aggregate(1, replies, list(shared), reference)
+    assert (
+        outcome.params is not None and set(outcome.params) == set(shared) and not outcome.rejected
+    )
     for key, values in shared.items():
-        expected = sum(c * v for c, v in zip(counts, values)) / sum(counts)
-        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6)
-    assert metrics is not None
-    assert metrics["loss"] == pytest.approx(
+        expected = sum(c * v for c, v in zip(counts, values, strict=True)) / sum(counts)
+        np.testing.assert_allclose(outcome.params[key], expected, rtol=1e-6)
+    assert outcome.metrics["loss"] == pytest.approx(
         sum(c * (i + 1) for i, c in enumerate(counts)) / sum(counts)
     )
 
 
-def test_strategy_rejects_reply_missing_a_shared_key() -> None:
-    replies = [
-        _reply(1, {"fe.a": np.ones(2, np.float32)}, 5),
-        _reply(2, {"fe.b": np.ones(2, np.float32)}, 5),
-    ]
-    with pytest.raises(ValueError, match="lacks shared keys"):
-        NMoEStrategy(CommLedger()).aggregate_shared(1, replies, ["fe.a"])
+def test_strategy_refuses_reply_missing_a_shared_key() -> None:
+    reference = {"fe.a": np.ones(2, np.float32)}
+    replies = {
+        0: _reply(0, {"fe.a": np.ones(2, np.float32)}, 5),
+        1: _reply(1, {"fe.b": np.ones(2, np.float32)}, 5),
+    }
+    outcome = SharedKeyStrategy().aggregate(1, replies, ["fe.a"], reference)
+    assert "lacks shared keys" in outcome.rejected[1] and 0 not in outcome.rejected
+    np.testing.assert_allclose(outcome.params["fe.a"], np.ones(2))
 
 
 def test_strategy_reply_fraction() -> None:
-    strategy = NMoEStrategy(CommLedger(), min_reply_fraction=0.5)
+    strategy = SharedKeyStrategy(min_reply_fraction=0.5)
     assert strategy.enough_replies(3, 6) and not strategy.enough_replies(2, 6)
 
 

@@ -218,7 +218,7 @@ def test_loader_rejects_a_pickle_in_place_of_the_state_file(tmp_path: Path) -> N
         run_config={},
     )
     with pytest.raises(SafetensorError):
-        PersonalState(context, json.dumps({"state_key": STATE_KEY}))
+        PersonalState(context).set_config(json.dumps({"state_key": STATE_KEY}))
     assert not marker.exists()
     assert not context.state.array_records
 

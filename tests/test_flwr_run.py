@@ -90,8 +90,9 @@ def test_no_expert_or_raw_input_crosses_the_grid(finished_run) -> None:
     expert_keys = set(state_numpy(build_expert(cfg.model, num_classes, 0)))
     rows = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
     assert {r["type"] for r in rows} >= {
-        "query.info",
-        "train.fe_ce",
+        "query.setup",
+        "train.extractor",
+        "train.install",
         "train.expert",
         "train.gate",
         "evaluate",

@@ -1,0 +1,179 @@
+"""One client as a handler sees it: the run's config, its personal state, its data and the
+torch modules built from them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import Context
+from omegaconf import DictConfig, OmegaConf
+
+from nmoe import gates
+from nmoe.config import to_structured
+from nmoe.data import ClientData, federation_spec, load_client_data
+from nmoe.models import ExtractorBundle, build_bundle, build_expert, load_numpy, stage1_keys
+from nmoe.training import forward_batched
+from nmoe_protocol import messages as wire
+
+from .state import PersonalState
+
+DATA_CACHE_DIR = (
+    "data-cache"  # under the node's state-dir: this device's split, kept between messages
+)
+FE_GROUP, EXPERT_GROUP = wire.FE_STATE, wire.EXPERT_STATE
+SHARED_EXPERT_GROUP, OWN_HEAD_GROUP, FEDAVG_GROUP = (
+    "model/shared_expert",
+    "model/own_head",
+    "model/fedavg",
+)
+GATE_CACHE = "scratch/cache"
+gate_group = wire.gate_state
+
+SEED_PRIME_RUN, SEED_PRIME_CLIENT, SEED_PRIME_PART = 1_000_003, 7919, 104_729
+
+
+@lru_cache(maxsize=4)
+def parsed_config(config_json: str) -> DictConfig:
+    """The run config of a JSON string, validated and parsed once per process (read-only)."""
+    cfg = to_structured(json.loads(config_json))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+@dataclass
+class Node:
+    """Everything a handler needs about this client for the current message."""
+
+    cfg: DictConfig
+    state: PersonalState
+    data: ClientData
+    num_classes: int
+
+    @property
+    def pid(self) -> int:
+        return self.state.partition_id
+
+    @property
+    def num_partitions(self) -> int:
+        return self.state.num_partitions
+
+    @property
+    def shared_expert_id(self) -> int | None:
+        return self.num_partitions if self.cfg.expert.shared_expert else None
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_partitions + (1 if self.cfg.expert.shared_expert else 0)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.train_x.shape[1:])
+
+    def seed(self, *parts: int) -> int:
+        """A seed distinct per (run seed, client, purpose, round): primes keep the terms apart."""
+        return (
+            int(self.cfg.seed) * SEED_PRIME_RUN
+            + self.pid * SEED_PRIME_CLIENT
+            + sum(p * SEED_PRIME_PART ** (i + 1) for i, p in enumerate(parts))
+        )
+
+    # --- modules from the personal state -------------------------------------------------
+    def bundle(
+        self, arrays: dict[str, np.ndarray] | None = None, method: str | None = None
+    ) -> ExtractorBundle:
+        """The seeded stage-1 bundle with `arrays` loaded: every key, or exactly the keys
+        stage-1 `method` trains."""
+        bundle = build_bundle(
+            self.cfg.model, self.image_shape, self.num_classes, int(self.cfg.seed)
+        )
+        if arrays is not None:
+            expected = None if method is None else stage1_keys(bundle, method)
+            load_numpy(bundle, arrays, expected=expected)
+        return bundle
+
+    def installed_bundle(self) -> ExtractorBundle:
+        """The bundle with the installed F (and whatever else stage 1 trained) loaded."""
+        bundle = self.bundle()
+        load_numpy(bundle, self.state.get(FE_GROUP), strict=False)
+        return bundle
+
+    def expert(self, group: str = EXPERT_GROUP) -> torch.nn.Module:
+        expert = build_expert(self.cfg.model, self.num_classes, self.seed())
+        load_numpy(expert, self.state.get(group))
+        return expert
+
+    def extractor(self) -> torch.nn.Module:
+        """The installed F, built once per call: reuse it for several batches."""
+        return self.installed_bundle().fe
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_batched(self.extractor(), x)
+
+    def local_experts(self) -> dict[int, torch.nn.Module]:
+        """The experts this device holds: its own and, if any, the shared one."""
+        local = {self.pid: self.expert()}
+        if self.shared_expert_id is not None:
+            local[self.shared_expert_id] = self.expert(SHARED_EXPERT_GROUP)
+        return local
+
+    def gate_params(self, name: str) -> dict[str, np.ndarray]:
+        """The gate's parameters on this node (its initial ones before any training)."""
+        group = gate_group(name)
+        if self.state.has(group):
+            return self.state.get(group)
+        return gates.get(name).initial_params(self.cfg.model, self.num_experts, int(self.cfg.seed))
+
+    # --- data ----------------------------------------------------------------------
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`expert` / `gate`: the local training data divided by `expert.gate_holdout_fraction`
+        (the gate learns on samples the own expert never saw); `train`, `test`, `global`."""
+        d = self.data
+        if name in ("expert", "gate"):
+            generator = torch.Generator().manual_seed(self.seed(10))
+            order = torch.randperm(len(d.train_y), generator=generator)
+            held = int(len(order) * float(self.cfg.expert.gate_holdout_fraction))
+            index = order[held:] if name == "expert" or held == 0 else order[:held]
+            return d.train_x[index], d.train_y[index]
+        splits = {
+            "train": (d.train_x, d.train_y),
+            "test": (d.test_x, d.test_y),
+            "global": (d.global_x, d.global_y),
+        }
+        if name not in splits:
+            raise ValueError(f"unknown split '{name}'")
+        return splits[name]
+
+    def reachable(self, neighbours: list[int]) -> torch.Tensor:
+        """(E,) mask of the experts this client may route to: its neighbours and the shared one."""
+        if self.pid not in neighbours:
+            raise ValueError(
+                f"neighbours {neighbours} must include the requester itself ({self.pid})"
+            )
+        if any(not 0 <= i < self.num_partitions for i in neighbours):
+            raise ValueError(f"neighbour ids {neighbours} outside [0, {self.num_partitions})")
+        mask = torch.zeros(self.num_experts, dtype=torch.bool)
+        mask[neighbours] = True
+        if self.shared_expert_id is not None:
+            mask[self.shared_expert_id] = True
+        return mask
+
+
+def open_node(context: Context, config_json: str | None = None) -> Node:
+    """This client for the current message: its run config (set now if `config_json` is given,
+    else the one kept since `query.setup`), personal state and data."""
+    state = PersonalState(context)
+    if config_json is not None:
+        parsed_config(config_json)  # validate before keeping it
+        state.set_config(config_json)
+    cfg = parsed_config(state.config_json())
+    if int(cfg.torch_threads) > 0:
+        torch.set_num_threads(int(cfg.torch_threads))
+    cache = state.state_dir / DATA_CACHE_DIR if state.state_dir is not None else None
+    data, classes = load_client_data(
+        federation_spec(cfg), state.partition_id, state.num_partitions, cache
+    )
+    return Node(cfg, state, data, classes)

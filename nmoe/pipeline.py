@@ -1,0 +1,188 @@
+"""Collaborative inference on one requester, as plain torch: plan a routed query, answer peers'
+feature batches, assemble what came back, combine, and report per split.
+
+The ClientApp's `query.*` handlers and the inference benchmark both call these functions; the
+handlers only move their inputs and outputs across the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .routing import answer_locally, combine, familiar
+from .training import accuracy, forward_batched
+
+
+@dataclass
+class RoutePlan:
+    """What a requester keeps between wave 1 and wave 3."""
+
+    weights: torch.Tensor  # (B, E) routing weights, zero for experts not chosen
+    local_logits: dict[int, torch.Tensor]  # expert id -> (B, C), for experts held locally
+    remote_index: dict[int, torch.Tensor]  # expert id -> indices of the samples sent to it
+
+
+@dataclass
+class PendingQuery:
+    """A routed query between its waves: the plan, the labels and the split sizes."""
+
+    plan: RoutePlan
+    labels: torch.Tensor
+    segments: list[int]
+    mode: str
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {
+            "weights": self.plan.weights.numpy(),
+            "labels": self.labels.numpy(),
+            "segments": np.asarray(self.segments, np.int64),
+            "mode": np.frombuffer(self.mode.encode(), np.uint8).copy(),
+        }
+        arrays.update({f"local.{e}": v.numpy() for e, v in self.plan.local_logits.items()})
+        arrays.update({f"index.{e}": v.numpy() for e, v in self.plan.remote_index.items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PendingQuery:
+        def by_id(prefix: str) -> dict[int, torch.Tensor]:
+            return {
+                int(k.split(".", 1)[1]): torch.from_numpy(v)
+                for k, v in arrays.items()
+                if k.startswith(prefix)
+            }
+
+        plan = RoutePlan(torch.from_numpy(arrays["weights"]), by_id("local."), by_id("index."))
+        return cls(
+            plan,
+            torch.from_numpy(arrays["labels"]),
+            [int(v) for v in arrays["segments"]],
+            bytes(arrays["mode"]).decode(),
+        )
+
+
+def local_logits(
+    feats: torch.Tensor, local_experts: dict[int, nn.Module]
+) -> dict[int, torch.Tensor]:
+    """Every locally held expert's logits on every sample."""
+    return {e: forward_batched(module, feats) for e, module in local_experts.items()}
+
+
+def plan_route(weights: torch.Tensor, local: dict[int, torch.Tensor]) -> RoutePlan:
+    """Keep the local experts' logits; list the samples each remote expert must see."""
+    chosen = weights > 0
+    remote_index = {
+        e: torch.nonzero(chosen[:, e]).flatten()
+        for e in range(weights.shape[1])
+        if e not in local and bool(chosen[:, e].any())
+    }
+    return RoutePlan(weights, local, remote_index)
+
+
+def plan_query(
+    feats: torch.Tensor,
+    weights: torch.Tensor,
+    local_experts: dict[int, nn.Module],
+    own: int,
+    own_train_feats: torch.Tensor | None = None,
+    local_first_quantile: float = 0.0,
+) -> RoutePlan:
+    """Wave 1 on the requester: the gate's `weights`, local-first routing (samples close to the
+    own training features go to the own expert alone), the local experts' logits, and the
+    samples each remote expert must see."""
+    if local_first_quantile > 0 and own_train_feats is not None:
+        weights = answer_locally(
+            weights, own, familiar(feats, own_train_feats, local_first_quantile)
+        )
+    return plan_route(weights, local_logits(feats, local_experts))
+
+
+def outgoing_features(
+    plan: RoutePlan, feats: torch.Tensor, noise_std: float, generator: torch.Generator
+) -> dict[int, torch.Tensor]:
+    """The feature rows each remote expert gets, with Gaussian noise of `noise_std` added."""
+    out = {}
+    for e, index in plan.remote_index.items():
+        sent = feats[index]
+        if noise_std > 0:
+            sent = sent + torch.randn(sent.shape, generator=generator) * noise_std
+        out[e] = sent
+    return out
+
+
+def answer(expert: nn.Module, batches: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Wave 2 on an expert owner: its expert's logits on every batch addressed to it."""
+    return {key: forward_batched(expert, feats) for key, feats in batches.items()}
+
+
+def assemble(
+    plan: RoutePlan, remote_logits: dict[int, torch.Tensor], num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, E, C) expert logits and (B, E) answered mask from local and returned logits."""
+    batch, num_experts = plan.weights.shape
+    logits = torch.zeros(batch, num_experts, num_classes)
+    answered = torch.zeros(batch, num_experts, dtype=torch.bool)
+    for e, values in plan.local_logits.items():
+        logits[:, e] = values
+        answered[:, e] = True
+    for e, values in remote_logits.items():
+        index = plan.remote_index.get(e)
+        if index is None:
+            raise ValueError(f"logits from expert {e}, which was not asked")
+        if tuple(values.shape) != (len(index), num_classes):
+            raise ValueError(
+                f"expert {e} returned shape {tuple(values.shape)}, "
+                f"expected {(len(index), num_classes)}"
+            )
+        logits[index, e] = values
+        answered[index, e] = True
+    return logits, answered
+
+
+def route_counts(weights: torch.Tensor) -> list[int]:
+    """How many samples were routed to each expert id."""
+    return [int(v) for v in (weights > 0).sum(dim=0)]
+
+
+@dataclass
+class SplitReport:
+    """What one split of a routed query came to on the requester."""
+
+    num_examples: int
+    accuracy: float
+    degraded: int  # samples that lost a chosen expert
+    answered_locally: int  # samples whose every chosen expert is held on the device
+    route_counts: list[int]
+    predictions: list[int]
+
+
+def finish_query(
+    pending: PendingQuery, remote_logits: dict[int, torch.Tensor], num_classes: int, own: int
+) -> list[SplitReport]:
+    """Wave 3 on the requester: combine local and returned logits (renormalised over the experts
+    that answered; the own expert is always there) and report per split, in order."""
+    plan = pending.plan
+    logits, answered = assemble(plan, remote_logits, num_classes)
+    combined, degraded = combine(plan.weights, logits, answered, fallback=own)
+    predictions = combined.argmax(dim=1)
+    held_elsewhere = torch.ones(plan.weights.shape[1], dtype=torch.bool)
+    held_elsewhere[list(plan.local_logits)] = False
+    on_device = ~(plan.weights[:, held_elsewhere] > 0).any(dim=1)
+    reports, start = [], 0
+    for size in pending.segments:
+        part = slice(start, start + size)
+        start += size
+        reports.append(
+            SplitReport(
+                num_examples=size,
+                accuracy=accuracy(combined[part], pending.labels[part]),
+                degraded=int(degraded[part].sum()),
+                answered_locally=int(on_device[part].sum()),
+                route_counts=route_counts(plan.weights[part]),
+                predictions=[int(p) for p in predictions[part]],
+            )
+        )
+    return reports

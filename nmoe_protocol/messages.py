@@ -1,0 +1,345 @@
+"""The wire contract: every message the ServerApp and the ClientApp exchange, in one file.
+
+Flower message types are `train.<action>`, `evaluate` or `query.<action>`. Each request below
+names its type in `TYPE`; its reply is the class beside it. Non-array fields travel in one
+`ConfigRecord` "config" (or `MetricRecord` "metrics" for training replies, which a Flower
+strategy aggregates), array maps in `ArrayRecord`s named after the field (see `codec`).
+
+Run set-up (once per node and run)
+  query.setup        SetupRequest(config_json)                 -> NodeInfo
+Stage 1, the shared extractor F
+  train.extractor    ExtractorRequest(method, round, params,   -> ExtractorReply(params, metrics,
+                       others_correlation?)                         correlation?)
+Installing a shared part the server holds (F, H_0, a gate's shared keys, the FedAvg model)
+  train.install      InstallRequest(part, params, gate?)       -> Installed
+Stage 2, experts
+  train.shared_expert SharedExpertRequest(round, params)       -> TrainReply(params, metrics)
+  train.expert       ExpertRequest(init)                       -> ExpertReply
+Stage 3, gates (whatever the gate's module declares shared travels)
+  train.gate         GateRequest(gate, round, params)          -> TrainReply(params, metrics)
+Baselines trained on the clients
+  train.own_head     OwnHeadRequest()                          -> ExpertReply
+  train.local_only   LocalOnlyRequest()                        -> Accuracies
+Evaluation without routing
+  evaluate           EvaluateRequest(methods)                  -> Accuracies
+Peer inference, relayed by the server in three waves (see nmoe_strategy/router.py)
+  query.route        RouteRequest(query, splits, mode, gate,   -> RouteReply(features by expert id)
+                       neighbours, seed)
+  query.expert       ExpertQuery(query, batches by requester)  -> ExpertAnswer(logits by requester)
+  query.combine      CombineRequest(query, logits by expert,   -> CombineReply (per split)
+                       return_predictions)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Optional
+
+from .codec import METRICS, Arrays, ArraysById, ProtocolError, WireMessage
+
+# Message types
+SETUP = "query.setup"
+TRAIN_EXTRACTOR = "train.extractor"
+INSTALL = "train.install"
+TRAIN_SHARED_EXPERT = "train.shared_expert"
+TRAIN_EXPERT = "train.expert"
+TRAIN_GATE = "train.gate"
+TRAIN_OWN_HEAD = "train.own_head"
+TRAIN_LOCAL_ONLY = "train.local_only"
+EVALUATE = "evaluate"
+ROUTE = "query.route"
+EXPERT = "query.expert"
+COMBINE = "query.combine"
+
+# Values some fields may take
+INSTALL_PARTS = ("fe", "shared_expert", "gate", "fedavg")
+EXPERT_INITS = ("scratch", "shared")
+QUERY_MODES = ("infer", "cache")
+SPLITS = ("train", "gate", "test", "global")
+LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
+
+# Personal state groups a node reports holding (`NodeInfo.holds`): a resumed run skips a
+# client-side stage whose result every node still holds.
+FE_STATE, EXPERT_STATE = "model/fe", "model/expert"
+
+
+def gate_state(gate: str) -> str:
+    """The personal state group of a gate's parameters."""
+    return f"model/gate.{gate}"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ProtocolError(message)
+
+
+def _one_of(value: str, name: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"unknown {name} '{value}', allowed: {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------------------- run set-up
+@dataclasses.dataclass(frozen=True)
+class SetupRequest(WireMessage):
+    """The run's resolved config (JSON), sent once per node and run; the node keeps it."""
+
+    TYPE: ClassVar[str] = SETUP
+    config_json: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo(WireMessage):
+    """What a node reports about itself at set-up (no samples, only counts)."""
+
+    partition_id: int
+    num_partitions: int
+    num_train: int
+    num_test: int
+    num_global: int
+    label_counts: list[int]
+    image_shape: list[int]
+    num_classes: int
+    holds: list[str]  # personal state groups this node holds for the run's state key
+
+    def check(self) -> None:
+        _require(
+            0 <= self.partition_id < self.num_partitions, "partition_id outside the federation"
+        )
+
+
+# ---------------------------------------------------------------------------- training
+@dataclasses.dataclass(frozen=True)
+class ExtractorRequest(WireMessage):
+    """Stage 1: one local update of the parts `method` trains, starting from `params`."""
+
+    TYPE: ClassVar[str] = TRAIN_EXTRACTOR
+    method: str
+    server_round: int
+    params: Arrays
+    others_correlation: Optional[Arrays] = None  # FedSC: the other clients' average correlation
+
+    def check(self) -> None:
+        _require(self.server_round >= 1, f"server_round must be >= 1, got {self.server_round}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainReply(WireMessage):
+    """The parameters a client trained (only the shared keys) and its training metrics."""
+
+    SCALARS: ClassVar[str] = METRICS
+    params: Arrays
+    num_examples: int
+    loss: float
+
+    def check(self) -> None:
+        _require(self.num_examples >= 0, "num_examples must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractorReply(TrainReply):
+    ce_loss: float = 0.0
+    ssl_loss: float = 0.0
+    test_acc: Optional[float] = None  # F + head on the local test split (methods with a head)
+    correlation: Optional[Arrays] = None  # FedSC with shared correlations
+
+
+@dataclasses.dataclass(frozen=True)
+class InstallRequest(WireMessage):
+    """Install a shared part the server holds: F (`fe`), the shared expert, a gate's shared
+    keys (`gate` names the gate), or the separately trained FedAvg model (`fedavg`)."""
+
+    TYPE: ClassVar[str] = INSTALL
+    part: str
+    params: Arrays
+    gate: Optional[str] = None
+
+    def check(self) -> None:
+        _one_of(self.part, "part", INSTALL_PARTS)
+        _require(
+            (self.gate is not None) == (self.part == "gate"), "'gate' names the gate of part 'gate'"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Installed(WireMessage):
+    keys: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedExpertRequest(WireMessage):
+    """Stage 2 option: one FedAvg round of the shared expert H_0."""
+
+    TYPE: ClassVar[str] = TRAIN_SHARED_EXPERT
+    server_round: int
+    params: Arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertRequest(WireMessage):
+    """Stage 2: train the personal expert on the installed F, from scratch or from H_0."""
+
+    TYPE: ClassVar[str] = TRAIN_EXPERT
+    init: str
+
+    def check(self) -> None:
+        _one_of(self.init, "expert init", EXPERT_INITS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertReply(WireMessage):
+    SCALARS: ClassVar[str] = METRICS
+    num_examples: int
+    loss: float
+    test_acc: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GateRequest(WireMessage):
+    """Stage 3: overwrite the gate's keys in `params`, train it locally, return its shared keys."""
+
+    TYPE: ClassVar[str] = TRAIN_GATE
+    gate: str
+    server_round: int
+    params: Arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnHeadRequest(WireMessage):
+    """Baseline `shared_fe_own_head`: fine-tune the installed global head on local data."""
+
+    TYPE: ClassVar[str] = TRAIN_OWN_HEAD
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalOnlyRequest(WireMessage):
+    """Baseline `local_only`: F + expert trained on this client's data alone."""
+
+    TYPE: ClassVar[str] = TRAIN_LOCAL_ONLY
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateRequest(WireMessage):
+    """Accuracies of methods answered without routing."""
+
+    TYPE: ClassVar[str] = EVALUATE
+    methods: list[str]
+
+    def check(self) -> None:
+        for method in self.methods:
+            _one_of(method, "local method", LOCAL_EVAL_METHODS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Accuracies(WireMessage):
+    """Per method (in order): accuracy on the local test split and on the global test set."""
+
+    SCALARS: ClassVar[str] = METRICS
+    num_examples: int
+    acc_local: list[float]
+    acc_global: list[float]
+
+
+# ---------------------------------------------------------------------------- peer inference
+@dataclasses.dataclass(frozen=True)
+class RouteRequest(WireMessage):
+    """Wave 1: route every sample of the named splits (coalesced, in order) through `gate`;
+    `mode=cache` asks every reachable expert (to train gates on their outputs)."""
+
+    TYPE: ClassVar[str] = ROUTE
+    query_id: str
+    splits: list[str]
+    mode: str
+    gate: str
+    neighbours: list[int]
+    seed: int = 0
+
+    def check(self) -> None:
+        _one_of(self.mode, "mode", QUERY_MODES)
+        _require(bool(self.splits), "no split named in 'splits'")
+        for split in self.splits:
+            _one_of(split, "split", SPLITS)
+        _require(
+            self.mode != "cache" or len(self.splits) == 1,
+            f"mode 'cache' takes exactly one split, got {self.splits}",
+        )
+        _require(bool(self.query_id), "empty query_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteReply(WireMessage):
+    """One feature batch per remote expert id the requester chose."""
+
+    features: ArraysById
+    num_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertQuery(WireMessage):
+    """Wave 2: every feature batch addressed to this node's expert, keyed by requester id."""
+
+    TYPE: ClassVar[str] = EXPERT
+    query_id: str
+    batches: ArraysById
+
+    def check(self) -> None:
+        _require(bool(self.batches), "no feature batches in the message")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertAnswer(WireMessage):
+    logits: ArraysById
+    num_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineRequest(WireMessage):
+    """Wave 3: the logits each remote expert returned (an expert missing here failed)."""
+
+    TYPE: ClassVar[str] = COMBINE
+    query_id: str
+    logits: ArraysById
+    return_predictions: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineReply(WireMessage):
+    """Per split of the query, in its order. `route_counts` is flattened: split i's counts of
+    samples routed to each expert id are `route_counts[i * num_experts:(i + 1) * num_experts]`;
+    `predictions` (if asked) concatenates the splits' predictions."""
+
+    SCALARS: ClassVar[str] = METRICS
+    num_examples: list[int]
+    accuracy: list[float]
+    degraded: list[int]
+    answered_locally: list[int]
+    route_counts: list[int]
+    num_experts: int
+    predictions: Optional[list[int]] = None
+    experts_cached: Optional[int] = None  # mode=cache: experts whose outputs were cached
+
+    def route_counts_of(self, split: int) -> list[int]:
+        return self.route_counts[split * self.num_experts : (split + 1) * self.num_experts]
+
+    def predictions_of(self, split: int) -> list[int]:
+        if self.predictions is None:
+            raise ProtocolError("no predictions in this reply")
+        start = sum(self.num_examples[:split])
+        return self.predictions[start : start + self.num_examples[split]]
+
+
+REQUESTS: dict[str, type[WireMessage]] = {
+    cls.TYPE: cls
+    for cls in (
+        SetupRequest,
+        ExtractorRequest,
+        InstallRequest,
+        SharedExpertRequest,
+        ExpertRequest,
+        GateRequest,
+        OwnHeadRequest,
+        LocalOnlyRequest,
+        EvaluateRequest,
+        RouteRequest,
+        ExpertQuery,
+        CombineRequest,
+    )
+}

@@ -1,0 +1,47 @@
+"""Stage 2: every client installs the final F and trains its personal expert on its features (F
+frozen); experts never leave the clients. With `expert=with_shared` a shared expert H_0 is
+trained by FedAvg and installed everywhere; with `expert.init_from_shared` every personal
+expert starts from it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nmoe.gates import Params
+from nmoe.models import build_expert, state_numpy
+from nmoe_protocol import messages as wire
+
+from ..rounds import FederatedRounds
+from ..run import Run
+
+
+class SharedExpertRounds(FederatedRounds):
+    """`expert.shared_rounds` FedAvg rounds of the shared expert H_0."""
+
+    def __init__(self, run: Run) -> None:
+        expert = build_expert(run.cfg.model, run.num_classes, int(run.cfg.seed))
+        super().__init__(
+            run, "shared_expert", state_numpy(expert), int(run.cfg.expert.shared_rounds)
+        )
+
+    def configure(self, rnd: int) -> dict[int, wire.SharedExpertRequest]:
+        request = wire.SharedExpertRequest(server_round=rnd, params=self.params)
+        return {pid: request for pid in self.run.pids}
+
+
+def install(run: Run, part: str, params: Params, gate: str | None = None) -> None:
+    """Every client installs a shared part the server holds."""
+    run.broadcast(wire.InstallRequest(part=part, params=params, gate=gate), wire.Installed)
+
+
+def train_experts(run: Run, extractor: Params, trained_keys: list[str]) -> None:
+    """Install F; train (and install) H_0 if configured; train every personal expert."""
+    cfg = run.cfg
+    install(run, "fe", {k: extractor[k] for k in trained_keys})
+    if cfg.expert.shared_expert:
+        shared = SharedExpertRounds(run).run_rounds()
+        install(run, "shared_expert", shared)
+    init = "shared" if cfg.expert.init_from_shared else "scratch"
+    replies = run.broadcast(wire.ExpertRequest(init=init), wire.ExpertReply)
+    mean_acc = float(np.mean([r.test_acc for r in replies.values()])) if replies else float("nan")
+    run.results.log_round(stage="expert", round=1, replies=len(replies), **{"test-acc": mean_acc})

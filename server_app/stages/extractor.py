@@ -1,0 +1,103 @@
+"""Stage 1: the shared feature extractor F, by FedAvg of the parts the method trains (F + head
+for FedCE, F + projector for FedSC, all three for hybrid); the untrained part keeps its seeded
+initialisation and never travels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nmoe.data import federation_spec, load_all_clients
+from nmoe.gates import Params
+from nmoe.models import build_bundle, load_numpy, stage1_keys, state_numpy
+from nmoe.training import forward_batched, linear_probe
+from nmoe_protocol import messages as wire
+
+from ..rounds import FederatedRounds
+from ..run import Run
+
+CORRELATION_KEY = "corr"  # the key of a client's correlation matrix in its reply
+
+
+def initial_bundle(run: Run, method: str) -> tuple[Params, list[str]]:
+    """The seeded stage-1 bundle (every key) and the keys `method` trains and shares."""
+    bundle = build_bundle(run.cfg.model, run.image_shape, run.num_classes, int(run.cfg.seed))
+    return state_numpy(bundle), stage1_keys(bundle, method)
+
+
+def probe_accuracy(run: Run, params: Params) -> float:
+    """Linear probe of F on the global test set, trained on the pooled client training data
+    (a measurement the simulation's server makes; no client data crosses the network)."""
+    bundle = build_bundle(run.cfg.model, run.image_shape, run.num_classes, int(run.cfg.seed))
+    load_numpy(bundle, params)
+    clients = load_all_clients(federation_spec(run.cfg), run.directory.num_partitions)
+    train_x = torch.cat([c.train_x for c in clients])
+    train_y = torch.cat([c.train_y for c in clients])
+    feats = forward_batched(bundle.fe, train_x)
+    test_feats = forward_batched(bundle.fe, clients[0].global_x)
+    return linear_probe(
+        feats,
+        train_y,
+        test_feats,
+        clients[0].global_y,
+        num_classes=run.num_classes,
+        epochs=int(run.cfg.fe.probe_epochs),
+        lr=float(run.cfg.expert.lr),
+        batch_size=int(run.cfg.expert.batch_size),
+        seed=int(run.cfg.seed),
+    )
+
+
+class ExtractorRounds(FederatedRounds):
+    """`fe.rounds` rounds of `train.extractor`; with FedSC's shared correlations, each client
+    gets the average of the other clients' correlation matrices from the previous round."""
+
+    reply_type = wire.ExtractorReply
+    checkpoint_rounds = True
+
+    def __init__(self, run: Run, stage: str, method: str) -> None:
+        params, self.trained = initial_bundle(run, method)
+        super().__init__(run, stage, params, int(run.cfg.fe.rounds))
+        self.method = method
+        self.share_correlation = bool(run.cfg.fe.share_correlation) and method != "fedce"
+        self.others: dict[int, Params] = {}
+
+    def shared_keys(self, rnd: int) -> list[str]:
+        return self.trained
+
+    def configure(self, rnd: int) -> dict[int, wire.ExtractorRequest]:
+        params = {k: self.params[k] for k in self.trained}
+        return {
+            pid: wire.ExtractorRequest(
+                method=self.method,
+                server_round=rnd,
+                params=params,
+                others_correlation=self.others.get(pid),
+            )
+            for pid in self.run.pids
+        }
+
+    def after_round(self, rnd: int, replies: dict[int, wire.ExtractorReply]) -> dict[str, float]:
+        if self.share_correlation:
+            corr = {
+                pid: r.correlation[CORRELATION_KEY]
+                for pid, r in replies.items()
+                if r.correlation and CORRELATION_KEY in r.correlation
+            }
+            self.others = {
+                pid: {
+                    CORRELATION_KEY: np.mean(
+                        [c for p, c in corr.items() if p != pid], axis=0
+                    ).astype(np.float32)
+                }
+                for pid in corr
+                if len(corr) > 1
+            }
+        if self.method == "fedce":
+            return {}
+        return {"probe-acc": probe_accuracy(self.run, self.params)}
+
+
+def train_extractor(run: Run, method: str, stage: str) -> Params:
+    """Stage 1 (or the FedAvg baseline's own FedCE run): every key of the final bundle."""
+    return ExtractorRounds(run, stage, method).run_rounds()
