@@ -58,6 +58,9 @@ PREFIX_SIZE = len(MAGIC) + KEY_SIZE + NONCE_SIZE
 BODY_HEAD = struct.Struct("<BBH")  # dtype code, ndim, reserved (zero)
 DIM = struct.Struct("<Q")
 MAX_NDIM = 4
+# payload kinds for `payload_aad`'s wave: requester -> expert owner, expert owner -> requester
+WAVE_FEATURES = "features"
+WAVE_LOGITS = "logits"
 DEFAULT_MAX_ROWS = 100_000
 MAX_BODY_BYTES = 2**31 - 1 - TAG_SIZE  # AES-GCM in `cryptography` takes at most 2**31 - 1 bytes
 # dtype codes on the wire (little endian); the allow-list of what a blob may hold
@@ -202,7 +205,8 @@ class KeyPins:
 
 # --- payloads -------------------------------------------------------------------------------------
 def payload_aad(query_id: str, wave: str, sender_pid: int, recipient_pid: int) -> bytes:
-    """Associated data binding a payload to its query, wave, sender and recipient."""
+    """Associated data binding a payload to its query, wave (e.g. `WAVE_FEATURES`), sender and
+    recipient partition ids (length-prefixed, so no two argument lists give the same bytes)."""
     parts = []
     for name, text in (("query_id", query_id), ("wave", wave)):
         if not isinstance(text, str) or not text:

@@ -29,7 +29,7 @@ RNG = np.random.default_rng(0)
 A_KEY, A_PUB = generate_keypair()  # requester, partition 0
 B_KEY, B_PUB = generate_keypair()  # expert owner, partition 1
 C_KEY, C_PUB = generate_keypair()  # another node
-AAD = payload_aad("q-7", "features", 0, 1)
+AAD = payload_aad("q-7", sealing.WAVE_FEATURES, 0, 1)
 
 
 def _features(rows: int = 3, dim: int = 4) -> np.ndarray:
@@ -86,7 +86,7 @@ def test_replay_under_another_query_wave_or_route_is_refused() -> None:
     blob = seal(array, A_KEY, B_PUB, AAD)
     for other in (
         payload_aad("q-8", "features", 0, 1),  # the same payload replayed in another query
-        payload_aad("q-7", "logits", 0, 1),
+        payload_aad("q-7", sealing.WAVE_LOGITS, 0, 1),
         payload_aad("q-7", "features", 2, 1),
         payload_aad("q-7", "features", 0, 2),
         payload_aad("q-7", "features", 1, 0),
