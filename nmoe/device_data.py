@@ -252,6 +252,8 @@ def load_device_data(
     Without a test split, `local_test_fraction` of the labelled training images become the
     local test split (seeded by `seed`). Without a global test set, `global_x`/`global_y` have
     0 rows."""
+    if not 0 < local_test_fraction < 1:
+        raise ValueError(f"local_test_fraction must be in (0, 1), got {local_test_fraction}")
     data_dir = Path(data_dir).expanduser()
     info, meta = read_metadata(data_dir)
     pixel_max = float(meta.get("pixel_max", 255))
