@@ -16,13 +16,14 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import datasets as dataset_registry
 from . import gates
 from .models import STAGE1_PARTS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 FE_METHODS = tuple(STAGE1_PARTS)
-DATASETS = ("digits", "cifar10")
+DATASETS = tuple(dataset_registry.DATASETS)
 PARTITIONS = ("iid", "dirichlet", "pathological")
 EXTRACTORS = ("cnn", "resnet")
 TOPOLOGIES = ("full", "ring", "regular", "geometric")
@@ -40,11 +41,14 @@ class ConfigError(ValueError):
 @dataclass
 class DatasetConfig:
     name: str = "digits"
-    path: Optional[str] = None  # local torchvision-style folder (cifar10)
-    hf_name: str = "uoft-cs/cifar10"
+    path: Optional[str] = None  # local folder: torchvision's FashionMNIST/raw, cifar-10-batches-py
+    hf_name: Optional[str] = None  # HF cache id (read offline); None = the dataset's usual one
     local_test_fraction: float = 0.2
     global_test_fraction: float = 0.2
-    max_samples: int = 0  # 0 = all; cap for quick runs on large datasets
+    max_samples: int = 0  # 0 = all; keep the first N images (quick runs; prefer subsample)
+    subsample: int = 0  # 0 = all; class-stratified N images, fixed seed (same for every run seed)
+    label_fraction: float = 1.0  # share of each client's training images that keep their label
+    verify_checksums: bool = True  # official CIFAR-10 folders (with batches.meta): check MD5s
 
 
 @dataclass
@@ -268,6 +272,14 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.torch_threads >= 0, "torch_threads", f"must be >= 0, got {cfg.torch_threads}")
     _require(cfg.topology.degree > 0, "topology.degree", "must be > 0")
     _require(cfg.topology.radius > 0, "topology.radius", "must be > 0")
+    for key in ("dataset.max_samples", "dataset.subsample"):
+        value = OmegaConf.select(cfg, key)
+        _require(value >= 0, key, f"must be >= 0 (0 = all), got {value}")
+    _require(
+        0 < cfg.dataset.label_fraction <= 1,
+        "dataset.label_fraction",
+        f"must be in (0, 1], got {cfg.dataset.label_fraction}",
+    )
 
 
 def to_structured(raw: DictConfig | dict[str, Any]) -> DictConfig:

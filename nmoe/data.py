@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,68 @@ import numpy as np
 import torch
 
 from .atomic import write_npz_atomic
+from .datasets import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DATASETS,
+    DIGITS_MAX_INTENSITY,
+    DatasetInfo,
+    DatasetIntegrityError,
+    DatasetUnavailableError,
+    RawImages,
+    dataset_info,
+    normalise,
+    read_cifar10_folder,
+    read_cifar10_hf,
+    read_dataset,
+    read_digits,
+    read_fashion_mnist,
+)
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-DIGITS_MAX_INTENSITY = 16.0
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DATASETS",
+    "DIGITS_MAX_INTENSITY",
+    "SUBSAMPLE_SEED",
+    "ArrayDataset",
+    "ClientData",
+    "DatasetInfo",
+    "DatasetIntegrityError",
+    "DatasetUnavailableError",
+    "balanced_holdout",
+    "dataset_info",
+    "federation_spec",
+    "label_mask",
+    "labelled",
+    "load_all_clients",
+    "load_arrays",
+    "load_client_data",
+    "make_partitioner",
+    "num_classes",
+    "spec_dataset_info",
+    "ssl_augmentation",
+    "stratified_subsample",
+]
 
-
-class DatasetUnavailableError(RuntimeError):
-    """The configured dataset cannot be found locally."""
+# Seed of `dataset.subsample`: fixed, independent of the run seed, so every method and every run
+# seed sees the same images.
+SUBSAMPLE_SEED = 20_240_917
+# Mixed with the run seed and the partition id to choose each client's labelled images.
+LABEL_SEED_SALT = 7_349
+# Part of the split-cache key: bump it when the cached layout changes.
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's local train and test split, plus the shared global test set."""
+    """One client's local train and test split, plus the shared global test set.
+
+    `train_labelled[i]` says whether training image i has a label the client may use
+    (`dataset.label_fraction`). In simulation `train_y` still holds every true label; on a device
+    unlabelled images have label -1. Supervised code must use only `labelled(client)`.
+    `global_x`/`global_y` have 0 rows when the device holds no global test set (`has_global`).
+    """
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -40,9 +88,26 @@ class ClientData:
     test_y: torch.Tensor
     global_x: torch.Tensor
     global_y: torch.Tensor
+    train_labelled: torch.Tensor = field(default=None)  # type: ignore[assignment]  # None: all
+
+    def __post_init__(self) -> None:
+        if self.train_labelled is None:
+            object.__setattr__(
+                self, "train_labelled", torch.ones(len(self.train_y), dtype=torch.bool)
+            )
+
+    @property
+    def has_global(self) -> bool:
+        return len(self.global_y) > 0
 
 
 CLIENT_DATA_FIELDS = tuple(ClientData.__dataclass_fields__)
+
+
+def labelled(client: ClientData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The client's training images that carry a label, with their labels."""
+    mask = client.train_labelled
+    return client.train_x[mask], client.train_y[mask]
 
 
 @dataclass(frozen=True)
@@ -54,83 +119,59 @@ class ArrayDataset:
     num_classes: int
 
 
+def _normalised(raw: RawImages) -> ArrayDataset:
+    images = normalise(raw.images, raw.info.mean, raw.info.std, raw.pixel_max)
+    return ArrayDataset(images, raw.labels, raw.info.num_classes)
+
+
 def load_digits_arrays() -> ArrayDataset:
-    """scikit-learn's digits, standardised (zero mean, unit variance), shape (1797, 1, 8, 8)."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = (bunch.images / DIGITS_MAX_INTENSITY).astype(np.float32)[:, None, :, :]
-    images = (images - images.mean()) / images.std()
-    return ArrayDataset(images, bunch.target.astype(np.int64), 10)
+    """scikit-learn's digits, normalised with the fixed digits constants, (1797, 1, 8, 8)."""
+    return _normalised(read_digits())
 
 
-def _normalise_cifar(images_uint8: np.ndarray) -> np.ndarray:
-    images = images_uint8.astype(np.float32) / 255.0  # (N, H, W, C)
-    images = (images - np.array(CIFAR10_MEAN, np.float32)) / np.array(CIFAR10_STD, np.float32)
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+def load_fashion_mnist_arrays(path: str | None = None, hf_name: str | None = None) -> ArrayDataset:
+    """Fashion-MNIST (70,000 images, train then test), normalised, (N, 1, 28, 28)."""
+    return _normalised(read_fashion_mnist(path, hf_name))
 
 
-def load_cifar10_folder(path: str) -> ArrayDataset:
-    """CIFAR-10 from torchvision's on-disk format (`cifar-10-batches-py`), no download."""
-    root = Path(path).expanduser()
-    batch_dir = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    files = [batch_dir / f"data_batch_{i}" for i in range(1, 6)] + [batch_dir / "test_batch"]
-    present = [f for f in files if f.is_file()]
-    if not present:
-        raise DatasetUnavailableError(
-            f"no CIFAR-10 batches under '{root}': expected torchvision's "
-            "'cifar-10-batches-py/data_batch_1..5, test_batch'. Fix: set dataset.path to the folder "
-            "that holds cifar-10-batches-py (e.g. from torchvision.datasets.CIFAR10(root, download=True)), "
-            "or leave dataset.path unset to load dataset.hf_name from the HF cache"
-        )
-    images, labels = [], []
-    for file in present:
-        with file.open("rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
-        images.append(
-            np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        )
-        labels.append(np.asarray(entry["labels"], np.int64))
-    return ArrayDataset(_normalise_cifar(np.concatenate(images)), np.concatenate(labels), 10)
+def load_cifar10_folder(path: str, verify_checksums: bool = True) -> ArrayDataset:
+    """CIFAR-10 from torchvision's on-disk format (`cifar-10-batches-py`), no download, no
+    arbitrary unpickling (see `nmoe.datasets.load_cifar_batch`)."""
+    return _normalised(read_cifar10_folder(path, verify_checksums))
 
 
 def load_cifar10_hf(hf_name: str) -> ArrayDataset:
-    """CIFAR-10 through HF `datasets` (needs the network or a filled HF cache)."""
-    from datasets import concatenate_datasets, load_dataset
+    """CIFAR-10 from the HF cache (offline)."""
+    return _normalised(read_cifar10_hf(hf_name))
+
+
+def stratified_subsample(labels: np.ndarray, size: int, seed: int = SUBSAMPLE_SEED) -> np.ndarray:
+    """Sorted indices of a class-stratified random subsample of `size` items (all if `size` is
+    0 or at least the number of items)."""
+    if size <= 0 or size >= len(labels):
+        return np.arange(len(labels))
+    from sklearn.model_selection import train_test_split
 
     try:
-        parts = load_dataset(hf_name)
-    except Exception as err:  # datasets raises many kinds when offline
-        raise DatasetUnavailableError(
-            f"CIFAR-10 is not available: '{hf_name}' could not be loaded ({type(err).__name__}). "
-            "Fix: set dataset.path=/dir/with/cifar-10-batches-py (torchvision format), "
-            "or run once with network access so the HF cache holds it."
-        ) from err
-    merged = concatenate_datasets([parts[name] for name in parts])
-    image_col = "img" if "img" in merged.column_names else "image"
-    images = np.stack([np.asarray(img, np.uint8) for img in merged[image_col]])
-    return ArrayDataset(_normalise_cifar(images), np.asarray(merged["label"], np.int64), 10)
+        chosen, _ = train_test_split(
+            np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed
+        )
+    except ValueError as err:
+        raise ValueError(f"dataset.subsample={size}: {err}") from err
+    return np.sort(chosen)
 
 
 def load_arrays(dataset_cfg: Any) -> ArrayDataset:
-    """Load the configured dataset as arrays."""
-    if dataset_cfg.name == "digits":
-        data = load_digits_arrays()
-    elif dataset_cfg.name == "cifar10":
-        data = (
-            load_cifar10_folder(dataset_cfg.path)
-            if dataset_cfg.path
-            else load_cifar10_hf(dataset_cfg.hf_name)
-        )
-    else:
-        raise DatasetUnavailableError(f"unknown dataset '{dataset_cfg.name}'")
-    if dataset_cfg.max_samples:
-        data = ArrayDataset(
-            data.images[: dataset_cfg.max_samples],
-            data.labels[: dataset_cfg.max_samples],
-            data.num_classes,
-        )
-    return data
+    """Load the configured dataset as normalised arrays: `max_samples` keeps the first images,
+    then `subsample` draws a class-stratified subsample with the fixed `SUBSAMPLE_SEED`."""
+    raw = read_dataset(dataset_cfg)
+    max_samples = int(getattr(dataset_cfg, "max_samples", 0) or 0)
+    if max_samples:
+        raw = raw.select(np.arange(min(max_samples, len(raw.labels))))
+    subsample = int(getattr(dataset_cfg, "subsample", 0) or 0)
+    if subsample:
+        raw = raw.select(stratified_subsample(raw.labels, subsample))
+    return _normalised(raw)
 
 
 def balanced_holdout(
@@ -241,6 +282,27 @@ def federation_spec(cfg: Any) -> str:
     )
 
 
+def label_mask(num_train: int, fraction: float, seed: int, partition_id: int) -> np.ndarray:
+    """Which of a client's `num_train` training images keep their label: a random
+    `round(fraction * num_train)` of them (at least one), seeded by run seed and partition id."""
+    if fraction >= 1.0 or num_train == 0:
+        return np.ones(num_train, dtype=bool)
+    count = max(1, round(fraction * num_train))
+    rng = np.random.default_rng([LABEL_SEED_SALT, seed, partition_id])
+    mask = np.zeros(num_train, dtype=bool)
+    mask[rng.choice(num_train, size=count, replace=False)] = True
+    return mask
+
+
+def _read_cached(cached: Path) -> tuple[ClientData, int] | None:
+    try:
+        with np.load(cached, allow_pickle=False) as npz:
+            tensors = {name: torch.from_numpy(npz[name]) for name in CLIENT_DATA_FIELDS}
+            return ClientData(**tensors), int(npz["num_classes"])
+    except (KeyError, ValueError, OSError):  # an older layout or a damaged file: rebuild it
+        return None
+
+
 def load_client_data(
     spec_json: str, partition_id: int, num_partitions: int, cache_dir: Path | None = None
 ) -> tuple[ClientData, int]:
@@ -249,19 +311,24 @@ def load_client_data(
     the data config), so the next process on this device skips loading and partitioning."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-    key = hashlib.sha256(f"{spec_json}|{num_partitions}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{spec_json}|{num_partitions}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
     cached = (
         cache_dir / f"split-{key}-partition-{partition_id}.npz" if cache_dir is not None else None
     )
     if cached is not None and cached.is_file():
-        with np.load(cached, allow_pickle=False) as npz:
-            tensors = {name: torch.from_numpy(npz[name]) for name in CLIENT_DATA_FIELDS}
-            return ClientData(**tensors), int(npz["num_classes"])
+        hit = _read_cached(cached)
+        if hit is not None:
+            return hit
+    spec = json.loads(spec_json)
     data, splits, global_idx = _federation(spec_json, num_partitions)
     train_x, train_y = _tensors(data, splits[partition_id]["train"])
     test_x, test_y = _tensors(data, splits[partition_id]["test"])
     global_x, global_y = _tensors(data, global_idx)
-    client = ClientData(train_x, train_y, test_x, test_y, global_x, global_y)
+    fraction = float(spec["dataset"].get("label_fraction", 1.0))
+    mask = label_mask(len(train_y), fraction, int(spec["seed"]), partition_id)
+    client = ClientData(
+        train_x, train_y, test_x, test_y, global_x, global_y, torch.from_numpy(mask)
+    )
     if cached is not None:
         arrays = {name: getattr(client, name).numpy() for name in CLIENT_DATA_FIELDS}
         write_npz_atomic(cached, {**arrays, "num_classes": np.array(data.num_classes)})
@@ -273,18 +340,29 @@ def load_all_clients(spec_json: str, num_partitions: int) -> list[ClientData]:
     return [load_client_data(spec_json, pid, num_partitions)[0] for pid in range(num_partitions)]
 
 
+def spec_dataset_info(spec_json: str) -> DatasetInfo:
+    """The registry facts (shape, classes, normalisation) of a spec's dataset, loading nothing."""
+    return dataset_info(json.loads(spec_json)["dataset"]["name"])
+
+
 def num_classes(spec_json: str, num_partitions: int) -> int:
-    """Number of classes of the configured dataset."""
-    return _federation(spec_json, num_partitions)[0].num_classes
+    """Number of classes of the configured dataset (from the registry: loads nothing)."""
+    del num_partitions  # kept for callers; the registry does not need it
+    return spec_dataset_info(spec_json).num_classes
 
 
-def ssl_augmentation(image_shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Two-view augmentation suited to the image size: returns a per-sample transform."""
+def ssl_augmentation(
+    image_shape: tuple[int, ...], background: tuple[float, ...] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Two-view augmentation suited to the image size: returns a per-sample transform.
+    `background` (a `DatasetInfo.background`) fills the pixels a grey image's affine move
+    uncovers; None fills with 0 (the dataset mean)."""
     from torchvision.transforms import (
         v2,
     )  # imported here: every deployed ClientApp message is a fresh process
 
     channels, height, _ = image_shape
+    fill = list(background) if background is not None else 0
     if channels == 3:
         transform = v2.Compose(
             [
@@ -298,7 +376,7 @@ def ssl_augmentation(image_shape: tuple[int, ...]) -> Callable[[torch.Tensor], t
         transform = v2.Compose(
             [
                 v2.RandomResizedCrop(height, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-                v2.RandomAffine(degrees=12, translate=(0.1, 0.1)),
+                v2.RandomAffine(degrees=12, translate=(0.1, 0.1), fill=fill),
                 v2.GaussianNoise(mean=0.0, sigma=0.05, clip=False),
             ]
         )
