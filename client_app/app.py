@@ -7,6 +7,7 @@ reason; the node keeps serving, and a request that fails changes nothing persist
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import wraps
 from logging import WARNING
@@ -31,7 +32,14 @@ from nmoe.pipeline import (
     outgoing_features,
     plan_query,
 )
-from nmoe.training import accuracy, forward_batched, train_classifier, train_extractor
+from nmoe.training import (
+    accuracy,
+    forward_batched,
+    ssl_validation_loss,
+    train_classifier,
+    train_extractor,
+    train_supervised_until_converged,
+)
 from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import WireMessage
 
@@ -87,16 +95,19 @@ def handles(request_type: type[Request]) -> Callable[[Callable[[Node, Request], 
 def setup(node: Node, request: wire.SetupRequest) -> wire.NodeInfo:
     """Keep the run's config; report who this node is and what it holds."""
     d = node.data
+    _, labels = node.labelled_train()
     return wire.NodeInfo(
         partition_id=node.pid,
         num_partitions=node.num_partitions,
         num_train=len(d.train_y),
+        num_labelled=len(labels),
         num_test=len(d.test_y),
         num_global=len(d.global_y),
-        label_counts=[int((d.train_y == c).sum()) for c in range(node.num_classes)],
+        label_counts=[int((labels == c).sum()) for c in range(node.num_classes)],
         image_shape=list(node.image_shape),
         num_classes=node.num_classes,
         holds=node.state.holds(),
+        data_source=node.data_source,
     )
 
 
@@ -111,19 +122,29 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
         others_corr = torch.from_numpy(request.others_correlation[CORRELATION_KEY])
         others_weight = (node.num_partitions - 1) / node.num_partitions
     fe_cfg = node.cfg.fe
+    epochs, lr, batch_size = int(fe_cfg.local_epochs), float(fe_cfg.lr), int(fe_cfg.batch_size)
+    if request.schedule == "fedavg":  # the FedAvg baseline's own FedCE schedule
+        b = node.cfg.baseline
+        epochs, lr, batch_size = (
+            int(b.fedavg_local_epochs),
+            float(b.fedavg_lr),
+            int(b.fedavg_batch_size),
+        )
+    x, y, val_x, val_y = node.stage1_data(method)
+    augment = ssl_augmentation(node.image_shape) if method != "fedce" else None
     result = train_extractor(
         bundle,
-        node.data.train_x,
-        node.data.train_y,
+        x,
+        y,
         method=method,
-        epochs=int(fe_cfg.local_epochs),
-        lr=float(fe_cfg.lr),
+        epochs=epochs,
+        lr=lr,
         momentum=float(fe_cfg.momentum),
-        batch_size=int(fe_cfg.batch_size),
+        batch_size=batch_size,
         seed=node.seed(1, request.server_round),
         ssl_weight=float(fe_cfg.ssl_weight),
         embedding_clip=float(fe_cfg.embedding_clip),
-        augment=ssl_augmentation(node.image_shape) if method != "fedce" else None,
+        augment=augment,
         others_corr=others_corr,
         others_weight=others_weight,
     )
@@ -135,17 +156,25 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
         noise = torch.randn(result.correlation.shape, generator=generator)
         noise *= float(fe_cfg.correlation_noise)
         correlation = {CORRELATION_KEY: (result.correlation + (noise + noise.T) / 2).numpy()}
-    test_acc = None
+    head_on_fe = lambda inp: bundle.head(bundle.fe(inp))
+    test_acc, val_score = None, None
     if method != "fedsc":
-        head_on_fe = lambda x: bundle.head(bundle.fe(x))
         test_acc = accuracy(forward_batched(head_on_fe, node.data.test_x), node.data.test_y)
+    if len(val_x):
+        if method == "fedsc":
+            assert augment is not None
+            clip = float(fe_cfg.embedding_clip)
+            val_score = -ssl_validation_loss(bundle, val_x, augment, clip, node.seed(12))
+        else:
+            val_score = accuracy(forward_batched(head_on_fe, val_x), val_y)
     return wire.ExtractorReply(
         params=params,
-        num_examples=len(node.data.train_y),
+        num_examples=len(x),
         loss=result.loss,
         ce_loss=result.ce_loss,
         ssl_loss=result.ssl_loss,
         test_acc=test_acc,
+        val_score=val_score,
         correlation=correlation,
     )
 
@@ -194,18 +223,17 @@ def train_shared_expert(node: Node, request: wire.SharedExpertRequest) -> wire.T
     expert = build_expert(node.cfg.model, node.num_classes, int(node.cfg.seed))
     load_numpy(expert, request.params)
     ex = node.cfg.expert
+    x, y = node.labelled_train()
     loss = train_classifier(
         expert,
-        node.features(node.data.train_x),
-        node.data.train_y,
+        node.features(x),
+        y,
         epochs=int(ex.epochs),
         lr=float(ex.lr),
         batch_size=int(ex.batch_size),
         seed=node.seed(5, request.server_round),
     )
-    return wire.TrainReply(
-        params=state_numpy(expert), num_examples=len(node.data.train_y), loss=loss
-    )
+    return wire.TrainReply(params=state_numpy(expert), num_examples=len(y), loss=loss)
 
 
 @handles(wire.ExpertRequest)
@@ -242,11 +270,11 @@ def train_own_head(node: Node, request: wire.OwnHeadRequest) -> wire.ExpertReply
     """FedPer/FedRep-style baseline: the global head, fine-tuned on all local training data."""
     bundle = node.installed_bundle()
     ex = node.cfg.expert
-    feats = forward_batched(bundle.fe, node.data.train_x)
+    x, y = node.labelled_train()
     loss = train_classifier(
         bundle.head,
-        feats,
-        node.data.train_y,
+        forward_batched(bundle.fe, x),
+        y,
         epochs=int(ex.epochs),
         lr=float(ex.lr),
         batch_size=int(ex.batch_size),
@@ -256,20 +284,22 @@ def train_own_head(node: Node, request: wire.OwnHeadRequest) -> wire.ExpertReply
     node.state.persist()
     model = lambda x: bundle.head(bundle.fe(x))
     test_acc = accuracy(forward_batched(model, node.data.test_x), node.data.test_y)
-    return wire.ExpertReply(num_examples=len(node.data.train_y), loss=loss, test_acc=test_acc)
+    return wire.ExpertReply(num_examples=len(y), loss=loss, test_acc=test_acc)
 
 
 @handles(wire.LocalOnlyRequest)
 def train_local_only(node: Node, request: wire.LocalOnlyRequest) -> wire.Accuracies:
     """Baseline: F + head and an expert trained on this client's data alone; accuracies only."""
-    fe_cfg, ex = node.cfg.fe, node.cfg.expert
+    fe_cfg, ex, b = node.cfg.fe, node.cfg.expert, node.cfg.baseline
     bundle = node.bundle()
-    train_extractor(
+    x, y = node.labelled_train()
+    run = train_supervised_until_converged(
         bundle,
-        node.data.train_x,
-        node.data.train_y,
-        method="fedce",
-        epochs=int(fe_cfg.rounds) * int(fe_cfg.local_epochs),
+        x,
+        y,
+        max_epochs=int(b.epochs),
+        patience=int(b.patience),
+        val_fraction=float(b.val_fraction),
         lr=float(fe_cfg.lr),
         momentum=float(fe_cfg.momentum),
         batch_size=int(fe_cfg.batch_size),
@@ -278,19 +308,26 @@ def train_local_only(node: Node, request: wire.LocalOnlyRequest) -> wire.Accurac
     expert = build_expert(node.cfg.model, node.num_classes, node.seed())
     train_classifier(
         expert,
-        forward_batched(bundle.fe, node.data.train_x),
-        node.data.train_y,
+        forward_batched(bundle.fe, x),
+        y,
         epochs=int(ex.epochs),
         lr=float(ex.lr),
         batch_size=int(ex.batch_size),
         seed=node.seed(7),
     )
-    model = lambda x: expert(bundle.fe(x))
+    reply = accuracies(node, len(y), [lambda inp: expert(bundle.fe(inp))])
+    return dataclasses.replace(reply, epochs_run=int(run["epochs_run"]))
+
+
+def accuracies(node: Node, num_examples: int, models: list[Callable]) -> wire.Accuracies:
+    """Each model's accuracy on the local test split and (if the node holds one) the global set."""
     d = node.data
     return wire.Accuracies(
-        num_examples=len(d.train_y),
-        acc_local=[accuracy(forward_batched(model, d.test_x), d.test_y)],
-        acc_global=[accuracy(forward_batched(model, d.global_x), d.global_y)],
+        num_examples=num_examples,
+        acc_local=[accuracy(forward_batched(m, d.test_x), d.test_y) for m in models],
+        acc_global=[accuracy(forward_batched(m, d.global_x), d.global_y) for m in models]
+        if d.has_global
+        else [],
     )
 
 
@@ -328,27 +365,21 @@ def train_gate(node: Node, request: wire.GateRequest) -> wire.TrainReply:
 def evaluate(node: Node, request: wire.EvaluateRequest) -> wire.Accuracies:
     """Accuracies of the methods answered without routing, on local test and global test."""
     bundle = node.installed_bundle()
-    acc_local, acc_global = [], []
+    models: list[Callable] = []
     for method in request.methods:
         if method == "local_expert":
             expert = node.expert()
-            model = lambda x, e=expert: e(bundle.fe(x))
+            models.append(lambda x, e=expert: e(bundle.fe(x)))
         elif method == "fedavg":  # the stage-1 model, or the separately trained FedCE model
-            fedavg = (
-                node.bundle(node.state.get(FEDAVG_GROUP), "fedce")
-                if node.state.has(FEDAVG_GROUP)
-                else bundle
-            )
-            model = lambda x, b=fedavg: b.head(b.fe(x))
+            fedavg = bundle
+            if node.state.has(FEDAVG_GROUP):
+                fedavg = node.bundle(node.state.get(FEDAVG_GROUP), "fedce")
+            models.append(lambda x, b=fedavg: b.head(b.fe(x)))
         else:
             head = node.bundle().head
             load_numpy(head, node.state.get(OWN_HEAD_GROUP))
-            model = lambda x, h=head: h(bundle.fe(x))
-        acc_local.append(accuracy(forward_batched(model, node.data.test_x), node.data.test_y))
-        acc_global.append(accuracy(forward_batched(model, node.data.global_x), node.data.global_y))
-    return wire.Accuracies(
-        num_examples=len(node.data.test_y), acc_local=acc_local, acc_global=acc_global
-    )
+            models.append(lambda x, h=head: h(bundle.fe(x)))
+    return accuracies(node, len(node.data.test_y), models)
 
 
 # ---------------------------------------------------------------------------- peer inference
@@ -378,7 +409,7 @@ def route(node: Node, request: wire.RouteRequest) -> wire.RouteReply:
     fe = node.extractor()
     feats = forward_batched(fe, x)
     generator = torch.Generator().manual_seed(node.seed(9, request.seed))
-    if request.mode == "cache":
+    if request.mode in ("cache", "oracle"):  # every reachable expert answers every sample
         weights = reachable.float().expand(len(x), -1).clone()
     else:
         gate = gates.get(request.gate)

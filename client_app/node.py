@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from nmoe import gates
 from nmoe.config import to_structured
-from nmoe.data import ClientData, federation_spec, load_client_data
+from nmoe.data import ClientData, federation_spec, labelled, load_client_data
+from nmoe.datasets import dataset_info
+from nmoe.device_data import load_device_data
 from nmoe.models import ExtractorBundle, build_bundle, build_expert, load_numpy, stage1_keys
 from nmoe.training import forward_batched
 from nmoe_protocol import messages as wire
@@ -52,6 +55,9 @@ class Node:
     state: PersonalState
     data: ClientData
     num_classes: int
+    data_source: (
+        str  # "partition" (a slice of the configured dataset) or "data-dir" (the device's own)
+    )
 
     @property
     def pid(self) -> int:
@@ -128,21 +134,40 @@ class Node:
         return gates.get(name).initial_params(self.cfg.model, self.num_experts, int(self.cfg.seed))
 
     # --- data ----------------------------------------------------------------------
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`expert` / `gate`: the local training data divided by `expert.gate_holdout_fraction`
-        (the gate learns on samples the own expert never saw); `train`, `test`, `global`."""
+    def labelled_train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images that carry a label (`dataset.label_fraction`), with their labels."""
+        return labelled(self.data)
+
+    def stage1_data(self, method: str) -> tuple[torch.Tensor, ...]:
+        """Stage 1's training and validation images (and labels): CE methods use the labelled
+        images, FedSC every image; with `fe.patience` a `fe.val_fraction` part is held out
+        (the same every round) for the convergence rule, else the validation part is empty."""
         d = self.data
-        if name in ("expert", "gate"):
+        x, y = (d.train_x, d.train_y) if method == "fedsc" else self.labelled_train()
+        if int(self.cfg.fe.patience) == 0 or len(y) < 2:
+            return x, y, x[:0], y[:0]
+        generator = torch.Generator().manual_seed(self.seed(11))
+        order = torch.randperm(len(y), generator=generator)
+        held = max(1, int(len(y) * float(self.cfg.fe.val_fraction)))
+        return x[order[held:]], y[order[held:]], x[order[:held]], y[order[:held]]
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`expert` / `gate`: the labelled training data divided by `expert.gate_holdout_fraction`
+        (the gate learns on samples the own expert never saw); `train` (labelled), `test`,
+        `global` (an error on a node that holds no global test set)."""
+        d = self.data
+        if name in ("expert", "gate", "train"):
+            x, y = self.labelled_train()
+            if name == "train":
+                return x, y
             generator = torch.Generator().manual_seed(self.seed(10))
-            order = torch.randperm(len(d.train_y), generator=generator)
+            order = torch.randperm(len(y), generator=generator)
             held = int(len(order) * float(self.cfg.expert.gate_holdout_fraction))
             index = order[held:] if name == "expert" or held == 0 else order[:held]
-            return d.train_x[index], d.train_y[index]
-        splits = {
-            "train": (d.train_x, d.train_y),
-            "test": (d.test_x, d.test_y),
-            "global": (d.global_x, d.global_y),
-        }
+            return x[index], y[index]
+        if name == "global" and not d.has_global:
+            raise ValueError("this node holds no global test set")
+        splits = {"test": (d.test_x, d.test_y), "global": (d.global_x, d.global_y)}
         if name not in splits:
             raise ValueError(f"unknown split '{name}'")
         return splits[name]
@@ -172,8 +197,33 @@ def open_node(context: Context, config_json: str | None = None) -> Node:
     cfg = parsed_config(state.config_json())
     if int(cfg.torch_threads) > 0:
         torch.set_num_threads(int(cfg.torch_threads))
+    data_dir = context.node_config.get("data-dir")
+    if data_dir:
+        return Node(cfg, state, *device_data(str(data_dir), cfg), "data-dir")
     cache = state.state_dir / DATA_CACHE_DIR if state.state_dir is not None else None
-    data, classes = load_client_data(
-        federation_spec(cfg), state.partition_id, state.num_partitions, cache
-    )
-    return Node(cfg, state, data, classes)
+    spec = federation_spec(cfg)
+    data, classes = load_client_data(spec, state.partition_id, state.num_partitions, cache)
+    return Node(cfg, state, data, classes, "partition")
+
+
+def device_data(data_dir: str, cfg: DictConfig) -> tuple[ClientData, int]:
+    """The device's own samples from its `data-dir`, checked against the run's dataset."""
+    data, info = _read_device_data(data_dir, float(cfg.dataset.local_test_fraction), int(cfg.seed))
+    expected = dataset_info(str(cfg.dataset.name))
+    if (info.name, info.image_shape, info.num_classes) != (
+        expected.name,
+        expected.image_shape,
+        expected.num_classes,
+    ):
+        raise ValueError(
+            f"this device holds {info.name} {list(info.image_shape)} with {info.num_classes} "
+            f"classes; the run is configured for {expected.name} {list(expected.image_shape)} "
+            f"with {expected.num_classes}"
+        )
+    return data, info.num_classes
+
+
+@lru_cache(maxsize=2)
+def _read_device_data(data_dir: str, local_test_fraction: float, seed: int) -> tuple:
+    """Read once per process (a warm executor serves many messages)."""
+    return load_device_data(Path(data_dir), local_test_fraction, seed)

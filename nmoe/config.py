@@ -28,7 +28,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 EXTRACTORS = ("cnn", "resnet")
 TOPOLOGIES = ("full", "ring", "regular", "geometric")
 # baselines besides the gates: the FedAvg model, FedRep-style heads, local-only, pooled data
-MODEL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized")
+MODEL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized", "oracle_router")
 BASELINES = MODEL_BASELINES + gates.names()
 LOG_LEVELS = ("quiet", "info", "verbose")
 MODES = ("train", "inference")
@@ -84,6 +84,28 @@ class FEConfig:
     share_correlation: bool = False
     correlation_noise: float = 0.0  # std of Gaussian noise on shared correlations
     probe_epochs: int = 50  # linear probe of F on the global test (fedsc/hybrid)
+    # Convergence: with patience > 0, each client holds `val_fraction` of its training data out of
+    # stage 1 and reports a validation metric (accuracy of F + head; FedSC: its loss); stage 1 stops
+    # after `patience` rounds without improvement (`rounds` is the cap) and keeps the best round.
+    patience: int = 0
+    val_fraction: float = 0.1
+    min_delta: float = 0.001
+
+
+@dataclass
+class BaselineConfig:
+    """Schedules of the baselines trained beside NMoE, each its own and each to convergence."""
+
+    # the `fedavg` baseline's FedCE run when stage 1 is not FedCE (early stopping: fe.patience)
+    fedavg_rounds: int = 100
+    fedavg_local_epochs: int = 3
+    fedavg_lr: float = 0.05
+    fedavg_batch_size: int = 32
+    # `local_only` and `centralized`: at most `epochs`, stopping after `patience` epochs without
+    # improvement of the accuracy on `val_fraction` of their training data (0 = run every epoch)
+    epochs: int = 100
+    patience: int = 10
+    val_fraction: float = 0.1
 
 
 @dataclass
@@ -177,6 +199,7 @@ class NMoEConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     fe: FEConfig = field(default_factory=FEConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
@@ -231,10 +254,27 @@ def validate(cfg: DictConfig) -> None:
         "min_nodes",
         "max_query_batch",
         "simulation.num_clients",
+        "baseline.fedavg_rounds",
+        "baseline.fedavg_local_epochs",
+        "baseline.fedavg_batch_size",
+        "baseline.epochs",
     ):
         value = OmegaConf.select(cfg, key)
         _require(value > 0, key, f"must be > 0, got {value}")
-    for key in ("fe.lr", "expert.lr", "gate.lr", "round_timeout_s", "poll_interval_s"):
+    for key in ("fe.patience", "baseline.patience", "fe.min_delta"):
+        value = OmegaConf.select(cfg, key)
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    for key in ("fe.val_fraction", "baseline.val_fraction"):
+        value = OmegaConf.select(cfg, key)
+        _require(0 < value < 1, key, f"must be in (0, 1), got {value}")
+    for key in (
+        "fe.lr",
+        "expert.lr",
+        "gate.lr",
+        "baseline.fedavg_lr",
+        "round_timeout_s",
+        "poll_interval_s",
+    ):
         value = OmegaConf.select(cfg, key)
         _require(value > 0, key, f"must be > 0, got {value}")
     for key in (

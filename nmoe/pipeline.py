@@ -16,6 +16,8 @@ from torch import nn
 from .routing import answer_locally, combine, familiar
 from .training import accuracy, forward_batched
 
+ORACLE = "oracle"  # the query mode of the oracle router
+
 
 @dataclass
 class RoutePlan:
@@ -159,6 +161,20 @@ class SplitReport:
     predictions: list[int]
 
 
+def oracle_weights(
+    logits: torch.Tensor, answered: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """The oracle router (a measurement, never a deployable gate: it reads the true labels): per
+    sample, all weight on one answered expert that predicts the true label (the one most sure of
+    it), or, if none does, on the one giving it the highest probability. A sample is answered
+    right iff some reachable expert gets it right: the ceiling of routing to one expert."""
+    probs = torch.softmax(logits, dim=2)
+    true_prob = probs.gather(2, labels.view(-1, 1, 1).expand(-1, logits.shape[1], 1)).squeeze(2)
+    right = probs.argmax(dim=2) == labels.view(-1, 1)
+    score = (true_prob + 2.0 * right.float()).masked_fill(~answered, -1.0)
+    return torch.zeros(answered.shape).scatter(1, score.argmax(dim=1).view(-1, 1), 1.0)
+
+
 def finish_query(
     pending: PendingQuery, remote_logits: dict[int, torch.Tensor], num_classes: int, own: int
 ) -> list[SplitReport]:
@@ -166,6 +182,10 @@ def finish_query(
     that answered; the own expert is always there) and report per split, in order."""
     plan = pending.plan
     logits, answered = assemble(plan, remote_logits, num_classes)
+    if pending.mode == ORACLE:
+        plan = RoutePlan(
+            oracle_weights(logits, answered, pending.labels), plan.local_logits, plan.remote_index
+        )
     combined, degraded = combine(plan.weights, logits, answered, fallback=own)
     predictions = combined.argmax(dim=1)
     held_elsewhere = torch.ones(plan.weights.shape[1], dtype=torch.bool)

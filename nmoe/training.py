@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .convergence import Patience
 from .losses import clip_embeddings, correlation, spectral_contrastive_loss
 from .models import ExtractorBundle
 from .routing import topk_weights
@@ -105,6 +106,70 @@ def train_extractor(
         totals["ssl"] / steps,
         None if corr_sum is None else corr_sum / steps,
     )
+
+
+def train_supervised_until_converged(
+    bundle: ExtractorBundle,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    max_epochs: int,
+    patience: int,
+    val_fraction: float,
+    lr: float,
+    momentum: float,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """F + head trained with cross entropy one epoch at a time, stopping after `patience` epochs
+    without improvement of the accuracy on a held-out `val_fraction` of (x, y) (patience 0: every
+    epoch), keeping the best epoch's weights. Returns epochs run, best epoch, best accuracy."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=generator)
+    held = max(1, int(len(y) * val_fraction)) if patience > 0 and len(y) > 1 else 0
+    val, train = order[:held], order[held:]
+    rule = Patience(patience)
+    best = {k: v.clone() for k, v in bundle.state_dict().items()}
+    epoch = 0
+    for epoch in range(1, max_epochs + 1):
+        train_extractor(
+            bundle,
+            x[train],
+            y[train],
+            method="fedce",
+            epochs=1,
+            lr=lr,
+            momentum=momentum,
+            batch_size=batch_size,
+            seed=seed + epoch,
+        )
+        if not held:
+            continue
+        score = accuracy(forward_batched(lambda inp: bundle.head(bundle.fe(inp)), x[val]), y[val])
+        if rule.update(epoch, score):
+            best = {k: v.clone() for k, v in bundle.state_dict().items()}
+        if rule.stop:
+            break
+    if held:
+        bundle.load_state_dict(best)
+    return {"epochs_run": epoch, "best_epoch": rule.best_step or epoch, "best_val": rule.best}
+
+
+@torch.no_grad()
+def ssl_validation_loss(
+    bundle: ExtractorBundle,
+    x: torch.Tensor,
+    augment: Callable[[torch.Tensor], torch.Tensor],
+    embedding_clip: float,
+    seed: int,
+) -> float:
+    """The spectral contrastive loss on two augmented views of `x` (views seeded: comparable
+    across rounds), in eval mode: FedSC's validation metric."""
+    bundle.eval()
+    torch.manual_seed(seed)
+    z1 = clip_embeddings(bundle.projector(bundle.fe(augment(x))), embedding_clip)
+    z2 = clip_embeddings(bundle.projector(bundle.fe(augment(x))), embedding_clip)
+    return float(spectral_contrastive_loss(z1, z2))
 
 
 def fit(

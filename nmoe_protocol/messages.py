@@ -54,7 +54,8 @@ COMBINE = "query.combine"
 # Values some fields may take
 INSTALL_PARTS = ("fe", "shared_expert", "gate", "fedavg")
 EXPERT_INITS = ("scratch", "shared")
-QUERY_MODES = ("infer", "cache")
+SCHEDULES = ("fe", "fedavg")
+QUERY_MODES = ("infer", "cache", "oracle")  # oracle: every reachable expert, best one per label
 SPLITS = ("train", "gate", "test", "global")
 LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
 
@@ -93,12 +94,14 @@ class NodeInfo(WireMessage):
     partition_id: int
     num_partitions: int
     num_train: int
+    num_labelled: int
     num_test: int
-    num_global: int
-    label_counts: list[int]
+    num_global: int  # 0: the node holds no global test set
+    label_counts: list[int]  # of the labelled training images
     image_shape: list[int]
     num_classes: int
     holds: list[str]  # personal state groups this node holds for the run's state key
+    data_source: str  # "partition" of the configured dataset (simulation) or its own "data-dir"
 
     def check(self) -> None:
         _require(
@@ -109,16 +112,19 @@ class NodeInfo(WireMessage):
 # ---------------------------------------------------------------------------- training
 @dataclasses.dataclass(frozen=True)
 class ExtractorRequest(WireMessage):
-    """Stage 1: one local update of the parts `method` trains, starting from `params`."""
+    """Stage 1: one local update of the parts `method` trains, starting from `params`, with the
+    run config's `schedule` (`fe`: stage 1's; `fedavg`: the FedAvg baseline's own FedCE run)."""
 
     TYPE: ClassVar[str] = TRAIN_EXTRACTOR
     method: str
     server_round: int
     params: Arrays
+    schedule: str = "fe"
     others_correlation: Optional[Arrays] = None  # FedSC: the other clients' average correlation
 
     def check(self) -> None:
         _require(self.server_round >= 1, f"server_round must be >= 1, got {self.server_round}")
+        _one_of(self.schedule, "schedule", SCHEDULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +145,8 @@ class ExtractorReply(TrainReply):
     ce_loss: float = 0.0
     ssl_loss: float = 0.0
     test_acc: Optional[float] = None  # F + head on the local test split (methods with a head)
+    # with fe.patience: the score on the held-out validation part (accuracy, or -SSL loss)
+    val_score: Optional[float] = None
     correlation: Optional[Arrays] = None  # FedSC with shared correlations
 
 
@@ -230,12 +238,14 @@ class EvaluateRequest(WireMessage):
 
 @dataclasses.dataclass(frozen=True)
 class Accuracies(WireMessage):
-    """Per method (in order): accuracy on the local test split and on the global test set."""
+    """Per method (in order): accuracy on the local test split and on the global test set
+    (`acc_global` is empty when the node holds no global test set)."""
 
     SCALARS: ClassVar[str] = METRICS
     num_examples: int
     acc_local: list[float]
     acc_global: list[float]
+    epochs_run: Optional[int] = None  # local_only: epochs its early-stopping rule ran
 
 
 # ---------------------------------------------------------------------------- peer inference

@@ -58,6 +58,11 @@ class NodeDirectory:
                 return pid
         raise KeyError(f"node {node_id} is not in the directory")
 
+    def remove(self, pid: int) -> None:
+        """Leave a node out of the run."""
+        self.node_of.pop(pid, None)
+        self.info.pop(pid, None)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "node_of": {str(k): v for k, v in self.node_of.items()},

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.common import log
 
+from nmoe.convergence import Patience
 from nmoe.gates import Params
 from nmoe_protocol.codec import WireMessage
 from nmoe_protocol.messages import TrainReply
@@ -36,11 +37,21 @@ class FederatedRounds:
     reply_type: type[TrainReply] = TrainReply
     checkpoint_rounds = False  # server-side state only: a resumed run continues mid-stage
 
-    def __init__(self, run: Run, stage: str, params: Params, rounds: int) -> None:
+    def __init__(
+        self,
+        run: Run,
+        stage: str,
+        params: Params,
+        rounds: int,
+        patience: int = 0,
+        min_delta: float = 0.0,
+    ) -> None:
         self.run = run
         self.stage = stage
         self.params = dict(params)
         self.rounds = rounds
+        self.patience = Patience(patience, min_delta)
+        self.best = dict(params)  # the parameters of the best round so far
 
     # ---------------------------------------------------------------- hooks
     def configure(self, rnd: int) -> dict[int, WireMessage]:
@@ -55,12 +66,22 @@ class FederatedRounds:
         """Stage bookkeeping after round `rnd`'s aggregation; extra metrics for the history."""
         return {}
 
+    def validation_score(self, replies: dict[int, TrainReply]) -> float | None:
+        """The round's validation score (higher is better) for early stopping; None: no rule."""
+        return None
+
     # ---------------------------------------------------------------- the loop
     def first_round(self) -> int:
         done = self.run.checkpoint.round_done(self.stage) if self.checkpoint_rounds else 0
         if done:
-            saved = self.run.checkpoint.arrays[f"{self.stage}:partial"]
-            self.params = {k: v.numpy() for k, v in saved.items()}
+            arrays = self.run.checkpoint.arrays
+            self.params = {k: v.numpy() for k, v in arrays[f"{self.stage}:partial"].items()}
+            self.best = {k: v.numpy() for k, v in arrays.get(f"{self.stage}:best", {}).items()}
+            saved = self.run.checkpoint.in_progress.get("patience")
+            if saved:
+                self.patience = Patience.restore(
+                    self.patience.patience, self.patience.min_delta, saved
+                )
             log(INFO, "[%s] resuming after round %d", self.stage, done)
         return done + 1
 
@@ -90,7 +111,9 @@ class FederatedRounds:
         """Every round; returns the server's copy of every key."""
         run = self.run
         max_examples = {pid: info.num_train for pid, info in run.directory.info.items()}
-        for rnd in range(self.first_round(), self.rounds + 1):
+        first = self.first_round()
+        rnd = first - 1
+        for rnd in range(first, self.rounds + 1):
             replies = self.send_round(rnd)
             outcome = run.strategy.aggregate(
                 rnd, replies, self.shared_keys(rnd), self.params, max_examples
@@ -105,6 +128,9 @@ class FederatedRounds:
             self.params.update(outcome.params)
             row = {kebab(k): v for k, v in outcome.metrics.items() if k != "num_examples"}
             row.update(self.after_round(rnd, valid))
+            score = self.validation_score(valid)
+            if score is not None and self.patience.update(rnd, score):
+                self.best = dict(self.params)
             run.results.log_round(stage=self.stage, round=rnd, replies=len(valid), **row)
             run.progress.round(self.stage, rnd, self.rounds, row)
             run.progress.clients(
@@ -113,9 +139,46 @@ class FederatedRounds:
                 {pid: {"loss": r.loss, "num-examples": r.num_examples} for pid, r in valid.items()},
             )
             if self.checkpoint_rounds:
-                run.checkpoint.in_progress = {"stage": self.stage, "round": rnd}
-                run.checkpoint.arrays[f"{self.stage}:partial"] = ArrayRecord(
-                    {k: Array(np.asarray(v)) for k, v in self.params.items()}
+                self.save(rnd)
+            if self.patience.stop:
+                log(
+                    INFO,
+                    "[%s] converged: no improvement for %d rounds, keeping round %d",
+                    self.stage,
+                    self.patience.patience,
+                    self.patience.best_step,
                 )
-                run.save_checkpoint()
-        return self.params
+                break
+        return self.result(rnd)
+
+    def result(self, last_round: int) -> Params:
+        """The stage's parameters: the best round's under a patience rule, else the last."""
+        if self.patience.best_step == 0:
+            return self.params
+        self.run.results.set_extra_item(
+            "convergence",
+            self.stage,
+            {
+                "rounds_run": last_round,
+                "cap": self.rounds,
+                "best_round": self.patience.best_step,
+                "best_validation": self.patience.best,
+                "stopped_early": self.patience.stop,
+                "validation": self.patience.history,
+            },
+        )
+        return self.best
+
+    def save(self, rnd: int) -> None:
+        """Checkpoint the round: current and best parameters, patience state."""
+        run = self.run
+        run.checkpoint.in_progress = {
+            "stage": self.stage,
+            "round": rnd,
+            "patience": self.patience.as_dict(),
+        }
+        for name, params in (("partial", self.params), ("best", self.best)):
+            run.checkpoint.arrays[f"{self.stage}:{name}"] = ArrayRecord(
+                {k: Array(np.asarray(v)) for k, v in params.items()}
+            )
+        run.save_checkpoint()

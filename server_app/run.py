@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from nmoe import topology
 from nmoe.config import to_dict
+from nmoe.datasets import dataset_info
 from nmoe.results import Results
 from nmoe_protocol.codec import WireMessage
 from nmoe_strategy.comm import CommLedger, CountingGrid
@@ -157,7 +158,8 @@ class Run:
         if name not in self.checkpoint.completed:
             self.checkpoint.completed.append(name)
         self.checkpoint.in_progress = {}
-        self.checkpoint.arrays.pop(f"{name}:partial", None)
+        for suffix in ("partial", "best"):
+            self.checkpoint.arrays.pop(f"{name}:{suffix}", None)
         if keep:
             self.checkpoint.arrays[name] = ArrayRecord({k: Array(v) for k, v in out.items()})
         self.save_checkpoint()
@@ -175,6 +177,13 @@ class Run:
         self.checkpoint.results = self.results.data
         self.checkpoint.ledger = self.ledger.as_dict()
         checkpoint.save(self.output_dir, self.checkpoint)
+
+    @property
+    def simulated(self) -> bool:
+        """Whether every node's data is a partition of the configured dataset (a simulation): only
+        then may the server read that dataset (centralized reference, pooled probe); a node
+        with its own `data-dir` keeps its samples, and the server holds none."""
+        return all(info.data_source == "partition" for info in self.directory.info.values())
 
     def clients_hold(self, group: str) -> bool:
         """Whether every client reported holding personal state `group` (after a resume)."""
@@ -194,12 +203,26 @@ def open_run(grid: Any, cfg: DictConfig, output_dir: Path) -> Run:
     config_json = json.dumps(to_dict(cfg), sort_keys=True)
     directory = discover(counting, config_json, int(cfg.min_nodes), timeout)
     n = directory.num_partitions
-    shapes = {(tuple(i.image_shape), i.num_classes) for i in directory.info.values()}
-    if len(shapes) != 1:
+    info = dataset_info(str(cfg.dataset.name))  # the server knows shapes from the config only
+    image_shape, num_classes = tuple(info.image_shape), info.num_classes
+    for pid, node in sorted(directory.info.items()):
+        if (tuple(node.image_shape), node.num_classes) != (image_shape, num_classes):
+            log(
+                WARNING,
+                "node of partition %d holds images %s with %d classes, not %s with %d "
+                "(%s): left out of the run",
+                pid,
+                node.image_shape,
+                node.num_classes,
+                list(image_shape),
+                num_classes,
+                info.name,
+            )
+            directory.remove(pid)
+    if len(directory.node_of) < int(cfg.min_nodes):
         raise RuntimeError(
-            f"nodes disagree on the data's image shape and classes: {sorted(shapes)}"
+            f"only {len(directory.node_of)} nodes hold {info.name} data (min_nodes={cfg.min_nodes})"
         )
-    ((image_shape, num_classes),) = shapes
     neighbours = topology.neighbour_sets(cfg.topology, n, int(cfg.seed))
     described = topology.describe(cfg.topology, n, int(cfg.seed))
     results.set("topology", {**described, "neighbours": neighbours})

@@ -264,3 +264,41 @@ def test_nearest_distances_in_chunks_match_the_full_matrix() -> None:
     torch.testing.assert_close(
         nearest_distances(reference, reference, exclude_self=True, chunk=7), among
     )
+
+
+def test_oracle_router_answers_right_iff_some_reachable_expert_is_right() -> None:
+    """The oracle's ceiling: one expert per sample, right whenever any answered expert is right."""
+    from nmoe.pipeline import PendingQuery, RoutePlan, finish_query
+
+    torch.manual_seed(0)
+    n, experts, classes = 200, 4, 5
+    labels = torch.randint(0, classes, (n,))
+    logits = torch.randn(n, experts, classes) * 3
+    reachable = torch.tensor([True, True, True, False])  # expert 3 never answers
+    logits[:, 3] = torch.nn.functional.one_hot(labels, classes).float() * 100  # always right
+    weights = reachable.float().expand(n, -1).clone()
+    plan = RoutePlan(weights, {e: logits[:, e] for e in range(3)}, {})
+    (report,) = finish_query(PendingQuery(plan, labels, [n], "oracle"), {}, classes, own=0)
+    any_right = (logits[:, :3].argmax(dim=2) == labels.view(-1, 1)).any(dim=1)
+    assert report.accuracy == pytest.approx(float(any_right.float().mean()))
+    assert 0 < report.accuracy < 1
+    assert all(report.route_counts[e] >= 0 for e in range(3)) and report.route_counts[3] == 0
+    assert sum(report.route_counts) == n  # exactly one expert per sample
+
+
+def test_patience_stops_after_rounds_without_improvement() -> None:
+    from nmoe.convergence import Patience
+
+    rule = Patience(patience=2, min_delta=0.01)
+    scores = [0.5, 0.6, 0.605, 0.7, 0.7, 0.69, 0.9]
+    stopped_at = None
+    for step, score in enumerate(scores, start=1):
+        rule.update(step, score)
+        if rule.stop:
+            stopped_at = step
+            break
+    assert stopped_at == 6 and rule.best_step == 4 and rule.best == 0.7
+    never = Patience(patience=0)
+    for step in range(1, 50):
+        never.update(step, 0.1)
+    assert not never.stop and never.best_step == 1

@@ -11,6 +11,8 @@ import pytest
 
 from nmoe.config import compose_config
 from nmoe.models import build_bundle, build_expert, stage1_keys, state_numpy
+from server_app.checkpoint import CheckpointError
+from server_app.checkpoint import load as load_checkpoint
 
 from .flwr_harness import LocalFederation
 
@@ -139,14 +141,16 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(
     first, snapshot, second = tmp_path / "first", tmp_path / "snapshot", tmp_path / "second"
     overrides = f"experiment=smoke fe.rounds={rounds} fe.local_epochs=1 baselines=[]"
     run_id = federation.run_app(f"{overrides} output_dir={first}")
-    state = first / "checkpoint" / "state.json"
+    state = first / "checkpoint" / "checkpoint.npz"
+
+    def round_done(folder: Path) -> int:
+        try:
+            return load_checkpoint(folder).round_done("fe_ce")
+        except (FileNotFoundError, CheckpointError):
+            return 0
+
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if (
-            state.is_file()
-            and json.loads(state.read_text())["in_progress"].get("round", 0) >= stop_after
-        ):
-            break
+    while time.monotonic() < deadline and round_done(first) < stop_after:
         time.sleep(0.1)
     federation.flwr("stop", run_id, "test")
     assert federation.wait(run_id, RUN_TIMEOUT_S) != "finished:completed"
@@ -156,7 +160,7 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(
         settled = state.stat().st_mtime_ns
         time.sleep(CHECKPOINT_SETTLE_S)
     shutil.copytree(first, snapshot)
-    progress = json.loads((snapshot / "checkpoint" / "state.json").read_text())
+    progress = {"in_progress": load_checkpoint(snapshot).in_progress}
     assert progress["in_progress"].get("stage") == "fe_ce", (
         f"stage 1 ended before the stop: {progress}"
     )

@@ -405,6 +405,7 @@ def test_routing_k_larger_than_neighbourhood_raises():
 
 # ---------------------------------------------------------------------------- 6. RollGate (simulation) and gate training
 ALL_METHODS = (
+    "oracle_router",
     "fedavg",
     "shared_fe_own_head",
     "local_only",
@@ -415,6 +416,9 @@ ALL_METHODS = (
     "local_expert",
     "nmoe",
 )
+
+
+CONVERGENCE_CAP, PATIENCE = 40, 2
 
 
 @pytest.fixture(scope="module")
@@ -434,7 +438,12 @@ def rollgate_results(tmp_path_factory):
             "simulation.num_clients=3",
             "partition=iid",
             f"output_dir={out}",
-            "baselines=[fedavg,shared_fe_own_head,local_only,centralized,rangate,fedgate]",
+            f"fe.rounds={CONVERGENCE_CAP}",
+            f"fe.patience={PATIENCE}",
+            "fe.local_epochs=1",
+            f"baseline.epochs={CONVERGENCE_CAP}",
+            f"baseline.patience={PATIENCE}",
+            "baselines=[fedavg,shared_fe_own_head,local_only,centralized,rangate,fedgate,oracle_router]",
         ]
     )
     run_simulation(
@@ -609,3 +618,27 @@ def test_resnet_extractor_on_cifar_shaped_input(tmp_path):
     assert torch.isfinite(out).all() and bool((out >= 0).all())  # ReLU features
     out.sum().backward()
     assert all(p.grad is not None for p in fe.parameters())
+
+
+def test_stage1_and_baselines_train_until_converged(rollgate_results):
+    """With a patience rule, stage 1 stops once its validation accuracy stalls and keeps the best
+    round; local_only and centralized stop on their own validation accuracy."""
+    stage1 = rollgate_results["extra"]["convergence"]["fe_ce"]
+    rounds = [h["round"] for h in rollgate_results["history"] if h["stage"] == "fe_ce"]
+    assert rounds == list(range(1, stage1["rounds_run"] + 1))
+    assert stage1["best_round"] <= stage1["rounds_run"] <= CONVERGENCE_CAP
+    if stage1["stopped_early"]:
+        assert stage1["rounds_run"] - stage1["best_round"] >= PATIENCE
+    scores = [h["val-score"] for h in rollgate_results["history"] if h["stage"] == "fe_ce"]
+    assert max(scores) == pytest.approx(stage1["best_validation"])
+    for baseline in ("centralized", "local_only"):
+        assert rollgate_results["extra"]["convergence"][baseline]["cap"] == CONVERGENCE_CAP
+
+
+def test_oracle_router_bounds_every_single_expert(rollgate_results):
+    """The oracle answers a sample right whenever one reachable expert does: never below the
+    client's own expert, on either split."""
+    for key in ("accuracy", "accuracy_global"):
+        oracle = rollgate_results[key]["oracle_router"]["per_client"]
+        own = rollgate_results[key]["local_expert"]["per_client"]
+        assert all(o >= e - 1e-9 for o, e in zip(oracle, own, strict=True)), (key, oracle, own)

@@ -51,6 +51,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "model.projector_dim=8",
             "fe=fedsc",
             "fe.rounds=2",
+            "baseline.fedavg_rounds=2",
             "fe.share_correlation=true",
             "fe.correlation_noise=0.01",
             "fe.probe_epochs=5",

@@ -14,37 +14,38 @@ from flwr.common import log
 from nmoe_protocol import messages as wire
 
 from ..run import Run
-from .gates import route_requests
+from .gates import held_splits, route_requests
 
 EVAL_SPLITS = ("test", "global")
+ORACLE = "oracle_router"  # measurement only: the best reachable expert for each true label
 
 
-def routed_accuracy(run: Run, gate: str, splits: list[str]) -> list[dict[int, dict[str, Any]]]:
+def routed_accuracy(
+    run: Run, gate: str, splits: list[str], mode: str = "infer"
+) -> list[dict[int, dict[str, Any]]]:
     """One routed query per client over all `splits` in one set of waves; per split (in order)
     each client's report. Records latency, failures and (optionally) predictions."""
     record = bool(run.cfg.record_predictions)
     started = time.perf_counter()
     query = f"{gate}-{uuid.uuid4().hex[:8]}"
     outcome = run.router.run(
-        route_requests(run, query, splits, "infer", gate, int(run.cfg.seed)),
+        route_requests(run, query, splits, mode, gate, int(run.cfg.seed)),
         return_predictions=record,
     )
     seconds = time.perf_counter() - started
-    per_split: list[dict[int, dict[str, Any]]] = []
-    for i in range(len(splits)):
-        per_split.append(
-            {
-                pid: {
-                    "num-examples": r.num_examples[i],
-                    "accuracy": r.accuracy[i],
-                    "degraded": r.degraded[i],
-                    "answered-locally": r.answered_locally[i],
-                    "route-counts": r.route_counts_of(i),
-                    **({"predictions": r.predictions_of(i)} if r.predictions is not None else {}),
-                }
-                for pid, r in outcome.reports.items()
+    per_split: list[dict[int, dict[str, Any]]] = [{} for _ in splits]
+    for pid, r in outcome.reports.items():
+        for position, i in enumerate(held_splits(run, pid, splits)):
+            per_split[i][pid] = {
+                "num-examples": r.num_examples[position],
+                "accuracy": r.accuracy[position],
+                "degraded": r.degraded[position],
+                "answered-locally": r.answered_locally[position],
+                "route-counts": r.route_counts_of(position),
+                **(
+                    {"predictions": r.predictions_of(position)} if r.predictions is not None else {}
+                ),
             }
-        )
     samples = sum(sum(r.num_examples) for r in outcome.reports.values())
     run.results.set_item(
         "inference_latency",
@@ -77,8 +78,10 @@ def routed_accuracy(run: Run, gate: str, splits: list[str]) -> list[dict[int, di
 def evaluate_routed(run: Run, gate_names: list[str], nmoe_gate: str) -> None:
     """Routed inference for each gate: local tests and the global test in one set of waves."""
     routing = {}
-    for gate in gate_names:
-        local, glob = routed_accuracy(run, gate, list(EVAL_SPLITS))
+    measured = list(gate_names) + ([ORACLE] if ORACLE in run.cfg.baselines else [])
+    for gate in measured:
+        mode = "oracle" if gate == ORACLE else "infer"
+        local, glob = routed_accuracy(run, gate, list(EVAL_SPLITS), mode)
         local_acc = {p: float(m["accuracy"]) for p, m in local.items()}
         global_acc = {p: float(m["accuracy"]) for p, m in glob.items()}
         routing[gate] = {str(p): list(m["route-counts"]) for p, m in local.items()}
@@ -108,7 +111,7 @@ def evaluate_local(run: Run) -> None:
     replies = run.broadcast(wire.EvaluateRequest(methods=methods), wire.Accuracies)
     for i, method in enumerate(methods):
         local = {p: r.acc_local[i] for p, r in replies.items()}
-        glob = {p: r.acc_global[i] for p, r in replies.items()}
+        glob = {p: r.acc_global[i] for p, r in replies.items() if r.acc_global}
         run.results.set_accuracy(method, local, glob)
         log(
             INFO,

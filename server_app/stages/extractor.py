@@ -49,17 +49,22 @@ def probe_accuracy(run: Run, params: Params) -> float:
 
 
 class ExtractorRounds(FederatedRounds):
-    """`fe.rounds` rounds of `train.extractor`; with FedSC's shared correlations, each client
-    gets the average of the other clients' correlation matrices from the previous round."""
+    """Rounds of `train.extractor` until convergence (`fe.patience`; the cap is `fe.rounds`, or
+    `baseline.fedavg_rounds` for the FedAvg baseline's own FedCE run); with FedSC's shared
+    correlations, each client gets the average of the other clients' matrices of the previous
+    round."""
 
     reply_type = wire.ExtractorReply
     checkpoint_rounds = True
 
-    def __init__(self, run: Run, stage: str, method: str) -> None:
+    def __init__(self, run: Run, stage: str, method: str, schedule: str = "fe") -> None:
         params, self.trained = initial_bundle(run, method)
-        super().__init__(run, stage, params, int(run.cfg.fe.rounds))
+        fe = run.cfg.fe
+        rounds = int(fe.rounds) if schedule == "fe" else int(run.cfg.baseline.fedavg_rounds)
+        super().__init__(run, stage, params, rounds, int(fe.patience), float(fe.min_delta))
         self.method = method
-        self.share_correlation = bool(run.cfg.fe.share_correlation) and method != "fedce"
+        self.schedule = schedule
+        self.share_correlation = bool(fe.share_correlation) and method != "fedce"
         self.others: dict[int, Params] = {}
 
     def shared_keys(self, rnd: int) -> list[str]:
@@ -72,10 +77,19 @@ class ExtractorRounds(FederatedRounds):
                 method=self.method,
                 server_round=rnd,
                 params=params,
+                schedule=self.schedule,
                 others_correlation=self.others.get(pid),
             )
             for pid in self.run.pids
         }
+
+    def validation_score(self, replies: dict[int, wire.ExtractorReply]) -> float | None:
+        scored = [
+            (r.val_score, r.num_examples) for r in replies.values() if r.val_score is not None
+        ]
+        if not scored:
+            return None
+        return sum(v * n for v, n in scored) / max(sum(n for _, n in scored), 1)
 
     def after_round(self, rnd: int, replies: dict[int, wire.ExtractorReply]) -> dict[str, float]:
         if self.share_correlation:
@@ -93,11 +107,15 @@ class ExtractorRounds(FederatedRounds):
                 for pid in corr
                 if len(corr) > 1
             }
-        if self.method == "fedce":
-            return {}
-        return {"probe-acc": probe_accuracy(self.run, self.params)}
+        metrics: dict[str, float] = {}
+        score = self.validation_score(replies)
+        if score is not None:
+            metrics["val-score"] = score
+        if self.method != "fedce" and self.run.simulated:
+            metrics["probe-acc"] = probe_accuracy(self.run, self.params)
+        return metrics
 
 
-def train_extractor(run: Run, method: str, stage: str) -> Params:
+def train_extractor(run: Run, method: str, stage: str, schedule: str = "fe") -> Params:
     """Stage 1 (or the FedAvg baseline's own FedCE run): every key of the final bundle."""
-    return ExtractorRounds(run, stage, method).run_rounds()
+    return ExtractorRounds(run, stage, method, schedule).run_rounds()

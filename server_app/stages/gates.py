@@ -16,23 +16,33 @@ from ..rounds import FederatedRounds
 from ..run import Run
 
 
+def held_splits(run: Run, pid: int, splits: list[str]) -> list[int]:
+    """Positions in `splits` of the splits node `pid` holds (a device may hold no global set)."""
+    info = run.directory.info[pid]
+    sizes = {"test": info.num_test, "global": info.num_global}
+    return [i for i, split in enumerate(splits) if sizes.get(split, 1) > 0]
+
+
 def route_requests(
     run: Run, query_id: str, splits: list[str], mode: str, gate: str, seed: int = 0
 ) -> dict[int, wire.RouteRequest]:
-    """One routed query per client over `splits` (coalesced: one set of waves answers them all)."""
+    """One routed query per client over the `splits` it holds (coalesced: one set of waves
+    answers them all)."""
     if isinstance(splits, str):
         raise TypeError(f"splits must be a list of split names, got the string '{splits}'")
-    return {
-        pid: wire.RouteRequest(
-            query_id=query_id,
-            splits=list(splits),
-            mode=mode,
-            gate=gate,
-            neighbours=run.neighbours[pid],
-            seed=seed,
-        )
-        for pid in run.pids
-    }
+    requests = {}
+    for pid in run.pids:
+        held = [splits[i] for i in held_splits(run, pid, splits)]
+        if held:
+            requests[pid] = wire.RouteRequest(
+                query_id=query_id,
+                splits=held,
+                mode=mode,
+                gate=gate,
+                neighbours=run.neighbours[pid],
+                seed=seed,
+            )
+    return requests
 
 
 def fill_gate_cache(run: Run) -> None:

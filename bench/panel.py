@@ -1,0 +1,301 @@
+"""The benchmark panel: every method on a panel of federated settings, two datasets, 3 seeds.
+
+    python bench/panel.py                              # digits and Fashion-MNIST, every setting, seeds 0-2
+    python bench/panel.py --datasets digits --seeds 0  # a part of it
+    python bench/panel.py --skip-run                   # re-analyse the jobs already in the run folder
+
+One job is one `nmoe` run of a dataset's panel preset (conf/experiment/panel_<dataset>.yaml: the
+NMoE configuration under test, stage 1 trained to convergence by a patience rule, every
+baseline with a schedule of its own, the oracle router) on one setting and seed; every method of
+a job uses the same data split and the same F. Settings: Dirichlet 0.1 / 0.3 / 1.0 with 10
+clients, pathological 2 classes per client with 10 clients, a ring of 20 clients at Dirichlet
+0.1, and (Fashion-MNIST only) 50 clients at Dirichlet 0.3.
+
+Writes bench/results/panel.json (machine, load, commit, the resolved config of every cell, mean
+and sample std over seeds of every method's local and global accuracy, the share of the oracle's
+headroom each gate closes on the global test, (gate - fedavg) / (oracle - fedavg), and the bars
+of the routing issue per setting), a local-vs-global scatter per dataset (panel_<dataset>.png)
+and the README's tables (panel.md).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import benchlib
+from benchlib import base_parser, machine_info, mean_std, write_result
+
+NAME = "panel"
+SETTINGS: dict[str, list[str]] = {
+    "dir0.1": ["partition=dirichlet", "partition.alpha=0.1", "simulation.num_clients=10"],
+    "dir0.3": ["partition=dirichlet", "partition.alpha=0.3", "simulation.num_clients=10"],
+    "dir1.0": ["partition=dirichlet", "partition.alpha=1.0", "simulation.num_clients=10"],
+    "path2": ["partition=pathological", "partition.classes_per_client=2", "simulation.num_clients=10"],
+    "ring20": ["partition=dirichlet", "partition.alpha=0.1", "topology=ring",
+               "simulation.num_clients=20"],
+    "dir0.3-50": ["partition=dirichlet", "partition.alpha=0.3", "simulation.num_clients=50"],
+}
+DATASET_SETTINGS = {
+    "digits": ["dir0.1", "dir0.3", "dir1.0", "path2", "ring20"],
+    "fashion_mnist": ["dir0.1", "dir0.3", "dir1.0", "path2", "ring20", "dir0.3-50"],
+}
+PERSONAL = ("local_expert", "shared_fe_own_head", "local_only")
+ORACLE, FEDAVG, NMOE = "oracle_router", "fedavg", "nmoe"
+HEADROOM_MIN = 0.02  # the headroom bar applies where oracle - fedavg >= 2 points
+BAR_GLOBAL_MARGIN, BAR_LOCAL_MARGIN, BAR_HEADROOM = 0.01, 0.01, 0.5
+DEFAULTS = {"datasets": ["digits", "fashion_mnist"], "seeds": ["0", "1", "2"], "parallel": 2}
+TINY = {"datasets": ["digits"], "seeds": ["0"], "settings": ["dir0.3"], "parallel": 1}
+TINY_OVERRIDES = ["simulation.num_clients=3", "fe.rounds=2", "fe.patience=0", "fe.local_epochs=1",
+                  "expert.epochs=1", "expert.shared_rounds=1", "gate.rounds=1",
+                  "gate.local_epochs=1", "baseline.epochs=2", "baseline.fedavg_rounds=2"]
+JOB_TIMEOUT_S = 3600
+DPI, FIGSIZE = 120, (6.0, 5.0)
+
+
+def parse_args() -> Any:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default=",".join(DEFAULTS["datasets"]))
+    parser.add_argument("--settings", default="", help="comma list (default: every setting)")
+    parser.add_argument("--seeds", default=",".join(DEFAULTS["seeds"]))
+    parser.add_argument("--parallel", type=int, default=DEFAULTS["parallel"],
+                        help="jobs run at once (each a whole simulation)")
+    parser.add_argument("--overrides", default="", help="further Hydra overrides for every job")
+    parser.add_argument("--skip-run", action="store_true", help="only re-analyse the run folder")
+    args = parser.parse_args()
+    args.datasets = args.datasets.split(",")
+    args.seeds = args.seeds.split(",")
+    args.settings = args.settings.split(",") if args.settings else []
+    if args.tiny:
+        args.datasets, args.seeds = TINY["datasets"], TINY["seeds"]
+        args.settings, args.parallel = TINY["settings"], TINY["parallel"]
+    return args
+
+
+# ---------------------------------------------------------------------------- jobs
+def jobs_of(args: Any) -> list[dict[str, Any]]:
+    jobs = []
+    for dataset in args.datasets:
+        for setting in DATASET_SETTINGS[dataset]:
+            if args.settings and setting not in args.settings:
+                continue
+            for seed in args.seeds:
+                jobs.append({"dataset": dataset, "setting": setting, "seed": int(seed)})
+    return jobs
+
+
+def job_dir(run_dir: Path, job: dict[str, Any]) -> Path:
+    return run_dir / job["dataset"] / job["setting"] / f"seed{job['seed']}"
+
+
+def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
+    """One `nmoe` run; returns wall seconds and status."""
+    out = job_dir(run_dir, job)
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        str(benchlib.NMOE_CLI), f"experiment=panel_{job['dataset']}", *SETTINGS[job["setting"]],
+        f"seed={job['seed']}", f"output_dir={out}", "log_level=quiet",
+        *(TINY_OVERRIDES if args.tiny else []), *benchlib.split_overrides(args.overrides),
+    ]
+    started = time.monotonic()
+    with (out / "job.log").open("w") as log:
+        done = subprocess.run(command, cwd=out, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=JOB_TIMEOUT_S)
+    seconds = time.monotonic() - started
+    print(f"[panel] {job['dataset']} {job['setting']} seed {job['seed']}: exit {done.returncode} "
+          f"in {seconds:.0f}s", flush=True)
+    return {**job, "seconds": round(seconds, 1), "exit": done.returncode, "command": command}
+
+
+# ---------------------------------------------------------------------------- analysis
+def load_job(run_dir: Path, job: dict[str, Any]) -> dict[str, Any] | None:
+    path = job_dir(run_dir, job) / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("status") == "completed" else None
+
+
+def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """method -> mean/std over seeds of the local and global mean accuracy."""
+    methods = sorted({m for r in results for m in r["accuracy"]})
+    table = {}
+    for method in methods:
+        local = [r["accuracy"][method]["mean"] for r in results if method in r["accuracy"]]
+        glob = [r["accuracy_global"][method]["mean"] for r in results
+                if method in r.get("accuracy_global", {})]
+        (lm, ls), (gm, gs) = mean_std(local), mean_std(glob)
+        table[method] = {"local_mean": lm, "local_std": ls, "global_mean": gm, "global_std": gs,
+                         "local": local, "global": glob}
+    return table
+
+
+def headroom(table: dict[str, Any], gate: str) -> float | None:
+    """(gate - fedavg) / (oracle - fedavg) on global accuracy; None where the headroom is < 2 pts."""
+    if ORACLE not in table or FEDAVG not in table or gate not in table:
+        return None
+    room = table[ORACLE]["global_mean"] - table[FEDAVG]["global_mean"]
+    if room < HEADROOM_MIN:
+        return None
+    return (table[gate]["global_mean"] - table[FEDAVG]["global_mean"]) / room
+
+
+def bars(table: dict[str, Any]) -> dict[str, Any]:
+    """The routing issue's bars for `nmoe` in one setting (means over seeds)."""
+    out: dict[str, Any] = {}
+    if NMOE not in table:
+        return out
+    nmoe = table[NMOE]
+    if FEDAVG in table:
+        gap = nmoe["global_mean"] - table[FEDAVG]["global_mean"]
+        out["global_vs_fedavg"] = {"gap": gap, "met": gap >= -BAR_GLOBAL_MARGIN}
+    personal = {m: table[m]["local_mean"] for m in PERSONAL if m in table}
+    if personal:
+        best = max(personal, key=personal.get)
+        gap = nmoe["local_mean"] - personal[best]
+        out["local_vs_best_personal"] = {"best": best, "gap": gap, "met": gap >= -BAR_LOCAL_MARGIN}
+    share = headroom(table, NMOE)
+    out["headroom_share"] = {"share": share,
+                             "met": None if share is None else share >= BAR_HEADROOM}
+    if "centralized" in table:
+        out["gap_to_centralized"] = {
+            "local": nmoe["local_mean"] - table["centralized"]["local_mean"],
+            "global": nmoe["global_mean"] - table["centralized"]["global_mean"],
+        }
+    return out
+
+
+def convergence(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """How long each stage that trains to convergence ran (rounds or epochs, per seed)."""
+    out: dict[str, list[Any]] = {}
+    for r in results:
+        for stage, info in r.get("extra", {}).get("convergence", {}).items():
+            out.setdefault(stage, []).append(info)
+    return out
+
+
+def cell(mean: float, std: float) -> str:
+    if mean is None or math.isnan(mean):
+        return "-"
+    return f"{mean:.3f}" + ("" if std is None or math.isnan(std) else f" ± {std:.3f}")
+
+
+def markdown(analysis: dict[str, Any]) -> str:
+    """One table per dataset and setting, and the bars table, for the README."""
+    lines = []
+    for dataset, settings in analysis.items():
+        for setting, entry in settings.items():
+            table = entry["methods"]
+            lines += [f"**{dataset}, {setting}** ({entry['seeds']} seeds)", "",
+                      "| method | local | global | headroom closed |", "|---|---|---|---|"]
+            order = sorted(table, key=lambda m: -table[m]["global_mean"])
+            for method in order:
+                row = table[method]
+                share = headroom(table, method)
+                shown = "-" if share is None or method in (ORACLE, FEDAVG) else f"{100 * share:.0f}%"
+                name = f"**{method}**" if method == NMOE else method
+                lines.append(f"| {name} | {cell(row['local_mean'], row['local_std'])} | "
+                             f"{cell(row['global_mean'], row['global_std'])} | {shown} |")
+            lines.append("")
+    lines += ["| dataset | setting | global - fedavg (>= -1 pt) | local - best personal (>= -1 pt) "
+              "| headroom closed (>= 50%) |", "|---|---|---|---|---|"]
+    for dataset, settings in analysis.items():
+        for setting, entry in settings.items():
+            b = entry["bars"]
+            g, loc, h = b.get("global_vs_fedavg"), b.get("local_vs_best_personal"), b.get("headroom_share")
+
+            def verdict(ok: bool | None) -> str:
+                return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+            gtxt = "-" if g is None else f"{100 * g['gap']:+.1f} ({verdict(g['met'])})"
+            ltxt = "-" if loc is None else f"{100 * loc['gap']:+.1f} vs {loc['best']} ({verdict(loc['met'])})"
+            htxt = ("n/a (oracle - fedavg < 2 pts)" if h is None or h["share"] is None
+                    else f"{100 * h['share']:.0f}% ({verdict(h['met'])})")
+            lines.append(f"| {dataset} | {setting} | {gtxt} | {ltxt} | {htxt} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(analysis: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Local vs global accuracy, one panel per setting, one figure per dataset."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    paths = []
+    for dataset, settings in analysis.items():
+        fig = Figure(figsize=(FIGSIZE[0] * len(settings), FIGSIZE[1]))
+        axes = fig.subplots(1, len(settings), squeeze=False)[0]
+        for ax, (setting, entry) in zip(axes, settings.items(), strict=True):
+            for method, row in sorted(entry["methods"].items()):
+                ax.errorbar(row["local_mean"], row["global_mean"],
+                            xerr=row["local_std"] if not math.isnan(row["local_std"]) else None,
+                            yerr=row["global_std"] if not math.isnan(row["global_std"]) else None,
+                            marker="*" if method == NMOE else "o", markersize=12 if method == NMOE else 6,
+                            linestyle="none", label=method, capsize=2)
+            ax.set_title(f"{dataset}: {setting}")
+            ax.set_xlabel("local test accuracy")
+            ax.set_ylabel("global test accuracy")
+            ax.grid(alpha=0.3)
+        axes[-1].legend(bbox_to_anchor=(1.02, 1.0), loc="upper left", fontsize="small")
+        FigureCanvasAgg(fig)
+        fig.tight_layout()
+        path = out_dir / f"panel_{dataset}.png"
+        fig.savefig(path, dpi=DPI)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    args = parse_args()
+    started_machine = machine_info()
+    run_dir = args.out_dir / "runs" / NAME
+    jobs = jobs_of(args)
+    runs: list[dict[str, Any]] = []
+    started = time.monotonic()
+    if not args.skip_run:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            runs = list(pool.map(lambda j: run_job(j, run_dir, args), jobs))
+    wall = time.monotonic() - started
+    analysis: dict[str, dict[str, Any]] = {}
+    cells = []
+    for dataset in args.datasets:
+        for setting in DATASET_SETTINGS[dataset]:
+            chosen = [j for j in jobs if j["dataset"] == dataset and j["setting"] == setting]
+            results = [r for r in (load_job(run_dir, j) for j in chosen) if r is not None]
+            if not results:
+                continue
+            table = aggregate(results)
+            analysis.setdefault(dataset, {})[setting] = {
+                "seeds": len(results), "methods": table, "bars": bars(table),
+                "convergence": convergence(results),
+                "gate_headroom": {m: headroom(table, m) for m in table if m not in (ORACLE, FEDAVG)},
+            }
+            cells += [{"dataset": dataset, "setting": setting, "seed": r["config"]["seed"],
+                       "config": r["config"], "wall_time_s": r.get("wall_time_s", {})}
+                      for r in results]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot(analysis, args.out_dir)
+    md = markdown(analysis)
+    (args.out_dir / f"{NAME}.md").write_text(md)
+    write_result(args.out_dir, NAME, {
+        "config": {"datasets": args.datasets, "seeds": args.seeds, "settings": SETTINGS,
+                   "dataset_settings": DATASET_SETTINGS, "parallel": args.parallel,
+                   "overrides": args.overrides, "tiny": args.tiny},
+        "wall_s": round(wall, 1), "jobs": runs, "analysis": analysis, "cells": cells,
+        "plots": [p.name for p in plots],
+        "notes": [
+            "headroom closed = (method - fedavg) / (oracle_router - fedavg) on the global test, "
+            "reported where oracle_router - fedavg >= 2 points.",
+            "Bars (routing issue): nmoe global >= fedavg - 1 pt; nmoe local >= best of "
+            "local_expert / shared_fe_own_head / local_only - 1 pt; headroom closed >= 50%.",
+        ],
+    }, started_machine)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
