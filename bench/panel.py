@@ -36,9 +36,17 @@ SETTINGS: dict[str, list[str]] = {
     "dir0.1": ["partition=dirichlet", "partition.alpha=0.1", "simulation.num_clients=10"],
     "dir0.3": ["partition=dirichlet", "partition.alpha=0.3", "simulation.num_clients=10"],
     "dir1.0": ["partition=dirichlet", "partition.alpha=1.0", "simulation.num_clients=10"],
-    "path2": ["partition=pathological", "partition.classes_per_client=2", "simulation.num_clients=10"],
-    "ring20": ["partition=dirichlet", "partition.alpha=0.1", "topology=ring",
-               "simulation.num_clients=20"],
+    "path2": [
+        "partition=pathological",
+        "partition.classes_per_client=2",
+        "simulation.num_clients=10",
+    ],
+    "ring20": [
+        "partition=dirichlet",
+        "partition.alpha=0.1",
+        "topology=ring",
+        "simulation.num_clients=20",
+    ],
     "dir0.3-50": ["partition=dirichlet", "partition.alpha=0.3", "simulation.num_clients=50"],
 }
 DATASET_SETTINGS = {
@@ -51,9 +59,18 @@ HEADROOM_MIN = 0.02  # the headroom bar applies where oracle - fedavg >= 2 point
 BAR_GLOBAL_MARGIN, BAR_LOCAL_MARGIN, BAR_HEADROOM = 0.01, 0.01, 0.5
 DEFAULTS = {"datasets": ["digits", "fashion_mnist"], "seeds": ["0", "1", "2"], "parallel": 2}
 TINY = {"datasets": ["digits"], "seeds": ["0"], "settings": ["dir0.3"], "parallel": 1}
-TINY_OVERRIDES = ["simulation.num_clients=3", "fe.rounds=2", "fe.patience=0", "fe.local_epochs=1",
-                  "expert.epochs=1", "expert.shared_rounds=1", "gate.rounds=1",
-                  "gate.local_epochs=1", "baseline.epochs=2", "baseline.fedavg_rounds=2"]
+TINY_OVERRIDES = [
+    "simulation.num_clients=3",
+    "fe.rounds=2",
+    "fe.patience=0",
+    "fe.local_epochs=1",
+    "expert.epochs=1",
+    "expert.shared_rounds=1",
+    "gate.rounds=1",
+    "gate.local_epochs=1",
+    "baseline.epochs=2",
+    "baseline.fedavg_rounds=2",
+]
 JOB_TIMEOUT_S = 3600
 DPI, FIGSIZE = 120, (6.0, 5.0)
 
@@ -63,8 +80,12 @@ def parse_args() -> Any:
     parser.add_argument("--datasets", default=",".join(DEFAULTS["datasets"]))
     parser.add_argument("--settings", default="", help="comma list (default: every setting)")
     parser.add_argument("--seeds", default=",".join(DEFAULTS["seeds"]))
-    parser.add_argument("--parallel", type=int, default=DEFAULTS["parallel"],
-                        help="jobs run at once (each a whole simulation)")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=DEFAULTS["parallel"],
+        help="jobs run at once (each a whole simulation)",
+    )
     parser.add_argument("--overrides", default="", help="further Hydra overrides for every job")
     parser.add_argument("--skip-run", action="store_true", help="only re-analyse the run folder")
     args = parser.parse_args()
@@ -98,17 +119,26 @@ def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
     out = job_dir(run_dir, job)
     out.mkdir(parents=True, exist_ok=True)
     command = [
-        str(benchlib.NMOE_CLI), f"experiment=panel_{job['dataset']}", *SETTINGS[job["setting"]],
-        f"seed={job['seed']}", f"output_dir={out}", "log_level=quiet",
-        *(TINY_OVERRIDES if args.tiny else []), *benchlib.split_overrides(args.overrides),
+        str(benchlib.NMOE_CLI),
+        f"experiment=panel_{job['dataset']}",
+        *SETTINGS[job["setting"]],
+        f"seed={job['seed']}",
+        f"output_dir={out}",
+        "log_level=quiet",
+        *(TINY_OVERRIDES if args.tiny else []),
+        *benchlib.split_overrides(args.overrides),
     ]
     started = time.monotonic()
     with (out / "job.log").open("w") as log:
-        done = subprocess.run(command, cwd=out, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=JOB_TIMEOUT_S)
+        done = subprocess.run(
+            command, cwd=out, stdout=log, stderr=subprocess.STDOUT, timeout=JOB_TIMEOUT_S
+        )
     seconds = time.monotonic() - started
-    print(f"[panel] {job['dataset']} {job['setting']} seed {job['seed']}: exit {done.returncode} "
-          f"in {seconds:.0f}s", flush=True)
+    print(
+        f"[panel] {job['dataset']} {job['setting']} seed {job['seed']}: exit {done.returncode} "
+        f"in {seconds:.0f}s",
+        flush=True,
+    )
     return {**job, "seconds": round(seconds, 1), "exit": done.returncode, "command": command}
 
 
@@ -127,11 +157,20 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     table = {}
     for method in methods:
         local = [r["accuracy"][method]["mean"] for r in results if method in r["accuracy"]]
-        glob = [r["accuracy_global"][method]["mean"] for r in results
-                if method in r.get("accuracy_global", {})]
+        glob = [
+            r["accuracy_global"][method]["mean"]
+            for r in results
+            if method in r.get("accuracy_global", {})
+        ]
         (lm, ls), (gm, gs) = mean_std(local), mean_std(glob)
-        table[method] = {"local_mean": lm, "local_std": ls, "global_mean": gm, "global_std": gs,
-                         "local": local, "global": glob}
+        table[method] = {
+            "local_mean": lm,
+            "local_std": ls,
+            "global_mean": gm,
+            "global_std": gs,
+            "local": local,
+            "global": glob,
+        }
     return table
 
 
@@ -160,8 +199,10 @@ def bars(table: dict[str, Any]) -> dict[str, Any]:
         gap = nmoe["local_mean"] - personal[best]
         out["local_vs_best_personal"] = {"best": best, "gap": gap, "met": gap >= -BAR_LOCAL_MARGIN}
     share = headroom(table, NMOE)
-    out["headroom_share"] = {"share": share,
-                             "met": None if share is None else share >= BAR_HEADROOM}
+    out["headroom_share"] = {
+        "share": share,
+        "met": None if share is None else share >= BAR_HEADROOM,
+    }
     if "centralized" in table:
         out["gap_to_centralized"] = {
             "local": nmoe["local_mean"] - table["centralized"]["local_mean"],
@@ -191,31 +232,53 @@ def markdown(analysis: dict[str, Any]) -> str:
     for dataset, settings in analysis.items():
         for setting, entry in settings.items():
             table = entry["methods"]
-            lines += [f"**{dataset}, {setting}** ({entry['seeds']} seeds)", "",
-                      "| method | local | global | headroom closed |", "|---|---|---|---|"]
+            lines += [
+                f"**{dataset}, {setting}** ({entry['seeds']} seeds)",
+                "",
+                "| method | local | global | headroom closed |",
+                "|---|---|---|---|",
+            ]
             order = sorted(table, key=lambda m: -table[m]["global_mean"])
             for method in order:
                 row = table[method]
                 share = headroom(table, method)
-                shown = "-" if share is None or method in (ORACLE, FEDAVG) else f"{100 * share:.0f}%"
+                shown = (
+                    "-" if share is None or method in (ORACLE, FEDAVG) else f"{100 * share:.0f}%"
+                )
                 name = f"**{method}**" if method == NMOE else method
-                lines.append(f"| {name} | {cell(row['local_mean'], row['local_std'])} | "
-                             f"{cell(row['global_mean'], row['global_std'])} | {shown} |")
+                lines.append(
+                    f"| {name} | {cell(row['local_mean'], row['local_std'])} | "
+                    f"{cell(row['global_mean'], row['global_std'])} | {shown} |"
+                )
             lines.append("")
-    lines += ["| dataset | setting | global - fedavg (>= -1 pt) | local - best personal (>= -1 pt) "
-              "| headroom closed (>= 50%) |", "|---|---|---|---|---|"]
+    lines += [
+        "| dataset | setting | global - fedavg (>= -1 pt) | local - best personal (>= -1 pt) "
+        "| headroom closed (>= 50%) |",
+        "|---|---|---|---|---|",
+    ]
     for dataset, settings in analysis.items():
         for setting, entry in settings.items():
             b = entry["bars"]
-            g, loc, h = b.get("global_vs_fedavg"), b.get("local_vs_best_personal"), b.get("headroom_share")
+            g, loc, h = (
+                b.get("global_vs_fedavg"),
+                b.get("local_vs_best_personal"),
+                b.get("headroom_share"),
+            )
 
             def verdict(ok: bool | None) -> str:
                 return "n/a" if ok is None else ("met" if ok else "**missed**")
 
             gtxt = "-" if g is None else f"{100 * g['gap']:+.1f} ({verdict(g['met'])})"
-            ltxt = "-" if loc is None else f"{100 * loc['gap']:+.1f} vs {loc['best']} ({verdict(loc['met'])})"
-            htxt = ("n/a (oracle - fedavg < 2 pts)" if h is None or h["share"] is None
-                    else f"{100 * h['share']:.0f}% ({verdict(h['met'])})")
+            ltxt = (
+                "-"
+                if loc is None
+                else f"{100 * loc['gap']:+.1f} vs {loc['best']} ({verdict(loc['met'])})"
+            )
+            htxt = (
+                "n/a (oracle - fedavg < 2 pts)"
+                if h is None or h["share"] is None
+                else f"{100 * h['share']:.0f}% ({verdict(h['met'])})"
+            )
             lines.append(f"| {dataset} | {setting} | {gtxt} | {ltxt} | {htxt} |")
     return "\n".join(lines) + "\n"
 
@@ -231,11 +294,17 @@ def plot(analysis: dict[str, Any], out_dir: Path) -> list[Path]:
         axes = fig.subplots(1, len(settings), squeeze=False)[0]
         for ax, (setting, entry) in zip(axes, settings.items(), strict=True):
             for method, row in sorted(entry["methods"].items()):
-                ax.errorbar(row["local_mean"], row["global_mean"],
-                            xerr=row["local_std"] if not math.isnan(row["local_std"]) else None,
-                            yerr=row["global_std"] if not math.isnan(row["global_std"]) else None,
-                            marker="*" if method == NMOE else "o", markersize=12 if method == NMOE else 6,
-                            linestyle="none", label=method, capsize=2)
+                ax.errorbar(
+                    row["local_mean"],
+                    row["global_mean"],
+                    xerr=row["local_std"] if not math.isnan(row["local_std"]) else None,
+                    yerr=row["global_std"] if not math.isnan(row["global_std"]) else None,
+                    marker="*" if method == NMOE else "o",
+                    markersize=12 if method == NMOE else 6,
+                    linestyle="none",
+                    label=method,
+                    capsize=2,
+                )
             ax.set_title(f"{dataset}: {setting}")
             ax.set_xlabel("local test accuracy")
             ax.set_ylabel("global test accuracy")
@@ -270,30 +339,55 @@ def main() -> None:
                 continue
             table = aggregate(results)
             analysis.setdefault(dataset, {})[setting] = {
-                "seeds": len(results), "methods": table, "bars": bars(table),
+                "seeds": len(results),
+                "methods": table,
+                "bars": bars(table),
                 "convergence": convergence(results),
-                "gate_headroom": {m: headroom(table, m) for m in table if m not in (ORACLE, FEDAVG)},
+                "gate_headroom": {
+                    m: headroom(table, m) for m in table if m not in (ORACLE, FEDAVG)
+                },
             }
-            cells += [{"dataset": dataset, "setting": setting, "seed": r["config"]["seed"],
-                       "config": r["config"], "wall_time_s": r.get("wall_time_s", {})}
-                      for r in results]
+            cells += [
+                {
+                    "dataset": dataset,
+                    "setting": setting,
+                    "seed": r["config"]["seed"],
+                    "config": r["config"],
+                    "wall_time_s": r.get("wall_time_s", {}),
+                }
+                for r in results
+            ]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot(analysis, args.out_dir)
     md = markdown(analysis)
     (args.out_dir / f"{NAME}.md").write_text(md)
-    write_result(args.out_dir, NAME, {
-        "config": {"datasets": args.datasets, "seeds": args.seeds, "settings": SETTINGS,
-                   "dataset_settings": DATASET_SETTINGS, "parallel": args.parallel,
-                   "overrides": args.overrides, "tiny": args.tiny},
-        "wall_s": round(wall, 1), "jobs": runs, "analysis": analysis, "cells": cells,
-        "plots": [p.name for p in plots],
-        "notes": [
-            "headroom closed = (method - fedavg) / (oracle_router - fedavg) on the global test, "
-            "reported where oracle_router - fedavg >= 2 points.",
-            "Bars (routing issue): nmoe global >= fedavg - 1 pt; nmoe local >= best of "
-            "local_expert / shared_fe_own_head / local_only - 1 pt; headroom closed >= 50%.",
-        ],
-    }, started_machine)
+    write_result(
+        args.out_dir,
+        NAME,
+        {
+            "config": {
+                "datasets": args.datasets,
+                "seeds": args.seeds,
+                "settings": SETTINGS,
+                "dataset_settings": DATASET_SETTINGS,
+                "parallel": args.parallel,
+                "overrides": args.overrides,
+                "tiny": args.tiny,
+            },
+            "wall_s": round(wall, 1),
+            "jobs": runs,
+            "analysis": analysis,
+            "cells": cells,
+            "plots": [p.name for p in plots],
+            "notes": [
+                "headroom closed = (method - fedavg) / (oracle_router - fedavg) on the global test, "
+                "reported where oracle_router - fedavg >= 2 points.",
+                "Bars (routing issue): nmoe global >= fedavg - 1 pt; nmoe local >= best of "
+                "local_expert / shared_fe_own_head / local_only - 1 pt; headroom closed >= 50%.",
+            ],
+        },
+        started_machine,
+    )
     print(md)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from functools import wraps
+from functools import partial, wraps
 from logging import WARNING
 from typing import Any, TypeVar
 
@@ -39,6 +39,7 @@ from nmoe.training import (
     train_classifier,
     train_extractor,
     train_supervised_until_converged,
+    validation_loss,
 )
 from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import WireMessage
@@ -166,7 +167,7 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
             clip = float(fe_cfg.embedding_clip)
             val_score = -ssl_validation_loss(bundle, val_x, augment, clip, node.seed(12))
         else:
-            val_score = accuracy(forward_batched(head_on_fe, val_x), val_y)
+            val_score = -validation_loss(head_on_fe, val_x, val_y)
     return wire.ExtractorReply(
         params=params,
         num_examples=len(x),
@@ -223,17 +224,21 @@ def train_shared_expert(node: Node, request: wire.SharedExpertRequest) -> wire.T
     expert = build_expert(node.cfg.model, node.num_classes, int(node.cfg.seed))
     load_numpy(expert, request.params)
     ex = node.cfg.expert
-    x, y = node.labelled_train()
+    x, y, val_x, val_y = node.stage1_data("fedce")  # labelled; validation part with fe.patience
+    fe = node.extractor()
     loss = train_classifier(
         expert,
-        node.features(x),
+        forward_batched(fe, x),
         y,
-        epochs=int(ex.epochs),
+        epochs=int(ex.shared_local_epochs) or int(ex.epochs),
         lr=float(ex.lr),
         batch_size=int(ex.batch_size),
         seed=node.seed(5, request.server_round),
     )
-    return wire.TrainReply(params=state_numpy(expert), num_examples=len(y), loss=loss)
+    val_score = -validation_loss(expert, forward_batched(fe, val_x), val_y) if len(val_y) else None
+    return wire.TrainReply(
+        params=state_numpy(expert), num_examples=len(y), loss=loss, val_score=val_score
+    )
 
 
 @handles(wire.ExpertRequest)
@@ -418,7 +423,12 @@ def route(node: Node, request: wire.RouteRequest) -> wire.RouteReply:
     quantile = float(node.cfg.gate.local_first_quantile) if request.mode == "infer" else 0.0
     own_feats = forward_batched(fe, node.data.train_x) if quantile > 0 else None
     plan = plan_query(feats, weights, node.local_experts(), node.pid, own_feats, quantile)
-    pending = PendingQuery(plan, y, [len(p[1]) for p in parts], request.mode)
+    own_ratio = None
+    if request.mode == "infer" and gates.get(request.gate).asks_familiarity:
+        own_ratio = node.familiarity(fe, feats)
+    pending = PendingQuery(
+        plan, y, [len(p[1]) for p in parts], request.mode, request.gate, own_ratio
+    )
     node.state.put(PENDING_PREFIX + request.query_id, pending.to_arrays())
     sent = outgoing_features(plan, feats, float(node.cfg.feature_noise_std), generator)
     return wire.RouteReply(features={e: v.numpy() for e, v in sent.items()}, num_examples=len(y))
@@ -433,9 +443,14 @@ def expert_answer(node: Node, request: wire.ExpertQuery) -> wire.ExpertAnswer:
         for pid, v in request.batches.items()
     }
     logits = answer(node.expert(), checked)
+    familiarity = None
+    if request.with_familiarity:
+        fe = node.extractor()
+        familiarity = {pid: node.familiarity(fe, v).numpy() for pid, v in checked.items()}
     return wire.ExpertAnswer(
         logits={pid: v.numpy() for pid, v in logits.items()},
         num_examples=sum(len(v) for v in checked.values()),
+        familiarity=familiarity,
     )
 
 
@@ -464,7 +479,20 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
             num_experts=node.num_experts,
             experts_cached=int(answered.all(dim=0).sum()),
         )
-    reports = finish_query(pending, remote, node.num_classes, node.pid)
+    reweight, ratios = None, {}
+    if pending.mode == "infer" and gates.get(pending.gate).asks_familiarity:
+        gate, gate_cfg = gates.get(pending.gate), node.cfg.gate
+        reweight = partial(
+            gate.reweight,
+            own=node.pid,
+            shared=node.shared_expert_id,
+            k=int(gate_cfg.k),
+            gate_cfg=gate_cfg,
+        )
+        for e, value in (request.familiarity or {}).items():
+            if e in remote and np.isnan(value).sum() == 0:  # inf means: not familiar at all
+                ratios[e] = torch.from_numpy(np.array(value, dtype=np.float32))
+    reports = finish_query(pending, remote, node.num_classes, node.pid, ratios, reweight)
     node.state.drop(name)
     return wire.CombineReply(
         num_examples=[r.num_examples for r in reports],

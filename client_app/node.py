@@ -15,10 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from nmoe import gates
 from nmoe.config import to_structured
-from nmoe.data import ClientData, federation_spec, labelled, load_client_data
+from nmoe.data import (
+    SEED_EXPERT_SPLIT,
+    ClientData,
+    client_seed,
+    federation_spec,
+    holdout_split,
+    labelled,
+    load_client_data,
+)
 from nmoe.datasets import dataset_info
 from nmoe.device_data import load_device_data
 from nmoe.models import ExtractorBundle, build_bundle, build_expert, load_numpy, stage1_keys
+from nmoe.routing import familiarity
 from nmoe.training import forward_batched
 from nmoe_protocol import messages as wire
 
@@ -35,8 +44,6 @@ SHARED_EXPERT_GROUP, OWN_HEAD_GROUP, FEDAVG_GROUP = (
 )
 GATE_CACHE = "scratch/cache"
 gate_group = wire.gate_state
-
-SEED_PRIME_RUN, SEED_PRIME_CLIENT, SEED_PRIME_PART = 1_000_003, 7919, 104_729
 
 
 @lru_cache(maxsize=4)
@@ -80,12 +87,8 @@ class Node:
         return tuple(self.data.train_x.shape[1:])
 
     def seed(self, *parts: int) -> int:
-        """A seed distinct per (run seed, client, purpose, round): primes keep the terms apart."""
-        return (
-            int(self.cfg.seed) * SEED_PRIME_RUN
-            + self.pid * SEED_PRIME_CLIENT
-            + sum(p * SEED_PRIME_PART ** (i + 1) for i, p in enumerate(parts))
-        )
+        """A seed distinct per (run seed, client, purpose, round)."""
+        return client_seed(int(self.cfg.seed), self.pid, *parts)
 
     # --- modules from the personal state -------------------------------------------------
     def bundle(
@@ -126,6 +129,12 @@ class Node:
             local[self.shared_expert_id] = self.expert(SHARED_EXPERT_GROUP)
         return local
 
+    def familiarity(self, fe: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        """(B,) this node's familiarity with each feature row: the nearest feature of its
+        expert's training images over its familiarity radius (`gate.know_quantile`)."""
+        x, _ = self.split("expert")
+        return familiarity(feats, forward_batched(fe, x), float(self.cfg.gate.know_quantile))
+
     def gate_params(self, name: str) -> dict[str, np.ndarray]:
         """The gate's parameters on this node (its initial ones before any training)."""
         group = gate_group(name)
@@ -160,11 +169,9 @@ class Node:
             x, y = self.labelled_train()
             if name == "train":
                 return x, y
-            generator = torch.Generator().manual_seed(self.seed(10))
-            order = torch.randperm(len(y), generator=generator)
-            held = int(len(order) * float(self.cfg.expert.gate_holdout_fraction))
-            index = order[held:] if name == "expert" or held == 0 else order[:held]
-            return x[index], y[index]
+            fraction = float(self.cfg.expert.gate_holdout_fraction)
+            expert, gate = holdout_split(x, y, fraction, self.seed(SEED_EXPERT_SPLIT))
+            return expert if name == "expert" else gate
         if name == "global" and not d.has_global:
             raise ValueError("this node holds no global test set")
         splits = {"test": (d.test_x, d.test_y), "global": (d.global_x, d.global_y)}

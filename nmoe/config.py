@@ -85,7 +85,7 @@ class FEConfig:
     correlation_noise: float = 0.0  # std of Gaussian noise on shared correlations
     probe_epochs: int = 50  # linear probe of F on the global test (fedsc/hybrid)
     # Convergence: with patience > 0, each client holds `val_fraction` of its training data out of
-    # stage 1 and reports a validation metric (accuracy of F + head; FedSC: its loss); stage 1 stops
+    # stage 1 and reports a validation loss (CE of F + head; FedSC: its SSL loss); stage 1 stops
     # after `patience` rounds without improvement (`rounds` is the cap) and keeps the best round.
     patience: int = 0
     val_fraction: float = 0.1
@@ -102,7 +102,7 @@ class BaselineConfig:
     fedavg_lr: float = 0.05
     fedavg_batch_size: int = 32
     # `local_only` and `centralized`: at most `epochs`, stopping after `patience` epochs without
-    # improvement of the accuracy on `val_fraction` of their training data (0 = run every epoch)
+    # improvement of the CE loss on `val_fraction` of their training data (0 = run every epoch)
     epochs: int = 100
     patience: int = 10
     val_fraction: float = 0.1
@@ -115,10 +115,9 @@ class ExpertConfig:
     batch_size: int = 32
     gate_holdout_fraction: float = 0.2  # local training data kept from the expert for the gate
     shared_expert: bool = False
-    shared_rounds: int = 5
-    init_from_shared: bool = (
-        False  # personal experts start from the trained shared expert (FedRep-style)
-    )
+    shared_rounds: int = 5  # at most (fe.patience stops earlier, on the stage-1 validation part)
+    shared_local_epochs: int = 0  # epochs per FedAvg round of the shared expert (0 = epochs)
+    init_from_shared: bool = False  # personal experts start from the trained shared expert
 
 
 @dataclass
@@ -223,7 +222,8 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.fe.method, "fe.method", FE_METHODS)
     _choice(cfg.gate.method, "gate.method", gates.names())
     for gate in gates.GATES.values():
-        gate.validate(cfg.gate, _require)
+        used = gate.name == cfg.gate.method or gate.name in cfg.baselines
+        gate.validate(cfg, used, _require)
     _choice(cfg.topology.kind, "topology.kind", TOPOLOGIES)
     _choice(cfg.log_level, "log_level", LOG_LEVELS)
     _choice(cfg.mode, "mode", MODES)

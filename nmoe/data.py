@@ -104,6 +104,30 @@ class ClientData:
 CLIENT_DATA_FIELDS = tuple(ClientData.__dataclass_fields__)
 
 
+SEED_PRIME_RUN, SEED_PRIME_CLIENT, SEED_PRIME_PART = 1_000_003, 7919, 104_729
+SEED_EXPERT_SPLIT = 10  # the purpose term of the expert / gate split's seed
+
+
+def client_seed(run_seed: int, partition_id: int, *parts: int) -> int:
+    """A seed distinct per (run seed, client, purpose, round): primes keep the terms apart."""
+    return (
+        run_seed * SEED_PRIME_RUN
+        + partition_id * SEED_PRIME_CLIENT
+        + sum(p * SEED_PRIME_PART ** (i + 1) for i, p in enumerate(parts))
+    )
+
+
+def holdout_split(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(expert part, gate part): `fraction` of (x, y), chosen by `seed`, held out of the expert's
+    training for the gate (which must learn on samples the expert never saw)."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    held = int(len(order) * fraction)
+    gate = order[:held] if held else order
+    return (x[order[held:]], y[order[held:]]), (x[gate], y[gate])
+
+
 def labelled(client: ClientData) -> tuple[torch.Tensor, torch.Tensor]:
     """The client's training images that carry a label, with their labels."""
     mask = client.train_labelled

@@ -7,6 +7,7 @@ handlers only move their inputs and outputs across the wire.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ from .routing import answer_locally, combine, familiar
 from .training import accuracy, forward_batched
 
 ORACLE = "oracle"  # the query mode of the oracle router
+# (ratios (B, E), answered (B, E)) -> weights (B, E): a familiarity-asking gate's final weights
+Reweight = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -30,20 +33,26 @@ class RoutePlan:
 
 @dataclass
 class PendingQuery:
-    """A routed query between its waves: the plan, the labels and the split sizes."""
+    """A routed query between its waves: the plan, the labels, the split sizes, the gate, and
+    (for gates that ask familiarity) the requester's own familiarity with each sample."""
 
     plan: RoutePlan
     labels: torch.Tensor
     segments: list[int]
     mode: str
+    gate: str = ""
+    own_ratio: torch.Tensor | None = None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {
             "weights": self.plan.weights.numpy(),
             "labels": self.labels.numpy(),
             "segments": np.asarray(self.segments, np.int64),
-            "mode": np.frombuffer(self.mode.encode(), np.uint8).copy(),
+            "mode": _text(self.mode),
+            "gate": _text(self.gate),
         }
+        if self.own_ratio is not None:
+            arrays["own_ratio"] = self.own_ratio.numpy()
         arrays.update({f"local.{e}": v.numpy() for e, v in self.plan.local_logits.items()})
         arrays.update({f"index.{e}": v.numpy() for e, v in self.plan.remote_index.items()})
         return arrays
@@ -58,12 +67,19 @@ class PendingQuery:
             }
 
         plan = RoutePlan(torch.from_numpy(arrays["weights"]), by_id("local."), by_id("index."))
+        own_ratio = torch.from_numpy(arrays["own_ratio"]) if "own_ratio" in arrays else None
         return cls(
             plan,
             torch.from_numpy(arrays["labels"]),
             [int(v) for v in arrays["segments"]],
             bytes(arrays["mode"]).decode(),
+            bytes(arrays["gate"]).decode(),
+            own_ratio,
         )
+
+
+def _text(value: str) -> np.ndarray:
+    return np.frombuffer(value.encode(), np.uint8).copy()
 
 
 def local_logits(
@@ -175,13 +191,48 @@ def oracle_weights(
     return torch.zeros(answered.shape).scatter(1, score.argmax(dim=1).view(-1, 1), 1.0)
 
 
+def familiar_weights(
+    pending: PendingQuery,
+    answered: torch.Tensor,
+    remote_ratios: dict[int, torch.Tensor],
+    own: int,
+    reweight: Reweight,
+) -> torch.Tensor:
+    """The final weights of a gate that asks familiarity: (B, E) ratios (own from the requester,
+    the others from what each expert returned for the rows it got, inf where unknown) through the
+    gate's `reweight`; samples answered locally (local-first) keep their own expert alone."""
+    plan = pending.plan
+    ratios = torch.full(plan.weights.shape, float("inf"))
+    if pending.own_ratio is not None:
+        ratios[:, own] = pending.own_ratio
+    for e, values in remote_ratios.items():
+        index = plan.remote_index.get(e)
+        if index is not None and values.shape == (len(index),):
+            ratios[index, e] = values
+    weights = reweight(ratios, answered)
+    local = (plan.weights > 0).sum(dim=1) == 1
+    weights[local] = plan.weights[local]
+    return weights
+
+
 def finish_query(
-    pending: PendingQuery, remote_logits: dict[int, torch.Tensor], num_classes: int, own: int
+    pending: PendingQuery,
+    remote_logits: dict[int, torch.Tensor],
+    num_classes: int,
+    own: int,
+    remote_ratios: dict[int, torch.Tensor] | None = None,
+    reweight: Reweight | None = None,
 ) -> list[SplitReport]:
     """Wave 3 on the requester: combine local and returned logits (renormalised over the experts
     that answered; the own expert is always there) and report per split, in order."""
     plan = pending.plan
     logits, answered = assemble(plan, remote_logits, num_classes)
+    if reweight is not None:
+        plan = RoutePlan(
+            familiar_weights(pending, answered, remote_ratios or {}, own, reweight),
+            plan.local_logits,
+            plan.remote_index,
+        )
     if pending.mode == ORACLE:
         plan = RoutePlan(
             oracle_weights(logits, answered, pending.labels), plan.local_logits, plan.remote_index

@@ -61,11 +61,13 @@ def random_weights(
 def combine(
     weights: torch.Tensor, expert_logits: torch.Tensor, answered: torch.Tensor, fallback: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = sum_j w_j * logits_j over the chosen experts that answered, weights renormalised.
+    """p = sum_j w_j * softmax(logits_j) over the chosen experts that answered, weights
+    renormalised: a mixture of bounded per-expert probabilities (no expert can outvote the
+    others by the size of its logits).
 
     weights (B, E), expert_logits (B, E, C), answered bool (B, E). A sample none of
     whose chosen experts answered falls back to expert `fallback` (the requester's
-    own, always present). Returns (combined logits (B, C), degraded bool (B,)): the
+    own, always present). Returns (combined probabilities (B, C), degraded bool (B,)): the
     samples for which at least one chosen expert did not answer.
     """
     chosen = weights > 0
@@ -77,7 +79,7 @@ def combine(
         kept[orphaned, fallback] = 1.0
         total = kept.sum(dim=1, keepdim=True)
     kept = kept / total
-    return (kept.unsqueeze(-1) * expert_logits).sum(dim=1), degraded
+    return (kept.unsqueeze(-1) * torch.softmax(expert_logits, dim=2)).sum(dim=1), degraded
 
 
 def nearest_distances(
@@ -96,6 +98,25 @@ def nearest_distances(
             block[rows, rows + start] = float("inf")
         out[start : start + chunk] = block.min(dim=1).values
     return out
+
+
+def familiarity_radius(own_feats: torch.Tensor, quantile: float) -> float:
+    """The `quantile` of own training features' nearest-neighbour distances to each other (leave
+    one out): the radius within which a sample counts as familiar (inf for fewer than 2)."""
+    if len(own_feats) < 2:
+        return float("inf")
+    return float(
+        torch.quantile(nearest_distances(own_feats, own_feats, exclude_self=True), quantile)
+    )
+
+
+def familiarity(feats: torch.Tensor, own_feats: torch.Tensor, quantile: float) -> torch.Tensor:
+    """(B,) nearest own training feature's distance over the familiarity radius: <= 1 familiar,
+    larger the farther (inf with fewer than 2 own features)."""
+    radius = familiarity_radius(own_feats, quantile)
+    if not 0 < radius < float("inf"):
+        return torch.full((len(feats),), float("inf"))
+    return nearest_distances(feats, own_feats) / radius
 
 
 def familiar(feats: torch.Tensor, own_feats: torch.Tensor, quantile: float) -> torch.Tensor:

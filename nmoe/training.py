@@ -34,6 +34,14 @@ def forward_batched(
     return torch.cat([module(chunk) for chunk in x.split(INFERENCE_BATCH)])
 
 
+def validation_loss(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """Mean cross entropy of `model` on (x, y): the early-stopping metric of supervised training
+    (smoother than accuracy on a few validation images, which saturates)."""
+    return float(F.cross_entropy(forward_batched(model, x), y))
+
+
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy."""
     return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else 0.0
@@ -122,8 +130,9 @@ def train_supervised_until_converged(
     seed: int,
 ) -> dict[str, float]:
     """F + head trained with cross entropy one epoch at a time, stopping after `patience` epochs
-    without improvement of the accuracy on a held-out `val_fraction` of (x, y) (patience 0: every
-    epoch), keeping the best epoch's weights. Returns epochs run, best epoch, best accuracy."""
+    without improvement of the cross entropy on a held-out `val_fraction` of (x, y) (patience 0:
+    every epoch), keeping the best epoch's weights. Returns epochs run, best epoch, best score
+    (the negated validation loss)."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=generator)
     held = max(1, int(len(y) * val_fraction)) if patience > 0 and len(y) > 1 else 0
@@ -145,7 +154,7 @@ def train_supervised_until_converged(
         )
         if not held:
             continue
-        score = accuracy(forward_batched(lambda inp: bundle.head(bundle.fe(inp)), x[val]), y[val])
+        score = -validation_loss(lambda inp: bundle.head(bundle.fe(inp)), x[val], y[val])
         if rule.update(epoch, score):
             best = {k: v.clone() for k, v in bundle.state_dict().items()}
         if rule.stop:
@@ -237,7 +246,8 @@ def train_gate(
     batch_size: int,
     seed: int,
 ) -> float:
-    """Train the gate on cached expert outputs (n, E, C): CE of the noisy top-k mixture.
+    """Train the gate on cached expert outputs (n, E, C): negative log-likelihood of the
+    noisy top-k mixture of the experts' probabilities.
 
     For k = 1 the softmax over one score is constant, so the kept weight is the softmax over
     all reachable experts instead (Switch style); inference uses the plain top-k rule.
@@ -247,7 +257,8 @@ def train_gate(
         weights = topk_weights(
             gate(feats[idx]), reachable, k, noise_std, generator, renormalise=k > 1
         )
-        return F.cross_entropy((weights.unsqueeze(-1) * expert_logits[idx]).sum(dim=1), y[idx])
+        probs = (weights.unsqueeze(-1) * torch.softmax(expert_logits[idx], dim=2)).sum(dim=1)
+        return F.nll_loss(torch.log(probs.clamp_min(1e-12)), y[idx])
 
     return fit(gate, len(feats), batch_loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 

@@ -135,6 +135,8 @@ class TrainReply(WireMessage):
     params: Arrays
     num_examples: int
     loss: float
+    # with fe.patience: the score on the held-out validation part (-CE loss; FedSC: -SSL loss)
+    val_score: Optional[float] = None
 
     def check(self) -> None:
         _require(self.num_examples >= 0, "num_examples must be >= 0")
@@ -145,8 +147,6 @@ class ExtractorReply(TrainReply):
     ce_loss: float = 0.0
     ssl_loss: float = 0.0
     test_acc: Optional[float] = None  # F + head on the local test split (methods with a head)
-    # with fe.patience: the score on the held-out validation part (accuracy, or -SSL loss)
-    val_score: Optional[float] = None
     correlation: Optional[Arrays] = None  # FedSC with shared correlations
 
 
@@ -289,6 +289,7 @@ class ExpertQuery(WireMessage):
     TYPE: ClassVar[str] = EXPERT
     query_id: str
     batches: ArraysById
+    with_familiarity: bool = False  # also return each row's familiarity ratio (KnowGate)
 
     def check(self) -> None:
         _require(bool(self.batches), "no feature batches in the message")
@@ -298,6 +299,7 @@ class ExpertQuery(WireMessage):
 class ExpertAnswer(WireMessage):
     logits: ArraysById
     num_examples: int
+    familiarity: Optional[ArraysById] = None  # per requester: (n,) ratios, <= 1 familiar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +310,7 @@ class CombineRequest(WireMessage):
     query_id: str
     logits: ArraysById
     return_predictions: bool = False
+    familiarity: Optional[ArraysById] = None  # per expert id: its ratios for the rows it got
 
 
 @dataclasses.dataclass(frozen=True)

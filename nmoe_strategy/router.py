@@ -21,12 +21,22 @@ import numpy as np
 from flwr.app import Message
 from flwr.common import log
 
+from nmoe import gates
 from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import ProtocolError, WireMessage
 
 from .comm import CountingGrid
 
 NODE_POLL_S = 1.0
+
+
+def asks_familiarity(request: wire.RouteRequest) -> bool:
+    """Whether a routed query's gate wants the experts' familiarity with each row."""
+    return (
+        request.mode == "infer"
+        and request.gate in gates.GATES
+        and gates.get(request.gate).asks_familiarity
+    )
 
 
 def replies_by_node(sent: list[Message], replies: list[Message]) -> dict[int, Message]:
@@ -200,9 +210,11 @@ class Router:
             asked[pid] = sorted(reply.features)
             for expert, batch in reply.features.items():
                 outbox[expert][pid] = batch
-        query_id = next(iter(requests.values())).query_id if requests else ""
+        first = next(iter(requests.values()), None)
+        query_id = first.query_id if first else ""
+        ask = first is not None and asks_familiarity(first)
         owners = {
-            e: wire.ExpertQuery(query_id=query_id, batches=b)
+            e: wire.ExpertQuery(query_id=query_id, batches=b, with_familiarity=ask)
             for e, b in outbox.items()
             if e in self.directory.node_of
         }
@@ -211,6 +223,9 @@ class Router:
         returned: dict[int, dict[int, np.ndarray]] = defaultdict(
             dict
         )  # requester -> expert -> logits
+        ratios: dict[int, dict[int, np.ndarray]] = defaultdict(
+            dict
+        )  # requester -> expert -> ratios
         for e, answer in answers.items():
             for pid, batch in outbox[e].items():
                 value = answer.logits.get(pid)
@@ -220,10 +235,16 @@ class Router:
                     log(WARNING, "expert %d: non-finite logits for requester %d", e, pid)
                 else:
                     returned[pid][e] = value
+                    ratio = (answer.familiarity or {}).get(pid)
+                    if ask and ratio is not None and ratio.shape == (len(batch),):
+                        ratios[pid][e] = ratio
         # wave 3: each requester gets the logits of the experts that answered it
         combine = {
             pid: wire.CombineRequest(
-                query_id=query_id, logits=returned[pid], return_predictions=return_predictions
+                query_id=query_id,
+                logits=returned[pid],
+                return_predictions=return_predictions,
+                familiarity=dict(ratios[pid]) if ask else None,
             )
             for pid in asked
         }

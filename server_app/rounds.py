@@ -30,6 +30,14 @@ def kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+def weighted_score(replies: dict[int, TrainReply]) -> float | None:
+    """The clients' validation scores averaged by their training examples (None: none sent)."""
+    scored = [(r.val_score, r.num_examples) for r in replies.values() if r.val_score is not None]
+    if not scored:
+        return None
+    return sum(v * n for v, n in scored) / max(sum(n for _, n in scored), 1)
+
+
 class FederatedRounds:
     """`rounds` rounds of one training message over every client; `params` is the server's
     copy of every key (only the shared ones change)."""

@@ -114,8 +114,9 @@ def test_k_larger_than_neighbourhood_is_an_error() -> None:
         topk_weights(torch.zeros(2, 4), torch.tensor([True, True, False, False]), 3)
 
 
-def test_combination_equals_weighted_sum_of_expert_logits() -> None:
-    """The routed pieces reassembled on the requester equal sum_j w_j H_j(h) computed locally."""
+def test_combination_equals_weighted_sum_of_expert_probabilities() -> None:
+    """The routed pieces reassembled on the requester equal sum_j w_j softmax(H_j(h)) computed
+    locally."""
     torch.manual_seed(0)
     feats = torch.randn(16, 8)
     experts = [torch.nn.Linear(8, 5) for _ in range(4)]
@@ -126,7 +127,7 @@ def test_combination_equals_weighted_sum_of_expert_logits() -> None:
     logits, answered = assemble(plan, remote, 5)
     combined, degraded = combine(weights, logits, answered, fallback=own)
     with torch.no_grad():
-        direct = sum(weights[:, j : j + 1] * experts[j](feats) for j in range(4))
+        direct = sum(weights[:, j : j + 1] * torch.softmax(experts[j](feats), 1) for j in range(4))
     torch.testing.assert_close(combined, direct)
     assert not degraded.any()
 
@@ -155,11 +156,13 @@ def test_local_first_keeps_familiar_samples_on_the_own_expert() -> None:
 
 def test_failed_expert_renormalises_and_falls_back_to_own() -> None:
     weights = torch.tensor([[0.0, 0.25, 0.75], [0.0, 0.0, 1.0]])
-    logits = torch.stack([torch.full((2, 3), float(j)) for j in range(3)], dim=1)
+    # expert j is sure of class j
+    logits = torch.stack([torch.eye(3)[j].expand(2, 3) * 20 for j in range(3)], dim=1)
     answered = torch.tensor([[True, True, False], [True, True, False]])  # expert 2 failed
     combined, degraded = combine(weights, logits, answered, fallback=0)
-    torch.testing.assert_close(combined[0], torch.full((3,), 1.0))  # all weight on expert 1
-    torch.testing.assert_close(combined[1], torch.full((3,), 0.0))  # nothing left: own expert 0
+    assert combined[0].argmax() == 1 and combined[0, 1] > 0.99  # all weight on expert 1
+    assert combined[1].argmax() == 0 and combined[1, 0] > 0.99  # nothing left: own expert 0
+    torch.testing.assert_close(combined.sum(1), torch.ones(2))
     assert degraded.tolist() == [True, True]
 
 

@@ -75,11 +75,15 @@ class Gate:
     name: ClassVar[str] = ""
     trainable: ClassVar[bool] = False  # trained in stage 3 (needs the cache of expert outputs)
     measurement_only: ClassVar[bool] = False  # never a configured gate nor a baseline
+    # experts answer with their familiarity with each row (nearest own training feature's
+    # distance over their familiarity radius), and `reweight` sets the final weights from it
+    asks_familiarity: ClassVar[bool] = False
     Options: ClassVar[type | None] = None  # dataclass of the gate's own config keys (gate.<key>)
 
     # ---------------------------------------------------------------- config
-    def validate(self, gate_cfg: Any, require: Callable[[bool, str, str], None]) -> None:
-        """Check this gate's own config keys; `require(ok, key, message)` raises."""
+    def validate(self, cfg: Any, used: bool, require: Callable[[bool, str, str], None]) -> None:
+        """Check this gate's own config keys (`cfg` is the whole run config; `used`: the run
+        routes with this gate); `require(ok, key, message)` raises."""
 
     # ---------------------------------------------------------------- client side (torch)
     def initial_params(self, model_cfg: Any, num_experts: int, seed: int) -> Params:
@@ -110,6 +114,19 @@ class Gate:
         generator: torch.Generator,
     ) -> torch.Tensor:
         """(B, E) routing weights: zero for experts not chosen, rows summing to 1."""
+        raise NotImplementedError
+
+    def reweight(
+        self,
+        ratios: torch.Tensor,
+        answered: torch.Tensor,
+        own: int,
+        shared: int | None,
+        k: int,
+        gate_cfg: Any,
+    ) -> torch.Tensor:
+        """(B, E) final weights from the experts' familiarity `ratios` (inf where unknown), for
+        gates that `asks_familiarity`."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- server side

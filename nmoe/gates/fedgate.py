@@ -27,7 +27,8 @@ class FedGate(MLPGate):
     name = "fedgate"
     Options = FedGateOptions
 
-    def validate(self, gate_cfg: Any, require: Any) -> None:
+    def validate(self, cfg: Any, used: bool, require: Any) -> None:
+        gate_cfg = cfg.gate
         for key in ("sync_trunk_every", "sync_head_every"):
             value = gate_cfg[key]
             require(value >= 0, f"gate.{key}", f"must be >= 0, got {value}")

@@ -24,7 +24,8 @@ class RollGate(MLPGate):
     name = "rollgate"
     Options = RollGateOptions
 
-    def validate(self, gate_cfg: Any, require: Any) -> None:
+    def validate(self, cfg: Any, used: bool, require: Any) -> None:
+        gate_cfg = cfg.gate
         order = gate_cfg.roll_order
         require(
             order in ROLL_ORDERS,

@@ -11,7 +11,7 @@ from nmoe.gates import Params
 from nmoe.models import build_expert, state_numpy
 from nmoe_protocol import messages as wire
 
-from ..rounds import FederatedRounds
+from ..rounds import FederatedRounds, weighted_score
 from ..run import Run
 
 
@@ -19,14 +19,23 @@ class SharedExpertRounds(FederatedRounds):
     """`expert.shared_rounds` FedAvg rounds of the shared expert H_0."""
 
     def __init__(self, run: Run) -> None:
-        expert = build_expert(run.cfg.model, run.num_classes, int(run.cfg.seed))
+        cfg = run.cfg
+        expert = build_expert(cfg.model, run.num_classes, int(cfg.seed))
         super().__init__(
-            run, "shared_expert", state_numpy(expert), int(run.cfg.expert.shared_rounds)
+            run,
+            "shared_expert",
+            state_numpy(expert),
+            int(cfg.expert.shared_rounds),
+            int(cfg.fe.patience),
+            float(cfg.fe.min_delta),
         )
 
     def configure(self, rnd: int) -> dict[int, wire.SharedExpertRequest]:
         request = wire.SharedExpertRequest(server_round=rnd, params=self.params)
         return {pid: request for pid in self.run.pids}
+
+    def validation_score(self, replies: dict[int, wire.TrainReply]) -> float | None:
+        return weighted_score(replies)
 
 
 def install(run: Run, part: str, params: Params, gate: str | None = None) -> None:

@@ -13,7 +13,7 @@ from nmoe.models import build_bundle, load_numpy, stage1_keys, state_numpy
 from nmoe.training import forward_batched, linear_probe
 from nmoe_protocol import messages as wire
 
-from ..rounds import FederatedRounds
+from ..rounds import FederatedRounds, weighted_score
 from ..run import Run
 
 CORRELATION_KEY = "corr"  # the key of a client's correlation matrix in its reply
@@ -84,12 +84,7 @@ class ExtractorRounds(FederatedRounds):
         }
 
     def validation_score(self, replies: dict[int, wire.ExtractorReply]) -> float | None:
-        scored = [
-            (r.val_score, r.num_examples) for r in replies.values() if r.val_score is not None
-        ]
-        if not scored:
-            return None
-        return sum(v * n for v, n in scored) / max(sum(n for _, n in scored), 1)
+        return weighted_score(replies)
 
     def after_round(self, rnd: int, replies: dict[int, wire.ExtractorReply]) -> dict[str, float]:
         if self.share_correlation:
@@ -108,7 +103,7 @@ class ExtractorRounds(FederatedRounds):
                 if len(corr) > 1
             }
         metrics: dict[str, float] = {}
-        score = self.validation_score(replies)
+        score = weighted_score(replies)
         if score is not None:
             metrics["val-score"] = score
         if self.method != "fedce" and self.run.simulated:

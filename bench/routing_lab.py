@@ -1,0 +1,319 @@
+"""Routing lab: routing rules compared offline on the experts of real trained federations.
+
+    python bench/routing_lab.py --seeds 100,101 --settings dir0.1,path2   # tuning seeds (held out of the panel)
+
+For every (dataset, setting, seed): one simulation of the panel preset with the clients' state
+saved to disk, then, in this process, every client's features and every expert's logits on
+every client's local test split and the global test set, and each client's expert-training
+features (what an expert owner may consult about its own data). Every rule is then scored on
+these tensors (local and global accuracy, mean over clients), the same numbers the routed waves
+would give. The panel's seeds (0-2) are not used here: rules are chosen on held-out seeds.
+Writes bench/results/routing_lab.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchlib import base_parser, machine_info, write_result
+from panel import DATASET_SETTINGS, SETTINGS
+
+NAME = "routing_lab"
+# what the rules need: F, experts, H_0 and the baselines they are compared with (no trained gate)
+LAB_OVERRIDES = "gate=knowgate baselines=[fedavg,shared_fe_own_head,local_only,oracle_router]"
+
+
+def parse_args() -> Any:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="digits")
+    parser.add_argument("--settings", default="dir0.1,dir0.3,path2")
+    parser.add_argument("--seeds", default="100,101")
+    parser.add_argument("--overrides", default=LAB_OVERRIDES)
+    parser.add_argument("--reuse", action="store_true", help="reuse saved runs in the run folder")
+    return parser.parse_args()
+
+
+# ---------------------------------------------------------------------------- one federation
+def simulate(cfg: Any, run_dir: Path) -> None:
+    """The panel job with every virtual node's personal state saved under run_dir/state."""
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    from client_app.app import app as project_client_app
+    from server_app.app import make_server_app
+    from server_app.cli import backend_config
+
+    state_dir = str(run_dir / "state")
+
+    class WithStateDir(ClientApp):
+        def __init__(self) -> None:
+            super().__init__()
+
+        def __call__(self, message, context):  # type: ignore[override]
+            context.node_config["state-dir"] = state_dir
+            return project_client_app(message, context)
+
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=WithStateDir(),
+        num_supernodes=int(cfg.simulation.num_clients),
+        backend_config=backend_config(cfg),
+    )
+
+
+class Federation:
+    """Everything a routing rule may use, as tensors (see the module docstring)."""
+
+    def __init__(self, cfg: Any, run_dir: Path) -> None:
+        from client_app.state import read_state_file
+        from nmoe import topology
+        from nmoe.data import (
+            SEED_EXPERT_SPLIT,
+            client_seed,
+            federation_spec,
+            holdout_split,
+            labelled,
+            load_all_clients,
+        )
+        from nmoe.config import to_dict
+        from nmoe.models import build_bundle, build_expert, load_numpy
+        from nmoe.training import forward_batched
+
+        self.n = n = int(cfg.simulation.num_clients)
+        self.shared = n if cfg.expert.shared_expert else None
+        self.num_experts = n + (1 if self.shared is not None else 0)
+        clients = load_all_clients(federation_spec(cfg), n)
+        shape = tuple(clients[0].train_x.shape[1:])
+        states = [
+            read_state_file(run_dir / "state" / str(cfg.state_key) / f"partition-{i}.safetensors")
+            for i in range(n)
+        ]
+        bundle = build_bundle(cfg.model, shape, 10, int(cfg.seed))
+        load_numpy(bundle, states[0]["model/fe"], strict=False)
+        self.fe, self.head = bundle.fe, bundle.head
+        experts = []
+        for i in range(n):
+            expert = build_expert(cfg.model, 10, 0)
+            load_numpy(expert, states[i]["model/expert"])
+            experts.append(expert)
+        if self.shared is not None:
+            expert = build_expert(cfg.model, 10, 0)
+            load_numpy(expert, states[0]["model/shared_expert"])
+            experts.append(expert)
+        self.neighbours = topology.neighbour_sets(cfg.topology, n, int(cfg.seed))
+        self.holdout = float(cfg.expert.gate_holdout_fraction)
+        self.config = to_dict(cfg)
+        self.data: list[dict[str, Any]] = []
+        for i, c in enumerate(clients):
+            x, y = labelled(c)
+            seed = client_seed(int(cfg.seed), i, SEED_EXPERT_SPLIT)
+            (ex, ey), _ = holdout_split(x, y, self.holdout, seed)
+            entry: dict[str, Any] = {
+                "train_feats": forward_batched(self.fe, c.train_x),
+                "expert_feats": forward_batched(self.fe, ex),
+                "expert_y": ey,
+            }
+            for split, (sx, sy) in {
+                "test": (c.test_x, c.test_y),
+                "global": (c.global_x, c.global_y),
+            }.items():
+                feats = forward_batched(self.fe, sx)
+                entry[split] = {
+                    "feats": feats,
+                    "y": sy,
+                    "logits": torch.stack([forward_batched(e, feats) for e in experts], dim=1),
+                    "fedavg": forward_batched(self.head, feats),
+                }
+            reach = torch.zeros(self.num_experts, dtype=torch.bool)
+            reach[self.neighbours[i]] = True
+            if self.shared is not None:
+                reach[self.shared] = True
+            entry["reachable"] = reach
+            self.data.append(entry)
+        self.experts = experts
+
+
+Rule = Callable[[Federation, int, str], torch.Tensor]  # -> (B, C) probabilities
+
+
+def score(fed: Federation, rule: Rule) -> dict[str, float]:
+    out = {}
+    for split in ("test", "global"):
+        accs = []
+        for i in range(fed.n):
+            probs = rule(fed, i, split)
+            accs.append(float((probs.argmax(dim=1) == fed.data[i][split]["y"]).float().mean()))
+        out[split] = float(np.mean(accs))
+    return out
+
+
+# ---------------------------------------------------------------------------- rules
+def probs_of(fed: Federation, i: int, split: str) -> torch.Tensor:
+    return torch.softmax(fed.data[i][split]["logits"], dim=2)
+
+
+def rule_fedavg(fed: Federation, i: int, split: str) -> torch.Tensor:
+    return torch.softmax(fed.data[i][split]["fedavg"], dim=1)
+
+
+def rule_shared(fed: Federation, i: int, split: str) -> torch.Tensor:
+    return probs_of(fed, i, split)[:, fed.shared]
+
+
+def rule_own(fed: Federation, i: int, split: str) -> torch.Tensor:
+    return probs_of(fed, i, split)[:, i]
+
+
+def rule_oracle(fed: Federation, i: int, split: str) -> torch.Tensor:
+    from nmoe.pipeline import oracle_weights
+
+    d = fed.data[i][split]
+    answered = (
+        d["reachable"].expand(len(d["y"]), -1)
+        if "reachable" in d
+        else fed.data[i]["reachable"].expand(len(d["y"]), -1)
+    )
+    w = oracle_weights(d["logits"], answered, d["y"])
+    return (w.unsqueeze(-1) * probs_of(fed, i, split)).sum(dim=1)
+
+
+def rule_gate(options: dict[str, float]) -> Rule:
+    """The gate `options["method"]` (one that asks familiarity, e.g. knowgate) as the ClientApp
+    runs it: local-first, every reachable expert's familiarity with the sample, the gate's
+    `reweight`, the mixture of the experts' probabilities."""
+    from types import SimpleNamespace
+
+    from nmoe import gates
+    from nmoe.routing import combine, familiar, familiarity
+
+    gate = gates.get(str(options["method"]))
+    cfg = SimpleNamespace(**options)
+    cache: dict[tuple[int, str, float], torch.Tensor] = {}
+
+    def ratios(fed: Federation, i: int, split: str) -> torch.Tensor:
+        key = (i, split, float(cfg.know_quantile))
+        if key not in cache:
+            feats = fed.data[i][split]["feats"]
+            r = torch.full((len(feats), fed.num_experts), float("inf"))
+            for j in fed.neighbours[i]:
+                r[:, j] = familiarity(feats, fed.data[j]["expert_feats"], float(cfg.know_quantile))
+            cache[key] = r
+        return cache[key]
+
+    def rule(fed: Federation, i: int, split: str) -> torch.Tensor:
+        d = fed.data[i][split]
+        answered = fed.data[i]["reachable"].expand(len(d["y"]), -1)
+        weights = gate.reweight(ratios(fed, i, split), answered, i, fed.shared, int(cfg.k), cfg)
+        if float(cfg.local_first_quantile) > 0:
+            local = familiar(
+                d["feats"], fed.data[i]["train_feats"], float(cfg.local_first_quantile)
+            )
+            weights[local] = 0.0
+            weights[local, i] = 1.0
+        probs, _ = combine(weights, d["logits"], answered, fallback=i)
+        return probs
+
+    return rule
+
+
+KNOWGATE_DEFAULTS = {
+    "method": "knowgate",
+    "k": 2,
+    "local_first_quantile": 0.0,
+    "know_quantile": 0.7,
+    "know_own_bias": 1.5,
+    "know_temperature": 0.3,
+    "know_max_ratio": 3.0,
+}
+# the knowgate grid searched on the lab's (held-out) seeds
+KNOWGATE_GRID = {
+    "know_quantile": [0.5, 0.7, 0.9],
+    "know_own_bias": [1.0, 1.25, 1.5, 2.0],
+    "k": [1, 2, 3],
+    "know_temperature": [0.1, 0.3],
+    "local_first_quantile": [0.0, 0.5],
+}
+
+RULES: dict[str, Rule] = {
+    "fedavg": rule_fedavg,
+    "shared_expert": rule_shared,
+    "own_expert": rule_own,
+    "oracle": rule_oracle,
+    "knowgate": rule_gate(KNOWGATE_DEFAULTS),
+}
+
+
+def grid(base: dict[str, Any], axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    combos = [dict(base)]
+    for key, values in axes.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
+
+
+def main() -> None:
+    from nmoe.config import compose_config
+    from benchlib import split_overrides
+
+    args = parse_args()
+    started = machine_info()
+    run_root = args.out_dir / "runs" / NAME
+    table: dict[str, Any] = {}
+    for dataset in args.datasets.split(","):
+        for setting in args.settings.split(","):
+            if setting not in DATASET_SETTINGS[dataset]:
+                continue
+            for seed in args.seeds.split(","):
+                run_dir = run_root / dataset / setting / f"seed{seed}"
+                overrides = [
+                    f"experiment=panel_{dataset}",
+                    *SETTINGS[setting],
+                    f"seed={seed}",
+                    f"output_dir={run_dir}",
+                    "state_key=lab",
+                    "log_level=quiet",
+                    *split_overrides(args.overrides),
+                ]
+                cfg = compose_config(overrides)
+                if not (args.reuse and (run_dir / "results.json").is_file()):
+                    t0 = time.monotonic()
+                    simulate(cfg, run_dir)
+                    print(
+                        f"[lab] {dataset} {setting} seed {seed}: trained in "
+                        f"{time.monotonic() - t0:.0f}s",
+                        flush=True,
+                    )
+                fed = Federation(cfg, run_dir)
+                scores = {name: score(fed, rule) for name, rule in RULES.items()}
+                baselines = json.loads((run_dir / "results.json").read_text())
+                scores["run"] = {
+                    m: {
+                        "test": baselines["accuracy"][m]["mean"],
+                        "global": baselines["accuracy_global"][m]["mean"],
+                    }
+                    for m in baselines["accuracy"]
+                }
+                scores["grid"] = [
+                    {"options": o, **score(fed, rule_gate(o))}
+                    for o in grid(KNOWGATE_DEFAULTS, KNOWGATE_GRID)
+                ]
+                table.setdefault(f"{dataset}/{setting}", {})[seed] = scores
+                print(
+                    f"[lab] {dataset} {setting} seed {seed}: "
+                    + ", ".join(
+                        f"{k} {v['test']:.3f}/{v['global']:.3f}" for k, v in scores.items()
+                    ),
+                    flush=True,
+                )
+    write_result(args.out_dir, NAME, {"scores": table, "rules": list(RULES)}, started)
+    print(json.dumps(table, indent=1)[:2000])
+
+
+if __name__ == "__main__":
+    main()

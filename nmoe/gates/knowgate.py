@@ -1,0 +1,87 @@
+"""KnowGate: routing by expertise, measured where the expertise lives.
+
+Every reachable expert sees the sample's features and answers with its logits and its
+familiarity: the distance from the sample to its nearest own expert-training feature over its
+familiarity radius (the `know_quantile` of those features' leave-one-out nearest-neighbour
+distances), computed by the expert's owner on data that never leaves it. The requester mixes
+the `gate.k` experts most familiar with the sample (its own ratio divided by `know_own_bias`:
+its queries mostly come from where its own data does), weights softmax(-ratio / temperature).
+A sample that no reachable personal expert knows (every ratio above `know_max_ratio`) goes to
+the shared expert H_0 alone: there the answer is exactly the shared model's. Nothing is trained
+and no statistics are published; each answer reveals one familiarity ratio per row.
+Chosen on held-out seeds with bench/routing_lab.py (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import Gate, Params
+
+
+@dataclass
+class KnowGateOptions:
+    know_quantile: float = 0.7  # an expert's familiarity radius: this quantile of its NN distances
+    know_own_bias: float = 1.5  # the requester's own ratio is divided by this
+    know_temperature: float = 0.3  # softmax temperature over -ratio of the experts mixed
+    know_max_ratio: float = 3.0  # beyond this ratio for every expert: the shared expert alone
+
+
+class KnowGate(Gate):
+    name = "knowgate"
+    asks_familiarity = True
+    Options = KnowGateOptions
+
+    def validate(self, cfg: Any, used: bool, require: Any) -> None:
+        g = cfg.gate
+        require(
+            0 < g.know_quantile <= 1,
+            "gate.know_quantile",
+            f"must be in (0, 1], got {g.know_quantile}",
+        )
+        for key in ("know_own_bias", "know_temperature", "know_max_ratio"):
+            require(g[key] > 0, f"gate.{key}", f"must be > 0, got {g[key]}")
+        require(
+            not used or bool(cfg.expert.shared_expert),
+            "expert.shared_expert",
+            "knowgate falls back on the shared expert: use expert=with_shared",
+        )
+
+    def weights(
+        self,
+        params: Params,
+        feats: torch.Tensor,
+        reachable: torch.Tensor,
+        k: int,
+        model_cfg: Any,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Every reachable expert answers (the final weights come from their familiarity)."""
+        return reachable.float().expand(len(feats), -1) / reachable.sum()
+
+    def reweight(
+        self,
+        ratios: torch.Tensor,
+        answered: torch.Tensor,
+        own: int,
+        shared: int | None,
+        k: int,
+        gate_cfg: Any,
+    ) -> torch.Tensor:
+        assert shared is not None
+        r = ratios.clone()
+        r[~answered] = float("inf")
+        r[:, shared] = float("inf")  # the fallback, not a candidate
+        r[:, own] = r[:, own] / float(gate_cfg.know_own_bias)
+        top = min(k, r.shape[1])
+        values, index = (-r).topk(top, dim=1)
+        chosen = torch.softmax(values / float(gate_cfg.know_temperature), dim=1)
+        chosen = torch.nan_to_num(chosen.masked_fill(values == float("-inf"), 0.0))
+        weights = torch.zeros_like(r).scatter(1, index, chosen)
+        nobody = r.min(dim=1).values > float(gate_cfg.know_max_ratio)
+        weights[nobody] = 0.0
+        weights[nobody, shared] = 1.0
+        return weights
