@@ -8,6 +8,7 @@ reason; the node keeps serving, and a request that fails changes nothing persist
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from functools import partial, wraps
 from logging import WARNING
@@ -43,6 +44,7 @@ from nmoe.training import (
 )
 from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import WireMessage
+from nmoe_protocol.sealing import WAVE_FEATURES, WAVE_LOGITS, public_key_bytes
 
 from .node import (
     EXPERT_GROUP,
@@ -55,6 +57,7 @@ from .node import (
     gate_group,
     open_node,
 )
+from .policy import PolicyError
 
 PENDING_PREFIX = "scratch/pending."
 CORRELATION_KEY = "corr"
@@ -108,6 +111,7 @@ def setup(node: Node, request: wire.SetupRequest) -> wire.NodeInfo:
         image_shape=list(node.image_shape),
         num_classes=node.num_classes,
         holds=node.state.holds(),
+        public_key=public_key_bytes(node.key),
         data_source=node.data_source,
     )
 
@@ -184,6 +188,9 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
 @handles(wire.InstallRequest)
 def install(node: Node, request: wire.InstallRequest) -> wire.Installed:
     """Install a part the server holds; only keys of that part's shared keys are accepted."""
+    if request.part == "peer_keys":
+        node.pin(request.params)
+        return wire.Installed(keys=len(request.params))
     if request.part in ("fe", "fedavg"):
         node.bundle(request.params, str(node.cfg.fe.method) if request.part == "fe" else "fedce")
         node.state.put(FE_GROUP if request.part == "fe" else FEDAVG_GROUP, request.params)
@@ -388,6 +395,37 @@ def evaluate(node: Node, request: wire.EvaluateRequest) -> wire.Accuracies:
 
 
 # ---------------------------------------------------------------------------- peer inference
+def opened_logits(
+    node: Node, request: wire.CombineRequest, with_familiarity: bool
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The experts' sealed answers opened: logits and (last column) familiarity ratios; an
+    answer that fails authentication is dropped with a log line."""
+    logits, familiarity = {}, {}
+    limit = int(node.cfg.max_query_batch)
+    for e, blob in request.logits.items():
+        try:
+            value = node.open(e, blob, request.query_id, WAVE_LOGITS, limit)
+        except ValueError as err:
+            log(WARNING, "query.combine: answer of expert %d refused: %s", e, err)
+            continue
+        if with_familiarity and value.ndim == 2 and value.shape[1] >= 2:
+            value, familiarity[e] = value[:, :-1], value[:, -1].copy()
+        logits[e] = np.ascontiguousarray(value)
+    return logits, familiarity
+
+
+def pending_queries(node: Node) -> list[str]:
+    """The routed queries waiting for their combine wave, after dropping the expired ones."""
+    now, waiting = time.time(), []
+    for name in [n for n in node.state.state.array_records if n.startswith(PENDING_PREFIX)]:
+        created = float(node.state.get(name)["created"][0])
+        if now - created > node.policy.pending_ttl_s:
+            node.state.drop(name)
+        else:
+            waiting.append(name)
+    return waiting
+
+
 def check_features(value: np.ndarray, feature_dim: int, max_rows: int, name: str) -> torch.Tensor:
     """Validate a feature batch received from a peer."""
     if value.dtype != np.float32:
@@ -408,6 +446,14 @@ def route(node: Node, request: wire.RouteRequest) -> wire.RouteReply:
     """Wave 1: features and routing weights for every split the query names (one concatenated
     batch); one feature batch per remote expert."""
     k = int(node.cfg.gate.k)
+    for split in ["gate"] if request.mode == "cache" else request.splits:
+        node.policy.share(split)
+    waiting = pending_queries(node)
+    if len(waiting) >= node.policy.max_pending:
+        raise PolicyError(
+            f"{len(waiting)} routed queries are waiting for their combine wave "
+            f"(node config max-pending={node.policy.max_pending})"
+        )
     parts = [node.split(name) for name in request.splits]
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     reachable = node.reachable(request.neighbours)
@@ -420,37 +466,61 @@ def route(node: Node, request: wire.RouteRequest) -> wire.RouteReply:
         gate = gates.get(request.gate)
         params = node.state.get(gate_group(gate.name)) if gate.trainable else {}
         weights = gate.weights(params, feats, reachable, k, node.cfg.model, generator)
-    quantile = float(node.cfg.gate.local_first_quantile) if request.mode == "infer" else 0.0
+    configured = float(node.cfg.gate.local_first_quantile) if request.mode == "infer" else 0.0
+    quantile = node.policy.local_first(configured) if request.mode == "infer" else 0.0
     own_feats = forward_batched(fe, node.data.train_x) if quantile > 0 else None
     plan = plan_query(feats, weights, node.local_experts(), node.pid, own_feats, quantile)
     own_ratio = None
     if request.mode == "infer" and gates.get(request.gate).asks_familiarity:
         own_ratio = node.familiarity(fe, feats)
     pending = PendingQuery(
-        plan, y, [len(p[1]) for p in parts], request.mode, request.gate, own_ratio
+        plan, y, [len(p[1]) for p in parts], request.mode, request.gate, own_ratio, time.time()
     )
     node.state.put(PENDING_PREFIX + request.query_id, pending.to_arrays())
-    sent = outgoing_features(plan, feats, float(node.cfg.feature_noise_std), generator)
-    return wire.RouteReply(features={e: v.numpy() for e, v in sent.items()}, num_examples=len(y))
+    noise = node.policy.feature_noise(float(node.cfg.feature_noise_std))
+    sent = {e: v.numpy() for e, v in outgoing_features(plan, feats, noise, generator).items()}
+    if node.cfg.seal_payloads:
+        sent = {e: node.seal(e, v, request.query_id, WAVE_FEATURES) for e, v in sent.items()}
+    return wire.RouteReply(features=sent, num_examples=len(y))
 
 
 @handles(wire.ExpertQuery)
 def expert_answer(node: Node, request: wire.ExpertQuery) -> wire.ExpertAnswer:
-    """Wave 2: this node's personal expert on every feature batch addressed to it."""
+    """Wave 2: this node's personal expert on every feature batch addressed to it (sealed
+    payloads opened and answered sealed; a bad batch fails alone, the others are answered)."""
     dim, limit = int(node.cfg.model.feature_dim), int(node.cfg.max_query_batch)
-    checked = {
-        pid: check_features(v, dim, limit, f"batch from {pid}")
-        for pid, v in request.batches.items()
-    }
-    logits = answer(node.expert(), checked)
+    checked, refused = {}, []
+    for pid, value in request.batches.items():
+        try:
+            if node.cfg.seal_payloads:
+                value = node.open(pid, value, request.query_id, WAVE_FEATURES, limit)
+            elif node.policy.require_sealing:
+                raise PolicyError("an unsealed feature batch (node config require-sealing=true)")
+            checked[pid] = check_features(value, dim, limit, f"batch from {pid}")
+        except ValueError as err:  # SealError and PolicyError are ValueErrors
+            refused.append(f"batch from {pid}: {err}")
+            log(WARNING, "query.expert: %s", refused[-1])
+    if not checked:
+        raise ValueError(f"no valid feature batch: {'; '.join(refused)}")
+    node.policy.rows(sum(len(v) for v in checked.values()))
+    logits = {pid: v.numpy() for pid, v in answer(node.expert(), checked).items()}
     familiarity = None
     if request.with_familiarity:
         fe = node.extractor()
         familiarity = {pid: node.familiarity(fe, v).numpy() for pid, v in checked.items()}
+    if node.cfg.seal_payloads:  # the familiarity column travels sealed with the logits
+        logits = {
+            pid: node.seal(
+                pid,
+                v if familiarity is None else np.column_stack([v, familiarity[pid]]),
+                request.query_id,
+                WAVE_LOGITS,
+            )
+            for pid, v in logits.items()
+        }
+        familiarity = None
     return wire.ExpertAnswer(
-        logits={pid: v.numpy() for pid, v in logits.items()},
-        num_examples=sum(len(v) for v in checked.values()),
-        familiarity=familiarity,
+        logits=logits, num_examples=sum(len(v) for v in checked.values()), familiarity=familiarity
     )
 
 
@@ -460,11 +530,24 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
     answer), or keep them as the gate-training cache. Reports per split of the query."""
     name = PENDING_PREFIX + request.query_id
     pending = PendingQuery.from_arrays(node.state.get(name))
+    asks = pending.mode == "infer" and gates.get(pending.gate).asks_familiarity
+    returned, familiarity = request.logits, dict(request.familiarity or {})
+    if node.cfg.seal_payloads:
+        returned, familiarity = opened_logits(node, request, asks)
     remote = {}
-    for e, value in request.logits.items():
-        if not np.isfinite(value).all():
-            raise ValueError(f"logits of expert {e}: non-finite values")
-        remote[e] = torch.from_numpy(np.array(value, dtype=np.float32))
+    for e, value in returned.items():  # an expert whose answer is malformed is dropped
+        index = pending.plan.remote_index.get(e)
+        expected = None if index is None else (len(index), node.num_classes)
+        if value.shape != expected or value.dtype != np.float32 or not np.isfinite(value).all():
+            log(
+                WARNING,
+                "query.combine: logits of expert %d dropped (%s%s)",
+                e,
+                value.dtype,
+                list(value.shape),
+            )
+            continue
+        remote[e] = torch.from_numpy(np.array(value))
     if pending.mode == "cache":
         logits, answered = assemble(pending.plan, remote, node.num_classes)
         node.state.drop(name)
@@ -480,7 +563,7 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
             experts_cached=int(answered.all(dim=0).sum()),
         )
     reweight, ratios = None, {}
-    if pending.mode == "infer" and gates.get(pending.gate).asks_familiarity:
+    if asks:
         gate, gate_cfg = gates.get(pending.gate), node.cfg.gate
         reweight = partial(
             gate.reweight,
@@ -489,8 +572,8 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
             k=int(gate_cfg.k),
             gate_cfg=gate_cfg,
         )
-        for e, value in (request.familiarity or {}).items():
-            if e in remote and np.isnan(value).sum() == 0:  # inf means: not familiar at all
+        for e, value in familiarity.items():
+            if e in remote and not np.isnan(value).any():  # inf means: not familiar at all
                 ratios[e] = torch.from_numpy(np.array(value, dtype=np.float32))
     reports = finish_query(pending, remote, node.num_classes, node.pid, ratios, reweight)
     node.state.drop(name)
@@ -502,6 +585,6 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
         route_counts=[c for r in reports for c in r.route_counts],
         num_experts=node.num_experts,
         predictions=[p for r in reports for p in r.predictions]
-        if request.return_predictions
+        if request.return_predictions and node.policy.share_predictions
         else None,
     )

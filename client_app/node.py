@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.app import Array, ArrayRecord, Context
 from omegaconf import DictConfig, OmegaConf
 
 from nmoe import gates
@@ -30,7 +31,16 @@ from nmoe.models import ExtractorBundle, build_bundle, build_expert, load_numpy,
 from nmoe.routing import familiarity
 from nmoe.training import forward_batched
 from nmoe_protocol import messages as wire
+from nmoe_protocol.sealing import (
+    KeyPins,
+    generate_keypair,
+    load_or_create_keypair,
+    open_sealed,
+    payload_aad,
+    seal,
+)
 
+from .policy import NodePolicy
 from .state import PersonalState
 
 DATA_CACHE_DIR = (
@@ -43,6 +53,7 @@ SHARED_EXPERT_GROUP, OWN_HEAD_GROUP, FEDAVG_GROUP = (
     "model/fedavg",
 )
 GATE_CACHE = "scratch/cache"
+PRIVATE_KEY_GROUP, PINS_GROUP = "keys/private", "keys/pins"
 gate_group = wire.gate_state
 
 
@@ -62,6 +73,7 @@ class Node:
     state: PersonalState
     data: ClientData
     num_classes: int
+    policy: NodePolicy
     data_source: (
         str  # "partition" (a slice of the configured dataset) or "data-dir" (the device's own)
     )
@@ -135,6 +147,49 @@ class Node:
         x, _ = self.split("expert")
         return familiarity(feats, forward_batched(fe, x), float(self.cfg.gate.know_quantile))
 
+    # --- sealing ---------------------------------------------------------------------
+    @cached_property
+    def key(self) -> X25519PrivateKey:
+        """This node's private key, read once per message."""
+        return self.private_key()
+
+    def private_key(self) -> X25519PrivateKey:
+        """This node's X25519 key: a 0600 file in its state-dir, else (a simulated node
+        without one) kept in its context state for the run."""
+        if self.state.state_dir is not None:
+            return load_or_create_keypair(self.state.state_dir)[0]
+        if not self.state.has(PRIVATE_KEY_GROUP):
+            private, _ = generate_keypair()
+            raw = np.frombuffer(private.private_bytes_raw(), np.uint8).copy()
+            self.state.state[PRIVATE_KEY_GROUP] = ArrayRecord({"x25519": Array(raw)})
+        raw = bytes(self.state.get(PRIVATE_KEY_GROUP)["x25519"])
+        return X25519PrivateKey.from_private_bytes(raw)
+
+    def pins(self) -> KeyPins:
+        """The peers' public keys, pinned for the run (`train.install part=peer_keys`)."""
+        if not self.state.has(PINS_GROUP):
+            return KeyPins()
+        return KeyPins({int(k): bytes(v) for k, v in self.state.get(PINS_GROUP).items()})
+
+    def pin(self, keys: dict[str, np.ndarray]) -> None:
+        pins = self.pins()
+        for pid, key in keys.items():
+            if not pid.isdigit() or not 0 <= int(pid) < self.num_partitions:
+                raise ValueError(f"a public key for partition {pid!r}, outside the federation")
+            pins.pin(int(pid), bytes(np.asarray(key, np.uint8)))
+        arrays = {k: np.frombuffer(v, np.uint8).copy() for k, v in pins.to_dict().items()}
+        self.state.state[PINS_GROUP] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+    def seal(self, peer: int, array: np.ndarray, query: str, wave: str) -> np.ndarray:
+        """`array` sealed for `peer` (sender: this node), bound to the query and the wave."""
+        aad = payload_aad(query, wave, self.pid, peer)
+        return seal(array, self.key, self.pins()[peer], aad)
+
+    def open(self, peer: int, blob: np.ndarray, query: str, wave: str, max_rows: int) -> np.ndarray:
+        """A payload `peer` sealed for this node (authenticated; `SealError` otherwise)."""
+        aad = payload_aad(query, wave, peer, self.pid)
+        return open_sealed(blob, self.key, self.pins()[peer], aad, max_rows=max_rows)
+
     def gate_params(self, name: str) -> dict[str, np.ndarray]:
         """The gate's parameters on this node (its initial ones before any training)."""
         group = gate_group(name)
@@ -195,22 +250,25 @@ class Node:
 
 
 def open_node(context: Context, config_json: str | None = None) -> Node:
-    """This client for the current message: its run config (set now if `config_json` is given,
-    else the one kept since `query.setup`), personal state and data."""
+    """This client for the current message: its owner's policy, its run config (set now if
+    `config_json` is given, after the policy admits it, else the one kept since `query.setup`),
+    personal state and data."""
+    policy = NodePolicy.from_node_config(dict(context.node_config))
     state = PersonalState(context)
     if config_json is not None:
-        parsed_config(config_json)  # validate before keeping it
+        policy.admit(parsed_config(config_json))  # validated against the schema and the policy
         state.set_config(config_json)
     cfg = parsed_config(state.config_json())
-    if int(cfg.torch_threads) > 0:
-        torch.set_num_threads(int(cfg.torch_threads))
+    threads = policy.threads(int(cfg.torch_threads))
+    if threads > 0:
+        torch.set_num_threads(threads)
     data_dir = context.node_config.get("data-dir")
     if data_dir:
-        return Node(cfg, state, *device_data(str(data_dir), cfg), "data-dir")
+        return Node(cfg, state, *device_data(str(data_dir), cfg), policy, "data-dir")
     cache = state.state_dir / DATA_CACHE_DIR if state.state_dir is not None else None
     spec = federation_spec(cfg)
     data, classes = load_client_data(spec, state.partition_id, state.num_partitions, cache)
-    return Node(cfg, state, data, classes, "partition")
+    return Node(cfg, state, data, classes, policy, "partition")
 
 
 def device_data(data_dir: str, cfg: DictConfig) -> tuple[ClientData, int]:

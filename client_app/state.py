@@ -10,17 +10,23 @@ a restarted SuperNode reads it back. Safetensors holds tensors only (no pickled 
 from __future__ import annotations
 
 import json
+import time
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.common import log
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nmoe.atomic import write_atomic
+from nmoe.config import STATE_KEY_PATTERN
 
 CONFIG_KEY = "nmoe-config"
+OWNER_KEY = "owner"  # state file metadata: the node (partition, federation size) it belongs to
 PERSISTED_PREFIXES = ("model/",)  # scratch entries (caches, pending queries) stay in memory
 SEP = "::"
 SETUP_DIR = "setup"
@@ -85,6 +91,9 @@ class PersonalState:
         return {k: v.numpy() for k, v in self.state[name].items()}
 
     def put(self, name: str, arrays: dict[str, Any]) -> None:
+        """Keep a group; a persisted group with any non-finite value is refused."""
+        if name.startswith(PERSISTED_PREFIXES):
+            check_finite(name, {k: _to_numpy(v) for k, v in arrays.items()})
         self.state[name] = ArrayRecord(
             {k: Array(np.ascontiguousarray(_to_numpy(v))) for k, v in arrays.items()}
         )
@@ -95,14 +104,22 @@ class PersonalState:
 
     # --- disk ---------------------------------------------------------------------
     def run_key(self) -> str:
-        """Folder name that separates runs: the config's `state_key` or the Flower run id."""
-        cfg = json.loads(self.config_json())
-        return str(cfg.get("state_key") or f"run-{self.context.run_id}")
+        """Folder name that separates runs: the config's `state_key` (one safe name, checked
+        again here) or the Flower run id."""
+        key = str(json.loads(self.config_json()).get("state_key") or f"run-{self.context.run_id}")
+        if not STATE_KEY_PATTERN.match(key):
+            raise ValueError(f"state_key {key!r} is not one safe name")
+        return key
 
     def file_path(self) -> Path | None:
+        """`<state-dir>/<run key>/partition-<id>.safetensors`, always inside the state-dir."""
         if self.state_dir is None or not self.has_config():
             return None
-        return self.state_dir / self.run_key() / f"partition-{self.partition_id}.safetensors"
+        root = self.state_dir.resolve()
+        path = (root / self.run_key() / f"partition-{self.partition_id}.safetensors").resolve()
+        if path.parent.parent != root:
+            raise ValueError(f"state file {path} would lie outside the state-dir {root}")
+        return path
 
     def persist(self) -> Path | None:
         """Write every persisted group atomically (temp file, fsync, rename)."""
@@ -115,13 +132,32 @@ class PersonalState:
             if name.startswith(PERSISTED_PREFIXES)
             for key, arr in record.items()
         }
-        write_atomic(
-            path, lambda tmp: save_file(tensors, tmp, metadata={"config": self.config_json()})
-        )
+        metadata = {"config": self.config_json(), OWNER_KEY: self.owner()}
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         return path
 
+    def owner(self) -> str:
+        """Which node of which federation a state file belongs to."""
+        return f"partition-{self.partition_id}-of-{self.num_partitions}"
+
     def load_file(self, path: Path) -> None:
-        for name, arrays in read_state_file(path).items():
+        """Read a saved state file back; one that is not this node's, not safetensors, or holds
+        anything non-finite is set aside (renamed `*.refused-<time>`) with a log line, and the
+        node goes on without it."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                owner = (handle.metadata() or {}).get(OWNER_KEY)
+            if owner != self.owner():
+                raise ValueError(f"it belongs to {owner!r}, not {self.owner()!r}")
+            groups = read_state_file(path)
+            for name, arrays in groups.items():
+                check_finite(name, arrays)
+        except (OSError, ValueError, SafetensorError) as err:
+            aside = path.with_name(f"{path.name}.refused-{int(time.time())}")
+            path.rename(aside)
+            log(WARNING, "state file %s refused (%s); set aside as %s", path, err, aside.name)
+            return
+        for name, arrays in groups.items():
             self.put(name, arrays)
 
 
@@ -132,6 +168,13 @@ def read_state_file(path: Path) -> dict[str, dict[str, np.ndarray]]:
         name, key = full_key.split(SEP, 1)
         groups.setdefault(name, {})[key] = tensor.numpy()
     return groups
+
+
+def check_finite(name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Nothing non-finite is ever kept: NaN/Inf in a model group is an error."""
+    for key, value in arrays.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise ValueError(f"non-finite values (NaN/Inf) in '{name}' '{key}': not kept")
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -7,6 +7,7 @@ Both entry points (the ServerApp under `flwr run` and the Hydra CLI) call
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ MODEL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized", 
 BASELINES = MODEL_BASELINES + gates.names()
 LOG_LEVELS = ("quiet", "info", "verbose")
 MODES = ("train", "inference")
+AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 
 
 class ConfigError(ValueError):
@@ -188,6 +190,9 @@ class NMoEConfig:
     max_query_batch: int = 100_000  # clients refuse larger feature batches
     torch_threads: int = 1  # torch threads per process, clients and server (0 = torch default)
     min_reply_fraction: float = 0.5  # a round counts if at least this fraction replied
+    seal_payloads: bool = True  # peer features and logits end-to-end encrypted (relay sees sizes)
+    aggregation: str = "fedavg"  # fedavg | median | trimmed_mean (Flower's robust aggregators)
+    aggregation_trim: float = 0.2  # trimmed_mean: the fraction cut at each end
     round_retries: int = 1  # retries of a round that got too few replies
     audit_messages: bool = False  # describe every message crossing the grid in messages.jsonl
     state_key: Optional[str] = None  # folder name of the clients' saved state (default: run id)
@@ -227,6 +232,18 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.topology.kind, "topology.kind", TOPOLOGIES)
     _choice(cfg.log_level, "log_level", LOG_LEVELS)
     _choice(cfg.mode, "mode", MODES)
+    _choice(cfg.aggregation, "aggregation", AGGREGATIONS)
+    _require(
+        0 <= cfg.aggregation_trim < 0.5,
+        "aggregation_trim",
+        f"must be in [0, 0.5), got {cfg.aggregation_trim}",
+    )
+    _require(
+        cfg.state_key is None or bool(STATE_KEY_PATTERN.match(str(cfg.state_key))),
+        "state_key",
+        "must be one name of at most 64 letters, digits, '.', '_' or '-' (not starting with "
+        f"'.', '_' or '-'), got {cfg.state_key!r}",
+    )
     _require(
         cfg.mode != "inference" or bool(cfg.state_key),
         "state_key",
@@ -322,8 +339,28 @@ def validate(cfg: DictConfig) -> None:
     )
 
 
+INTERPOLATION = "${"
+STATE_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def refuse_interpolation(raw: Any, path: str = "") -> None:
+    """Refuse `${...}` anywhere in a config: an interpolation would be resolved on the machine
+    that reads it (its environment variables, its files), not where the config was written."""
+    if isinstance(raw, DictConfig) or OmegaConf.is_config(raw):
+        raw = OmegaConf.to_container(raw, resolve=False)
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            refuse_interpolation(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            refuse_interpolation(value, f"{path}[{i}]")
+    elif isinstance(raw, str) and INTERPOLATION in raw:
+        raise ConfigError(f"config key '{path}': interpolations ('${{...}}') are refused")
+
+
 def to_structured(raw: DictConfig | dict[str, Any]) -> DictConfig:
-    """Merge a raw config into the typed schema, then validate it."""
+    """Merge a raw config into the typed schema, then validate it (interpolations refused)."""
+    refuse_interpolation(raw)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(NMoEConfig), raw)
     except OmegaConfBaseException as err:
@@ -356,6 +393,10 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    for override in overrides or []:
+        if INTERPOLATION in override:
+            key = override.split("=", 1)[0]
+            raise ConfigError(f"config key '{key}': interpolations ('${{...}}') are refused")
     register_schema()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

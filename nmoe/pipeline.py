@@ -42,9 +42,11 @@ class PendingQuery:
     mode: str
     gate: str = ""
     own_ratio: torch.Tensor | None = None
+    created: float = 0.0  # wall-clock time of wave 1 (a node expires queries never combined)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {
+            "created": np.array([self.created], np.float64),
             "weights": self.plan.weights.numpy(),
             "labels": self.labels.numpy(),
             "segments": np.asarray(self.segments, np.int64),
@@ -75,6 +77,7 @@ class PendingQuery:
             bytes(arrays["mode"]).decode(),
             bytes(arrays["gate"]).decode(),
             own_ratio,
+            float(arrays["created"][0]),
         )
 
 

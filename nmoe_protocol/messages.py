@@ -52,7 +52,7 @@ EXPERT = "query.expert"
 COMBINE = "query.combine"
 
 # Values some fields may take
-INSTALL_PARTS = ("fe", "shared_expert", "gate", "fedavg")
+INSTALL_PARTS = ("fe", "shared_expert", "gate", "fedavg", "peer_keys")
 EXPERT_INITS = ("scratch", "shared")
 SCHEDULES = ("fe", "fedavg")
 QUERY_MODES = ("infer", "cache", "oracle")  # oracle: every reachable expert, best one per label
@@ -101,6 +101,7 @@ class NodeInfo(WireMessage):
     image_shape: list[int]
     num_classes: int
     holds: list[str]  # personal state groups this node holds for the run's state key
+    public_key: bytes  # X25519, for payloads sealed to this node (pinned by its peers)
     data_source: str  # "partition" of the configured dataset (simulation) or its own "data-dir"
 
     def check(self) -> None:
@@ -153,7 +154,8 @@ class ExtractorReply(TrainReply):
 @dataclasses.dataclass(frozen=True)
 class InstallRequest(WireMessage):
     """Install a shared part the server holds: F (`fe`), the shared expert, a gate's shared
-    keys (`gate` names the gate), or the separately trained FedAvg model (`fedavg`)."""
+    keys (`gate` names the gate), the separately trained FedAvg model (`fedavg`), or the peers'
+    public keys (`peer_keys`: partition id -> 32 bytes, pinned for the run)."""
 
     TYPE: ClassVar[str] = INSTALL
     part: str

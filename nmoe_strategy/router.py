@@ -76,7 +76,10 @@ class NodeDirectory:
     def to_dict(self) -> dict[str, Any]:
         return {
             "node_of": {str(k): v for k, v in self.node_of.items()},
-            "info": {str(k): vars(v) for k, v in self.info.items()},
+            "info": {
+                str(k): {f: (v.hex() if isinstance(v, bytes) else v) for f, v in vars(i).items()}
+                for k, i in self.info.items()
+            },
             "num_partitions": self.num_partitions,
         }
 
@@ -160,7 +163,8 @@ class QueryOutcome:
 
 
 class Router:
-    """Runs the three inference waves for a set of requesters."""
+    """Runs the three inference waves for a set of requesters. With `sealed` payloads the
+    relay sees only ciphertext: it checks that each is a non-empty byte blob and passes it on."""
 
     def __init__(
         self,
@@ -169,12 +173,14 @@ class Router:
         timeout: float,
         feature_dim: int,
         num_classes: int,
+        sealed: bool = False,
     ) -> None:
         self.grid = grid
         self.directory = directory
         self.timeout = timeout
         self.feature_dim = feature_dim
         self.num_classes = num_classes
+        self.sealed = sealed
 
     def _wave(
         self, requests: dict[int, WireMessage], reply_type: type[WireMessage], wave: str
@@ -229,9 +235,12 @@ class Router:
         for e, answer in answers.items():
             for pid, batch in outbox[e].items():
                 value = answer.logits.get(pid)
-                if value is None or value.shape != (len(batch), self.num_classes):
+                expected = (len(batch), self.num_classes)
+                if value is None or not (
+                    self._is_blob(value) if self.sealed else value.shape == expected
+                ):
                     log(WARNING, "expert %d: no or misshapen logits for requester %d", e, pid)
-                elif not np.isfinite(value).all():
+                elif not self.sealed and not np.isfinite(value).all():
                     log(WARNING, "expert %d: non-finite logits for requester %d", e, pid)
                 else:
                     returned[pid][e] = value
@@ -252,10 +261,18 @@ class Router:
         failed_requesters.update(failed_combine)
         return QueryOutcome(reports, sorted(failed_experts), sorted(failed_requesters))
 
+    @staticmethod
+    def _is_blob(value: np.ndarray) -> bool:
+        return value.dtype == np.uint8 and value.ndim == 1 and len(value) > 0
+
     def _check_features(self, features: dict[int, np.ndarray]) -> str | None:
         for e, batch in features.items():
             if e >= self.directory.num_partitions:
                 return f"features addressed to expert {e}, which no node holds"
+            if self.sealed:
+                if not self._is_blob(batch):
+                    return f"payload for expert {e} is not a sealed blob"
+                continue
             if batch.dtype != np.float32 or batch.ndim != 2 or batch.shape[1] != self.feature_dim:
                 return f"batch for expert {e} is {batch.dtype}{list(batch.shape)}"
             if len(batch) == 0 or not np.isfinite(batch).all():

@@ -20,12 +20,12 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
+from nmoe.config import AGGREGATIONS
 from nmoe_protocol.messages import TrainReply
 
 PARAMS = "params"
 METRICS = "metrics"
 NUM_EXAMPLES = "num_examples"
-AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 
 
 def flower_strategy(aggregation: str, trim_fraction: float = 0.2) -> Strategy:

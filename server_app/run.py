@@ -12,6 +12,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common import log
 from omegaconf import DictConfig
@@ -20,6 +21,7 @@ from nmoe import topology
 from nmoe.config import to_dict
 from nmoe.datasets import dataset_info
 from nmoe.results import Results
+from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import WireMessage
 from nmoe_strategy.comm import CommLedger, CountingGrid
 from nmoe_strategy.router import NodeDirectory, Router, decode, discover, exchange
@@ -233,7 +235,8 @@ def open_run(grid: Any, cfg: DictConfig, output_dir: Path) -> Run:
                 f"config key 'gate.k': k={cfg.gate.k} exceeds client {pid}'s neighbourhood "
                 f"({len(nb)} experts)"
             )
-    strategy = SharedKeyStrategy(flower_strategy("fedavg"), float(cfg.min_reply_fraction))
+    inner = flower_strategy(str(cfg.aggregation), float(cfg.aggregation_trim))
+    strategy = SharedKeyStrategy(inner, float(cfg.min_reply_fraction))
     saved = Checkpoint()
     if cfg.resume:
         saved = checkpoint.load(str(cfg.resume))
@@ -246,7 +249,21 @@ def open_run(grid: Any, cfg: DictConfig, output_dir: Path) -> Run:
             saved.completed,
             saved.in_progress,
         )
-    router = Router(counting, directory, timeout, int(cfg.model.feature_dim), num_classes)
+    sealed = bool(cfg.seal_payloads)
+    if sealed:  # every node pins every peer's public key for the run
+        keys = {
+            str(pid): np.frombuffer(info.public_key, np.uint8).copy()
+            for pid, info in directory.info.items()
+        }
+        request = wire.InstallRequest(part="peer_keys", params=keys)
+        replies = exchange(
+            counting, {pid: request for pid in directory.node_of}, directory.node_of, timeout
+        )
+        for pid in list(directory.node_of):
+            if decode(replies.get(pid), wire.Installed)[0] is None:
+                log(WARNING, "node of partition %d did not pin its peers' keys: left out", pid)
+                directory.remove(pid)
+    router = Router(counting, directory, timeout, int(cfg.model.feature_dim), num_classes, sealed)
     return Run(
         cfg,
         counting,

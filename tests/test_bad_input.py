@@ -366,7 +366,7 @@ def test_personal_expert_starts_from_the_shared_expert(tmp_path: Path, task_iden
     from nmoe.models import build_expert
 
     live = LiveNode(
-        tmp_path, ["expert=with_shared", "expert.init_from_shared=true", "expert.lr=1e-12"]
+        tmp_path, ["expert=with_shared", "expert.init_from_shared=true", "expert.lr=1e-6"]
     )
     for request in (
         wire.SetupRequest(config_json=live.cfg_json),
@@ -382,4 +382,4 @@ def test_personal_expert_starts_from_the_shared_expert(tmp_path: Path, task_iden
     personal = {k: v.numpy() for k, v in live.context.state["model/expert"].items()}
     assert personal.keys() == shared.keys()
     for key, value in shared.items():
-        np.testing.assert_allclose(personal[key], value, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(personal[key], value, atol=1e-3, err_msg=key)
