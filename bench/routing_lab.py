@@ -307,7 +307,7 @@ def main() -> None:
                 print(
                     f"[lab] {dataset} {setting} seed {seed}: "
                     + ", ".join(
-                        f"{k} {v['test']:.3f}/{v['global']:.3f}" for k, v in scores.items()
+                        f"{k} {scores[k]['test']:.3f}/{scores[k]['global']:.3f}" for k in RULES
                     ),
                     flush=True,
                 )

@@ -109,12 +109,14 @@ def test_no_expert_or_raw_input_crosses_the_grid(finished_run) -> None:
             assert shape[-2:] != [8, 8], f"image-shaped array {key} in {row['type']}"
             if row["direction"] == "up" and row["type"] != "train.shared_expert":
                 assert name not in expert_keys, f"expert key {key} sent up in {row['type']}"
-            if row["type"] == "query.route" and row["direction"] == "up":
-                assert (
-                    record == "features" and shape[1] == feature_dim and meta["dtype"] == "float32"
-                )
-            if row["type"] == "query.expert":
-                assert shape[1] == (feature_dim if row["direction"] == "down" else num_classes)
+            if row["type"] in ("query.route", "query.expert", "query.combine"):
+                # peer payloads are sealed end to end: the relay sees byte blobs, no feature or
+                # logit array in the clear (a sealed (n, d) float32 array is 4 n d + 84 bytes)
+                assert meta["dtype"] == "uint8" and len(shape) == 1, f"plaintext {key} in {row}"
+                if row["type"] == "query.route":
+                    assert record == "features" and (shape[0] - 84) % (4 * feature_dim) == 0
+                if row["type"] == "query.expert" and row["direction"] == "up":
+                    assert record == "logits" and (shape[0] - 84) % (4 * num_classes) == 0
             if row["type"] == "train.gate" and row["direction"] == "up":
                 assert name.startswith("trunk."), f"personal gate key {key} sent to the server"
     ups = [r for r in rows if r["direction"] == "up"]
