@@ -455,6 +455,7 @@ def route(node: Node, request: wire.RouteRequest) -> wire.RouteReply:
             f"(node config max-pending={node.policy.max_pending})"
         )
     parts = [node.split(name) for name in request.splits]
+    node.policy.rows(sum(len(p[1]) for p in parts))
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     reachable = node.reachable(request.neighbours)
     fe = node.extractor()

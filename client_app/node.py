@@ -251,24 +251,26 @@ class Node:
 
 def open_node(context: Context, config_json: str | None = None) -> Node:
     """This client for the current message: its owner's policy, its run config (set now if
-    `config_json` is given, after the policy admits it, else the one kept since `query.setup`),
-    personal state and data."""
+    `config_json` is given and both the policy and the node's data admit it, else the one kept
+    since `query.setup`), personal state and data. A refused config changes nothing."""
     policy = NodePolicy.from_node_config(dict(context.node_config))
     state = PersonalState(context)
+    cfg = parsed_config(config_json if config_json is not None else state.config_json())
     if config_json is not None:
-        policy.admit(parsed_config(config_json))  # validated against the schema and the policy
-        state.set_config(config_json)
-    cfg = parsed_config(state.config_json())
+        policy.admit(cfg)
     threads = policy.threads(int(cfg.torch_threads))
     if threads > 0:
         torch.set_num_threads(threads)
     data_dir = context.node_config.get("data-dir")
     if data_dir:
-        return Node(cfg, state, *device_data(str(data_dir), cfg), policy, "data-dir")
-    cache = state.state_dir / DATA_CACHE_DIR if state.state_dir is not None else None
-    spec = federation_spec(cfg)
-    data, classes = load_client_data(spec, state.partition_id, state.num_partitions, cache)
-    return Node(cfg, state, data, classes, policy, "partition")
+        data, classes = device_data(str(data_dir), cfg)
+    else:
+        cache = state.state_dir / DATA_CACHE_DIR if state.state_dir is not None else None
+        spec = federation_spec(cfg)
+        data, classes = load_client_data(spec, state.partition_id, state.num_partitions, cache)
+    if config_json is not None:
+        state.set_config(config_json)
+    return Node(cfg, state, data, classes, policy, "data-dir" if data_dir else "partition")
 
 
 def device_data(data_dir: str, cfg: DictConfig) -> tuple[ClientData, int]:

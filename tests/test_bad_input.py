@@ -3,24 +3,22 @@ serving and its state (in memory and on disk) is unchanged."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
-from client_app.app import app as client_app
-from nmoe.config import compose_config, to_dict
-from nmoe.models import build_bundle, stage1_keys, state_numpy
+from nmoe.models import build_bundle, state_numpy
 from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import WireMessage
 
-NUM_PARTITIONS = 3
+from . import live
+
+NUM_PARTITIONS = live.NUM_PARTITIONS
 MAX_BATCH = 50
-FEATURE_DIM = 64
+FEATURE_DIM = live.FEATURE_DIM
 
 
 @pytest.fixture(autouse=True)
@@ -31,65 +29,19 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-class LiveNode:
-    """A real ClientApp with its Context, answering messages in-process."""
+class LiveNode(live.LiveNode):
+    """A simulated node with plaintext peer payloads: the checks on the arrays themselves."""
 
     def __init__(self, state_dir: Path, overrides: list[str] | None = None) -> None:
-        cfg = compose_config(
+        super().__init__(
+            state_dir,
             [
-                "experiment=smoke",
                 f"max_query_batch={MAX_BATCH}",
                 "state_key=bad-input",
+                "seal_payloads=false",
                 *(overrides or []),
-            ]
+            ],
         )
-        self.cfg = cfg
-        self.cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
-        self.state_dir = state_dir
-        self.context = Context(
-            run_id=1,
-            node_id=1,
-            state=RecordDict(),
-            run_config={},
-            node_config={
-                "partition-id": 0,
-                "num-partitions": NUM_PARTITIONS,
-                "state-dir": str(state_dir),
-            },
-        )
-        bundle = build_bundle(cfg.model, (1, 8, 8), 10, 0)
-        self.params = {
-            k: v for k, v in state_numpy(bundle).items() if k in stage1_keys(bundle, "fedce")
-        }
-
-    def send(self, request: WireMessage | tuple[str, RecordDict]) -> Message:
-        """A request, or (message type, raw content) for content the contract forbids."""
-        if isinstance(request, WireMessage):
-            message_type, content = request.TYPE, request.to_content()
-        else:
-            message_type, content = request
-        return client_app(Message(content, dst_node_id=1, message_type=message_type), self.context)
-
-    def set_up(self) -> None:
-        """Set-up, install F, train the expert: a node ready to serve."""
-        for request in (
-            wire.SetupRequest(config_json=self.cfg_json),
-            wire.InstallRequest(part="fe", params=self.params),
-            wire.ExpertRequest(init="scratch"),
-        ):
-            reply = self.send(request)
-            assert not reply.has_error(), reply.error.reason
-
-    def snapshot(self) -> dict[str, str]:
-        """Digest of every persisted group in memory and of the state files on disk."""
-        out = {
-            name: hashlib.sha256(b"".join(a.data for a in rec.values())).hexdigest()
-            for name, rec in self.context.state.array_records.items()
-            if name.startswith("model/")
-        }
-        for path in sorted(self.state_dir.rglob("*.safetensors")):
-            out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-        return out
 
 
 def features(

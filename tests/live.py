@@ -1,0 +1,115 @@
+"""A real ClientApp answering messages in-process, for tests that speak the wire contract."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+
+from client_app.app import app as client_app
+from nmoe.config import compose_config, to_dict
+from nmoe.models import build_bundle, stage1_keys, state_numpy
+from nmoe_protocol import messages as wire
+from nmoe_protocol.codec import WireMessage
+
+NUM_PARTITIONS = 3
+FEATURE_DIM = 64
+IMAGE_SHAPE = (1, 8, 8)
+
+
+class LiveNode:
+    """A real ClientApp with its Context (node config: partition 0 of 3, a state-dir, and
+    `node_config` extras), answering messages in-process."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        overrides: list[str] | None = None,
+        node_config: dict[str, Any] | None = None,
+        partition_id: int = 0,
+    ) -> None:
+        cfg = compose_config(["experiment=smoke", *(overrides or [])])
+        self.cfg = cfg
+        self.cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
+        self.state_dir = state_dir
+        self.context = Context(
+            run_id=1,
+            node_id=1,
+            state=RecordDict(),
+            run_config={},
+            node_config={
+                "partition-id": partition_id,
+                "num-partitions": NUM_PARTITIONS,
+                "state-dir": str(state_dir),
+                **(node_config or {}),
+            },
+        )
+        bundle = build_bundle(cfg.model, IMAGE_SHAPE, 10, 0)
+        self.params = {
+            k: v for k, v in state_numpy(bundle).items() if k in stage1_keys(bundle, "fedce")
+        }
+
+    def send(self, request: WireMessage | tuple[str, RecordDict]) -> Message:
+        """A request, or (message type, raw content) for content the contract forbids."""
+        if isinstance(request, WireMessage):
+            message_type, content = request.TYPE, request.to_content()
+        else:
+            message_type, content = request
+        return client_app(Message(content, dst_node_id=1, message_type=message_type), self.context)
+
+    def set_up(self) -> None:
+        """Set-up, install F, train the expert: a node ready to serve."""
+        for request in (
+            wire.SetupRequest(config_json=self.cfg_json),
+            wire.InstallRequest(part="fe", params=self.params),
+            wire.ExpertRequest(init="scratch"),
+        ):
+            reply = self.send(request)
+            assert not reply.has_error(), reply.error.reason
+
+    def snapshot(self) -> dict[str, str]:
+        """Digest of every persisted group in memory and of every file under the state dir."""
+        out = {
+            name: hashlib.sha256(b"".join(a.data for a in rec.values())).hexdigest()
+            for name, rec in self.context.state.array_records.items()
+            if name.startswith("model/")
+        }
+        for path in sorted(self.state_dir.rglob("*")):
+            if path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return out
+
+
+class RelayGrid:
+    """A Grid that relays every message to LiveNodes in-process (node id -> node), the way the
+    SuperLink would, with a `tamper(request, reply) -> reply | None` hook playing a hostile relay
+    or peer (None: the reply never arrives)."""
+
+    def __init__(self, nodes: dict[int, LiveNode], tamper: Any = None) -> None:
+        self.nodes = nodes
+        self.tamper = tamper
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Any) -> list[str]:
+        import uuid
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            node = self.nodes[message.metadata.dst_node_id]
+            reply = client_app(message, node.context)
+            if self.tamper is not None:
+                reply = self.tamper(message, reply)
+            if reply is not None:
+                self.replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
