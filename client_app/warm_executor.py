@@ -260,6 +260,7 @@ class TaskOutcome:
 
     task: TaskRef
     mode: str  # "warm" (forked) or "cold" (a fresh flwr-clientapp process)
+    pid: int
     returncode: int | None  # exit status; negative: killed by that signal
     seconds: float
     timed_out: bool = False
@@ -268,6 +269,14 @@ class TaskOutcome:
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out and not self.stopped
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Why the executor must re-execute itself, and the app folder to bind to (None: same)."""
+
+    reason: str
+    app_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -324,6 +333,7 @@ class WarmExecutor:
 
     `client` and `runner` default to flwr's RuntimeHttpClient and `run_clientapp`; tests
     pass their own. `runner(token)` runs in the forked child and returns its exit code.
+    `serve` returns when the executor must restart (`restart` says why); `main` re-executes.
     """
 
     def __init__(
@@ -333,20 +343,17 @@ class WarmExecutor:
         runner: Callable[[str], int] | None = None,
         code: AppCode | None = None,
         flwr_home: Path | None = None,
-        argv: list[str] | None = None,
     ) -> None:
         self.config = config
         self.client = client if client is not None else self._make_client()
         self.runner = runner if runner is not None else self._run_clientapp
         self.code = code if code is not None else AppCode(None)
         self.flwr_home = flwr_home if flwr_home is not None else self._flwr_home()
-        self.argv = argv
         self.outcomes: list[TaskOutcome] = []
+        self.restart: Restart | None = None
         self._stop = False
         self._idle = False
         self._child_pgid: int | None = None
-        self._restart_app_dir: Path | None = None
-        self._restart = False
 
     # --- flwr plumbing (flwr 1.42.0) ------------------------------------------------------
     def _make_client(self) -> RuntimeClient:
@@ -424,22 +431,24 @@ class WarmExecutor:
         warm = False
         if task.fab_hash:
             fab_dir = find_installed_fab(self.flwr_home, task.fab_hash)
-            if self.code.changed():
-                log.info("preloaded app code changed on disk; restarting after this task")
-                self._restart = True
+            if changed := self.code.changed():
+                log.info("app code changed on disk (%s): restart after this task", changed[0])
+                self.restart = Restart(f"changed on disk: {changed[0]}")
                 self.code.verified.clear()
             elif fab_dir is not None:
                 warm = self.code.verify(task.fab_hash, fab_dir)
         started = time.monotonic()
-        if warm:
-            pid = self._fork(task.token)
-            mode = "warm"
-        else:
-            pid = self._spawn_cold(task.token)
-            mode = "cold"
+        mode = "warm" if warm else "cold"
+        try:
+            pid = self._fork(task.token) if warm else self._spawn_cold(task.token)
+        except OSError as err:  # flwr lets the claim expire and offers the task again
+            log.error("task %d: could not start its process: %s", task.task_id, err)
+            outcome = TaskOutcome(task, mode, 0, None, time.monotonic() - started)
+            self.outcomes.append(outcome)
+            return outcome
         returncode, timed_out, stopped = self._wait(pid, started)
         outcome = TaskOutcome(
-            task, mode, returncode, time.monotonic() - started, timed_out, stopped
+            task, mode, pid, returncode, time.monotonic() - started, timed_out, stopped
         )
         self.outcomes.append(outcome)
         level = logging.INFO if outcome.ok else logging.WARNING
@@ -462,13 +471,12 @@ class WarmExecutor:
         """After a cold task: warm from now on if the FAB is the preloaded code, else plan a
         re-exec bound to the FAB's folder."""
         fab_dir = find_installed_fab(self.flwr_home, fab_hash)
-        if fab_dir is None:
+        if fab_dir is None or self.restart is not None:
             return
-        if not self._restart and self.code.verify(fab_hash, fab_dir):
+        if self.code.verify(fab_hash, fab_dir):
             log.info("FAB %s equals the preloaded app: its next tasks run warm", fab_hash[:12])
             return
-        self._restart = True
-        self._restart_app_dir = fab_dir
+        self.restart = Restart(f"FAB {fab_hash[:12]} differs from the preloaded app", fab_dir)
         log.info(
             "FAB %s differs from the preloaded app: re-exec bound to %s", fab_hash[:12], fab_dir
         )
@@ -570,24 +578,24 @@ class WarmExecutor:
             raise StopRequested
 
     def serve(self) -> int:
-        """Poll and run tasks until stopped; returns the process exit code."""
+        """Poll and run tasks until stopped or a restart is due (`restart`); returns 0."""
         last_check = time.monotonic()
         try:
-            while not self._stop:
+            while not self._stop and self.restart is None:
                 task = self._poll_once()
                 if task is not None:
                     self.execute(task)
-                if self._restart:
-                    return self._reexec()
                 if time.monotonic() - last_check > CODE_CHECK_INTERVAL_S:
                     last_check = time.monotonic()
                     if changed := self.code.changed():
                         log.info("app code changed on disk (%s): restarting", changed[0])
-                        return self._reexec()
+                        self.restart = Restart(f"changed on disk: {changed[0]}")
         except StopRequested:
             pass
         finally:
             self.close()
+        if self._stop:
+            self.restart = None
         return 0
 
     def _poll_once(self) -> TaskRef | None:
@@ -611,18 +619,14 @@ class WarmExecutor:
         except Exception:
             pass
 
-    def _reexec(self) -> int:
-        """Replace this process with a fresh executor (same arguments, maybe a new app dir)."""
-        if self.argv is None:  # embedded (tests): just report it
-            log.info("restart requested (app dir %s)", self._restart_app_dir)
-            return 0
-        argv = _with_app_dir(self.argv, self._restart_app_dir)
-        prefix = sys.orig_argv[: len(sys.orig_argv) - (len(sys.argv) - 1)]
-        log.info("re-exec: %s", " ".join([*prefix, *argv]))
-        self.close()
-        _flush_output()
-        os.execv(sys.executable, [*prefix, *argv])
-        return 0  # not reached
+
+def reexec(argv: list[str], restart: Restart) -> None:
+    """Replace this process by a fresh executor: the same command, `--app-dir` from `restart`."""
+    args = _with_app_dir(argv, restart.app_dir)
+    prefix = sys.orig_argv[: len(sys.orig_argv) - (len(sys.argv) - 1)]  # python [-m mod|script]
+    log.info("re-exec (%s): %s", restart.reason, " ".join([*prefix, *args]))
+    _flush_output()
+    os.execv(sys.executable, [*prefix, *args])
 
 
 def _with_app_dir(argv: list[str], app_dir: Path | None) -> list[str]:
@@ -719,7 +723,13 @@ def _configure_logging(level: str) -> None:
     log.propagate = False
 
 
-def _watch_parent(parent_pid: int, executor: WarmExecutor) -> None:
+def install_signal_handlers(executor: WarmExecutor) -> None:
+    """SIGTERM and SIGINT stop `executor` (see `WarmExecutor.request_stop`)."""
+    signal.signal(signal.SIGTERM, executor.request_stop)
+    signal.signal(signal.SIGINT, executor.request_stop)
+
+
+def _watch_parent(parent_pid: int) -> None:
     def watch() -> None:
         while True:
             time.sleep(0.5)
@@ -759,11 +769,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     code = preload(config.preload, config.app_dir)
-    executor = WarmExecutor(config, code=code, argv=raw)
-    signal.signal(signal.SIGTERM, executor.request_stop)
-    signal.signal(signal.SIGINT, executor.request_stop)
+    executor = WarmExecutor(config, code=code)
+    install_signal_handlers(executor)
     if config.parent_pid is not None:
-        _watch_parent(config.parent_pid, executor)
+        _watch_parent(config.parent_pid)
     log.info(
         "flwr %s, app from %s, preloaded in %.1fs; serving %s (pid %d)",
         FLWR_VERSION,
@@ -772,7 +781,10 @@ def main(argv: list[str] | None = None) -> int:
         config.runtime_api_address,
         os.getpid(),
     )
-    return executor.serve()
+    status = executor.serve()
+    if executor.restart is not None:
+        reexec(raw, executor.restart)
+    return status
 
 
 if __name__ == "__main__":

@@ -21,12 +21,7 @@ MAX_BATCH = 50
 FEATURE_DIM = 64
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 class LiveNode:
@@ -117,18 +112,13 @@ def bad_bundle(node: LiveNode, change: Callable[[dict], None], method: str | Non
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> LiveNode:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+def node(tmp_path_factory: pytest.TempPathFactory, module_task_identity: None) -> LiveNode:
     live = LiveNode(tmp_path_factory.mktemp("state"))
     assert not live.send("query.info", {"config": live.config()}).has_error()
     reply = live.send(
         "train.expert", {"arrays": live.bundle, "config": live.config(**{"own-head": False})}
     )
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     return live
 
 
