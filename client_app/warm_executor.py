@@ -186,7 +186,7 @@ class AppCode:
         """Whether the FAB installed in `fab_dir` is the preloaded code (remembered if so)."""
         if fab_hash in self.verified:
             return True
-        if self.root is None or self.changed():
+        if self.root is None or self.changed() or self._loaded_elsewhere(fab_dir):
             return False
         stamps: dict[Path, Stamp] = {}
         for rel in fab_files(fab_dir):
@@ -197,6 +197,18 @@ class AppCode:
             stamps[mine] = stamp
         self.verified[fab_hash] = stamps
         return True
+
+    def _loaded_elsewhere(self, fab_dir: Path) -> bool:
+        """Whether a loaded module of one of the FAB's packages comes from outside `root`."""
+        assert self.root is not None
+        names = _top_level_names(fab_dir)
+        root = self.root.resolve()
+        for name, module in list(sys.modules.items()):
+            file = getattr(module, "__file__", None)
+            if file and name.split(".", 1)[0] in names:
+                if not Path(file).resolve().is_relative_to(root):
+                    return True
+        return False
 
 
 def _top_level_names(folder: Path) -> set[str]:
@@ -354,6 +366,7 @@ class WarmExecutor:
         self._stop = False
         self._idle = False
         self._child_pgid: int | None = None
+        self._cold: subprocess.Popen | None = None
 
     # --- flwr plumbing (flwr 1.42.0) ------------------------------------------------------
     def _make_client(self) -> RuntimeClient:
@@ -527,8 +540,8 @@ class WarmExecutor:
             command += ["--root-certificates", self.config.root_certificates]
         env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
         _flush_output()
-        process = subprocess.Popen(command, env=env, start_new_session=True)
-        return process.pid
+        self._cold = subprocess.Popen(command, env=env, start_new_session=True)
+        return self._cold.pid
 
     @staticmethod
     def _clientapp_command() -> str:
@@ -543,17 +556,14 @@ class WarmExecutor:
         return found
 
     def _wait(self, pid: int, started: float) -> tuple[int | None, bool, bool]:
-        """Wait for child `pid` (its own process group); kill the group on timeout or stop."""
+        """Wait for child `pid` (its own process group); kill the group on timeout or stop.
+        Returns (return code, timed out, stopped)."""
         self._child_pgid = pid
         deadline = started + self.config.task_timeout_s
         stop_deadline: float | None = None
         timed_out = stopped = False
         try:
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    _kill_group(pid)  # whatever the task left behind in its group
-                    return _returncode(status), timed_out, stopped
+            while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                 now = time.monotonic()
                 if self._stop and stop_deadline is None:
                     stop_deadline = now + self.config.stop_grace_s
@@ -564,8 +574,14 @@ class WarmExecutor:
                     stopped = True
                     _kill_group(pid)
                 time.sleep(CHILD_POLL_S)
+            _kill_group(pid)  # what the task left in its group (the exited pid is not reused yet)
+            returncode = _returncode(os.waitpid(pid, 0)[1])
         finally:
             self._child_pgid = None
+        if self._cold is not None:  # reaped here: Popen must not reap it again
+            self._cold.returncode = returncode
+            self._cold = None
+        return returncode, timed_out, stopped
 
     # --- the loop -------------------------------------------------------------------------
     def request_stop(self, signum: int = signal.SIGTERM, frame: object = None) -> None:
