@@ -13,11 +13,13 @@ It imports flwr, torch and the app once (`--preload`), then polls the Runtime AP
 ClientApp tasks and runs each one, one at a time, in a forked child that calls flwr's own
 `run_clientapp` with the task's token: the child pulls the message, installs the task's
 FAB, loads its ClientApp and pushes the reply exactly as `flwr-clientapp` would, minus the
-imports. Only code that equals the task's FAB answers warm: the first task of a FAB whose
-installed files differ from the preloaded app (or that is not installed yet) runs in a
-fresh `flwr-clientapp` process (the stock path); if the FAB's files then differ from the
-preloaded ones, the executor re-executes itself bound to that FAB's folder (`--app-dir`).
-It also re-executes when a preloaded app file changes on disk.
+imports. Only the task's FAB's code answers: a FAB whose installed files all equal the
+preloaded app's (the checkout it was built from) runs warm. A FAB not installed yet runs
+forked too, and the child compares it once it has installed it; if it differs, the child
+drops the preloaded app modules so that flwr imports the FAB's own. A FAB installed and
+known to differ runs in a fresh `flwr-clientapp` process. After a FAB that differs, the
+executor re-executes itself bound to that FAB's folder (`--app-dir`); it also re-executes
+when a preloaded app file changes on disk (that task runs in a fresh process).
 
 A child that raises, crashes or outlives `--task-timeout` (SIGKILL) never stops the
 executor; flwr then answers the message with an error reply (at once for an exception,
@@ -58,6 +60,9 @@ DEFAULT_PRELOAD = (
     "torchvision.transforms",
     "safetensors.torch",
 )
+WARM = "warm"  # forked; the task's FAB is known to be the preloaded app
+WARM_CHECKED = "warm+check"  # forked; FAB not installed yet, compared once the child installs it
+COLD = "cold"  # a fresh flwr-clientapp process: the FAB is installed and differs
 CLIENT_APP_TASK = "flwr-clientapp"
 CLIENTAPP_COMMAND = "flwr-clientapp"
 POLL_INTERVAL_S = 0.2
@@ -186,17 +191,24 @@ class AppCode:
         """Whether the FAB installed in `fab_dir` is the preloaded code (remembered if so)."""
         if fab_hash in self.verified:
             return True
-        if self.root is None or self.changed() or self._loaded_elsewhere(fab_dir):
+        stamps = self.matches(fab_dir)
+        if stamps is None:
             return False
+        self.verified[fab_hash] = stamps
+        return True
+
+    def matches(self, fab_dir: Path) -> dict[Path, Stamp] | None:
+        """The stamps of the files under `root` equal to the FAB's, None if the FAB differs."""
+        if self.root is None or self.changed() or self._loaded_elsewhere(fab_dir):
+            return None
         stamps: dict[Path, Stamp] = {}
         for rel in fab_files(fab_dir):
             mine = self.root / rel
             stamp = _stamp(mine)
             if stamp is None or mine.read_bytes() != (fab_dir / rel).read_bytes():
-                return False
+                return None
             stamps[mine] = stamp
-        self.verified[fab_hash] = stamps
-        return True
+        return stamps
 
     def _loaded_elsewhere(self, fab_dir: Path) -> bool:
         """Whether a loaded module of one of the FAB's packages comes from outside `root`."""
@@ -217,6 +229,16 @@ def _top_level_names(folder: Path) -> set[str]:
     return names | {p.stem for p in folder.glob("*.py")}
 
 
+def forget_modules(names: set[str]) -> list[str]:
+    """Drop every loaded module of the top-level packages `names`; the next import of one
+    reads it again from `sys.path` (where flwr puts the task's FAB first)."""
+    dropped = [m for m in sys.modules if m.split(".", 1)[0] in names]
+    for name in dropped:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    return dropped
+
+
 def preload(modules: Iterable[str], app_dir: Path | None) -> AppCode:
     """Import `modules` once; with `app_dir`, the app's packages come from that folder.
 
@@ -225,11 +247,8 @@ def preload(modules: Iterable[str], app_dir: Path | None) -> AppCode:
     """
     if app_dir is not None:
         app_dir = app_dir.resolve()
-        names = _top_level_names(app_dir)
-        for name in [m for m in sys.modules if m.split(".", 1)[0] in names]:
-            del sys.modules[name]
+        forget_modules(_top_level_names(app_dir))
         sys.path.insert(0, str(app_dir))
-        importlib.invalidate_caches()
     roots: list[Path] = []
     for name in modules:
         started = time.perf_counter()
@@ -271,7 +290,7 @@ class TaskOutcome:
     """How one task ended, from the executor's point of view."""
 
     task: TaskRef
-    mode: str  # "warm" (forked) or "cold" (a fresh flwr-clientapp process)
+    mode: str  # WARM, WARM_CHECKED or COLD
     pid: int
     returncode: int | None  # exit status; negative: killed by that signal
     seconds: float
@@ -367,6 +386,7 @@ class WarmExecutor:
         self._idle = False
         self._child_pgid: int | None = None
         self._cold: subprocess.Popen | None = None
+        self._check_fab = False
 
     # --- flwr plumbing (flwr 1.42.0) ------------------------------------------------------
     def _make_client(self) -> RuntimeClient:
@@ -410,7 +430,18 @@ class WarmExecutor:
     def _run_clientapp(self, token: str) -> int:
         """In the child: flwr's own ClientApp process body for this token."""
         from flwr.supercore.tls import validate_and_resolve_root_certificates
+        from flwr.supernode.runtime import run_clientapp as runtime
         from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        if self._check_fab:
+            install = runtime.install_from_fab
+
+            def install_and_compare(*args: Any, **kwargs: Any) -> Path:
+                fab_dir = Path(install(*args, **kwargs))
+                self.adopt(fab_dir)
+                return fab_dir
+
+            runtime.install_from_fab = install_and_compare
 
         # No parent_pid: flwr would SIGINT the task if the executor died, which finishes it
         # without a reply and leaves the SuperNode waiting for one; an orphan finishes instead.
@@ -425,6 +456,18 @@ class WarmExecutor:
             runtime_dependency_install=False,
         )
         return 0
+
+    def adopt(self, fab_dir: Path) -> None:
+        """In a child, once its task's FAB is installed: keep the preloaded app if it is the
+        FAB's code, else forget the app's modules so that flwr imports the FAB's own."""
+        if self.code.matches(fab_dir) is not None:
+            return
+        dropped = forget_modules(_top_level_names(fab_dir))
+        log.info(
+            "task FAB in %s differs from the preloaded app: %d modules reloaded from it",
+            fab_dir,
+            len(dropped),
+        )
 
     def acquire(self) -> TaskRef | None:
         """Claim the oldest pending ClientApp task of the SuperNode, if any."""
@@ -441,19 +484,20 @@ class WarmExecutor:
     # --- running one task -----------------------------------------------------------------
     def execute(self, task: TaskRef) -> TaskOutcome:
         """Run one claimed task: warm if its FAB is the preloaded code, else cold."""
-        warm = False
-        if task.fab_hash:
+        mode = COLD
+        if changed := self.code.changed():
+            log.info("app code changed on disk (%s): restart after this task", changed[0])
+            self.restart = Restart(f"changed on disk: {changed[0]}")
+            self.code.verified.clear()
+        elif task.fab_hash:
             fab_dir = find_installed_fab(self.flwr_home, task.fab_hash)
-            if changed := self.code.changed():
-                log.info("app code changed on disk (%s): restart after this task", changed[0])
-                self.restart = Restart(f"changed on disk: {changed[0]}")
-                self.code.verified.clear()
-            elif fab_dir is not None:
-                warm = self.code.verify(task.fab_hash, fab_dir)
+            if fab_dir is None:
+                mode = WARM_CHECKED
+            elif self.code.verify(task.fab_hash, fab_dir):
+                mode = WARM
         started = time.monotonic()
-        mode = "warm" if warm else "cold"
         try:
-            pid = self._fork(task.token) if warm else self._spawn_cold(task.token)
+            pid = self._spawn_cold(task.token) if mode == COLD else self._fork(task.token, mode)
         except OSError as err:  # flwr lets the claim expire and offers the task again
             log.error("task %d: could not start its process: %s", task.task_id, err)
             outcome = TaskOutcome(task, mode, 0, None, time.monotonic() - started)
@@ -476,13 +520,13 @@ class WarmExecutor:
             " (timed out, killed)" if timed_out else "",
             " (stopped)" if stopped else "",
         )
-        if not warm and task.fab_hash and not self._stop:
+        if mode != WARM and task.fab_hash and not self._stop:
             self._bind(task.fab_hash)
         return outcome
 
     def _bind(self, fab_hash: str) -> None:
-        """After a cold task: warm from now on if the FAB is the preloaded code, else plan a
-        re-exec bound to the FAB's folder."""
+        """After a task of an unverified FAB: warm from now on if the FAB is the preloaded
+        code, else plan a re-exec bound to the FAB's folder."""
         fab_dir = find_installed_fab(self.flwr_home, fab_hash)
         if fab_dir is None or self.restart is not None:
             return
@@ -494,7 +538,7 @@ class WarmExecutor:
             "FAB %s differs from the preloaded app: re-exec bound to %s", fab_hash[:12], fab_dir
         )
 
-    def _fork(self, token: str) -> int:
+    def _fork(self, token: str, mode: str) -> int:
         executor_pid = os.getpid()
         _flush_output()
         pid = os.fork()
@@ -505,6 +549,7 @@ class WarmExecutor:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 self._orphan_watchdog(executor_pid)
+                self._check_fab = mode == WARM_CHECKED
                 code = self.runner(token)
             except SystemExit as err:  # flwr_exit ends with sys.exit
                 code = _exit_code(err.code)

@@ -14,6 +14,7 @@ FAB's code; SIGTERM stops every executor with status 0 and no process left behin
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -30,8 +31,10 @@ import pytest
 
 from client_app import warm_executor
 from client_app.warm_executor import (
+    COLD,
     EXIT_VERSION,
     FLWR_VERSION,
+    WARM_CHECKED,
     AppCode,
     ExecutorConfig,
     UnsupportedFlwrVersion,
@@ -49,6 +52,7 @@ from scripts.local_deployment import (
 
 REPO = Path(__file__).resolve().parent.parent
 FAB_HASH = "ab" * 32
+FAKE_PACKAGE = "warm_probe_pkg"
 TASK_TIMEOUT_S = 2.0
 STOP_GRACE_S = 1.0
 GONE_TIMEOUT_S = 10.0
@@ -107,9 +111,9 @@ def fab_layout(tmp: Path, same: bool = True) -> tuple[Path, Path, Path]:
     root, home = tmp / "src", tmp / "home"
     fab = home / "apps" / f"pub.app.1.0.0.{FAB_HASH[:8]}"
     for folder, value in ((root, 1), (fab, 1 if same else 2)):
-        (folder / "pkg").mkdir(parents=True)
-        (folder / "pkg" / "__init__.py").write_text("")
-        (folder / "pkg" / "app.py").write_text(f"VALUE = {value}\n")
+        (folder / FAKE_PACKAGE).mkdir(parents=True)
+        (folder / FAKE_PACKAGE / "__init__.py").write_text("")
+        (folder / FAKE_PACKAGE / "app.py").write_text(f"VALUE = {value}\n")
         (folder / "pyproject.toml").write_text(f"# {folder.name}\n")
     return root, home, fab
 
@@ -166,7 +170,7 @@ def test_children_that_raise_crash_or_hang_never_stop_the_executor(tmp_path: Pat
     started = time.monotonic()
     assert executor.serve() == 0
     outcomes = executor.outcomes
-    assert [o.mode for o in outcomes] == ["warm"] * len(kinds)  # the FAB equals the checkout
+    assert [o.mode for o in outcomes] == [warm_executor.WARM] * len(kinds)  # FAB == checkout
     assert [o.returncode for o in outcomes] == [0, 1, -signal.SIGKILL, 4, -signal.SIGKILL, 0]
     assert [o.timed_out for o in outcomes] == [k == "hang" for k in kinds]
     assert outcomes[-1].ok and time.monotonic() - started < 30
@@ -189,7 +193,7 @@ def test_a_different_fab_runs_cold_then_the_executor_rebinds_to_it(
     monkeypatch.setattr(executor, "_spawn_cold", spawn_cold)
     executor.serve()
     (outcome,) = executor.outcomes
-    assert outcome.mode == "cold" and outcome.returncode == 0 and cold == ["token-1"]
+    assert outcome.mode == COLD and outcome.returncode == 0 and cold == ["token-1"]
     _, _, fab = fab_layout(tmp_path / "again", same=False)
     assert executor.restart is not None
     assert executor.restart.app_dir == tmp_path / "home" / "apps" / fab.name
@@ -203,7 +207,7 @@ def test_a_different_fab_runs_cold_then_the_executor_rebinds_to_it(
 def test_an_app_file_changed_on_disk_means_cold_then_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app_file = tmp_path / "src" / "pkg" / "app.py"
+    app_file = tmp_path / "src" / FAKE_PACKAGE / "app.py"
 
     def edit() -> None:
         app_file.write_text("VALUE = 3\n")
@@ -216,9 +220,55 @@ def test_an_app_file_changed_on_disk_means_cold_then_restart(
         lambda token: os.posix_spawn(sys.executable, [sys.executable, "-c", "pass"], {}),
     )
     executor.serve()
-    assert [o.mode for o in executor.outcomes] == ["warm", "cold"]
+    assert [o.mode for o in executor.outcomes] == [warm_executor.WARM, COLD]
     assert executor.restart is not None and executor.restart.app_dir is None
     assert "changed on disk" in executor.restart.reason
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_fab_installed_by_its_first_task_is_checked_then_bound(
+    tmp_path: Path, same: bool
+) -> None:
+    """A FAB that is not installed yet runs forked; once its first task installed it, the
+    executor runs its next tasks warm (same files) or plans a re-exec bound to it."""
+    fab = tmp_path / "home" / "apps" / f"pub.app.1.0.0.{FAB_HASH[:8]}"
+    hidden = tmp_path / "not-yet"
+
+    def runner(token: str) -> int:  # flwr's runner installs the FAB in the child
+        if not fab.exists():
+            hidden.rename(fab)
+        return 0
+
+    executor = make_executor(tmp_path, FakeRuntime(2), runner, same)
+    fab.rename(hidden)
+    executor.serve()
+    modes = [o.mode for o in executor.outcomes]
+    if same:
+        assert modes == [WARM_CHECKED, warm_executor.WARM] and executor.restart is None
+    else:
+        assert modes == [WARM_CHECKED] and executor.restart is not None
+        assert executor.restart.app_dir == fab
+
+
+def test_a_child_drops_the_preloaded_app_when_its_fab_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`adopt` in a child whose FAB differs: the FAB's own module is imported, not the
+    preloaded one; with an equal FAB the preloaded module stays."""
+    root, home, fab = fab_layout(tmp_path, same=False)
+    monkeypatch.syspath_prepend(str(root))
+    try:
+        assert importlib.import_module(f"{FAKE_PACKAGE}.app").VALUE == 1
+        executor = make_executor(tmp_path / "x", FakeRuntime(0), lambda token: 0)
+        executor.code = AppCode.snapshot(root)
+        executor.adopt(root)  # the same files: nothing to drop
+        assert f"{FAKE_PACKAGE}.app" in sys.modules
+        executor.adopt(fab)
+        assert f"{FAKE_PACKAGE}.app" not in sys.modules
+        monkeypatch.syspath_prepend(str(fab))  # what flwr's loader does for the task's FAB
+        assert importlib.import_module(f"{FAKE_PACKAGE}.app").VALUE == 2
+    finally:
+        warm_executor.forget_modules({FAKE_PACKAGE})
 
 
 def test_version_pin_refuses_any_other_flwr(
@@ -351,10 +401,13 @@ app = ServerApp()
 
 def wave(grid: Grid, nodes: list[int], action: str) -> list[dict]:
     sent = [Message(RecordDict(), dst_node_id=n, message_type=f"query.{action}") for n in nodes]
-    ids = list(grid.push_messages(sent))
+    pending = set(grid.push_messages(sent))
     replies, deadline = [], time.monotonic() + 300
-    while len(replies) < len(ids) and time.monotonic() < deadline:
-        replies += list(grid.pull_messages(ids))
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            if reply.metadata.reply_to_message_id in pending:
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
         time.sleep(0.1)
     return [
         {"error": r.error.reason} if r.has_error() else dict(r.content["info"]) for r in replies
@@ -386,23 +439,35 @@ def structure(value: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def stock_run(tmp_path_factory: pytest.TempPathFactory):
-    """The reference: the same job on SuperNodes with flwr's stock executor, submitted first
-    and left running beside the warm federation."""
-    out = tmp_path_factory.mktemp("stock_out")
-    with Deployment(tmp_path_factory.mktemp("stock"), NUM_NODES, executor=STOCK) as deployment:
-        yield deployment, deployment.submit(f"{SMOKE} output_dir={out}"), out
-
-
-@pytest.fixture(scope="module")
-def warm(stock_run, tmp_path_factory: pytest.TempPathFactory):
-    with Deployment(
+def federations(tmp_path_factory: pytest.TempPathFactory):
+    """Two federations started side by side: `warm` (SuperNodes in --isolation process with
+    warm executors) and `stock` (flwr's own executor), whose run of the same job, submitted at
+    once and left running, is the reference."""
+    stock = Deployment(tmp_path_factory.mktemp("stock"), NUM_NODES, executor=STOCK)
+    warm = Deployment(
         tmp_path_factory.mktemp("warm"),
         NUM_NODES,
         executor=WARM,
         executor_args=("--task-timeout", "300", "--stop-grace", "2"),
-    ) as deployment:
-        yield deployment
+    )
+    try:
+        for deployment in (stock, warm):
+            deployment.start_superlink()
+            for index in range(NUM_NODES):
+                deployment.start_node(index)
+        stock.wait_for_nodes(NUM_NODES)
+        out = tmp_path_factory.mktemp("stock_out")
+        stock_run = stock.submit(f"{SMOKE} output_dir={out}")
+        warm.wait_for_nodes(NUM_NODES)
+        yield {"stock": stock, "stock_run": (stock_run, out), "warm": warm}
+    finally:
+        warm.stop()
+        stock.stop()
+
+
+@pytest.fixture(scope="module")
+def warm(federations: dict[str, Any]) -> Deployment:
+    return federations["warm"]
 
 
 @pytest.fixture(scope="module")
@@ -418,24 +483,28 @@ def executor_log(deployment: Deployment, index: int) -> str:
     return deployment.nodes[index].executor_log.read_text(errors="replace")
 
 
-def test_smoke_run_gives_the_results_of_a_stock_run(warm_smoke: dict[str, Any], stock_run) -> None:
-    deployment, run_id, out = stock_run
-    status = deployment.wait(run_id, RUN_TIMEOUT_S)
-    assert status == COMPLETED_STATUS, deployment.logs(run_id)[-3000:]
-    stock = json.loads((out / "results.json").read_text())
-    warm_results = warm_smoke["results"]
-    assert structure(warm_results) == structure(stock)
+def test_smoke_run_gives_the_results_of_a_stock_run(
+    warm_smoke: dict[str, Any], federations: dict[str, Any]
+) -> None:
+    stock: Deployment = federations["stock"]
+    run_id, out = federations["stock_run"]
+    status = stock.wait(run_id, RUN_TIMEOUT_S)
+    assert status == COMPLETED_STATUS, stock.logs(run_id)[-3000:]
+    reference = json.loads((out / "results.json").read_text())
+    results = warm_smoke["results"]
+    assert structure(results) == structure(reference)
     for key in ("accuracy", "accuracy_global", "history", "routing_counts"):
-        assert warm_results[key] == stock[key], key  # same seeds, same data: the same numbers
-    assert len(warm_results["accuracy"]["nmoe"]["per_client"]) == NUM_NODES
+        assert results[key] == reference[key], key  # same seeds, same data: the same numbers
+    assert len(results["accuracy"]["nmoe"]["per_client"]) == NUM_NODES
 
 
 def test_smoke_run_was_served_warm(warm: Deployment, warm_smoke: dict[str, Any]) -> None:
-    """Each node's first task of the FAB ran cold, the FAB matched the checkout, the rest warm."""
+    """Every task forked: each node's first compared the FAB it installed with the checkout
+    (equal), the others ran warm."""
     for index in range(NUM_NODES):
         log = executor_log(warm, index)
-        assert log.count(") cold: exit 0") == 1, log[-3000:]
-        assert "equals the preloaded app" in log
+        assert log.count(f") {WARM_CHECKED}: exit 0") == 1, log[-3000:]
+        assert "equals the preloaded app" in log and f") {COLD}:" not in log
         assert log.count(") warm: exit 0") >= 5
 
 
