@@ -14,7 +14,8 @@ ClientApp tasks and runs each one, one at a time, in a forked child that calls f
 `run_clientapp` with the task's token: the child pulls the message, installs the task's
 FAB, loads its ClientApp and pushes the reply exactly as `flwr-clientapp` would, minus the
 imports. Only the task's FAB's code answers: a FAB whose installed files all equal the
-preloaded app's (the checkout it was built from) runs warm. A FAB not installed yet runs
+preloaded app's (the checkout it was built from), or that shares no package with it, runs
+warm. A FAB not installed yet runs
 forked too, and the child compares it once it has installed it; if it differs, the child
 drops the preloaded app modules so that flwr imports the FAB's own. A FAB installed and
 known to differ runs in a fresh `flwr-clientapp` process. After a FAB that differs, the
@@ -198,8 +199,17 @@ class AppCode:
         return True
 
     def matches(self, fab_dir: Path) -> dict[Path, Stamp] | None:
-        """The stamps of the files under `root` equal to the FAB's, None if the FAB differs."""
-        if self.root is None or self.changed() or self._loaded_elsewhere(fab_dir):
+        """Whether a warm child runs exactly the FAB's code: None if not, else the stamps of
+        the files under `root` it relies on.
+
+        Either no loaded module belongs to a package of the FAB (flwr imports the FAB's own
+        from its folder; nothing to stamp), or every file of the FAB equals the file at the
+        same path under `root`, where all the loaded modules of its packages come from.
+        """
+        names = _top_level_names(fab_dir)
+        if not any(m.split(".", 1)[0] in names for m in list(sys.modules)):
+            return {}
+        if self.root is None or self.changed() or self._loaded_elsewhere(names):
             return None
         stamps: dict[Path, Stamp] = {}
         for rel in fab_files(fab_dir):
@@ -210,10 +220,9 @@ class AppCode:
             stamps[mine] = stamp
         return stamps
 
-    def _loaded_elsewhere(self, fab_dir: Path) -> bool:
-        """Whether a loaded module of one of the FAB's packages comes from outside `root`."""
+    def _loaded_elsewhere(self, names: set[str]) -> bool:
+        """Whether a loaded module of the packages `names` comes from outside `root`."""
         assert self.root is not None
-        names = _top_level_names(fab_dir)
         root = self.root.resolve()
         for name, module in list(sys.modules.items()):
             file = getattr(module, "__file__", None)

@@ -1,15 +1,21 @@
 """The warm executor (client_app/warm_executor.py) next to `flower-supernode --isolation process`.
 
-Unit part (a fake Runtime API, tasks forked from the test process): children that raise, crash
-or hang never stop the executor; a FAB whose files differ from the preloaded app runs cold and
-plans a re-exec bound to the FAB; an app file changed on disk does too; the flwr version pin
-refuses any other release; SIGTERM kills a running task's process group and leaves no child.
+Unit part (a fake Runtime API; a fake app preloaded from a fake checkout; tasks forked from the
+test process): children that raise, crash or hang never stop the executor; a FAB installed
+with files that differ from the preloaded app runs cold and plans a re-exec bound to it; a FAB
+installed by its first task is compared then, and the child drops the preloaded modules when
+it differs; a FAB sharing no package with the preloaded app runs warm; an app file changed on
+disk means cold, then restart; the flwr version pin refuses any other release; SIGTERM kills a
+running task's process group and leaves no child.
 
 Deployment part (a SuperLink and two SuperNodes with warm executors, by PID): the smoke run of
-the app completes with the results of a stock run (SuperNodes in `--isolation subprocess`,
-started beside it); a second app whose handler raises gets an error reply while the executor
-lives on, re-executes itself for that app's FAB and answers its next message warm with that
-FAB's code; SIGTERM stops every executor with status 0 and no process left behind.
+the app completes with the structure and numbers of a reference run of the same job started
+beside it (default: Flower's simulation runtime; NMOE_WARM_REFERENCE=stock: SuperNodes with
+flwr's stock executor, minutes more on a loaded machine); a second app, whose own `client_app`
+package shadows the preloaded one and whose handler raises, gets an error reply while the
+executor lives on, re-executes itself bound to that app's FAB and answers its next message
+warm with that FAB's code; SIGTERM stops every executor with status 0 and no process left
+behind.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +41,12 @@ from client_app.warm_executor import (
     EXIT_VERSION,
     FLWR_VERSION,
     WARM_CHECKED,
-    AppCode,
     ExecutorConfig,
     UnsupportedFlwrVersion,
     WarmExecutor,
     check_flwr_version,
+    forget_modules,
+    preload,
 )
 from scripts.local_deployment import (
     COMPLETED_STATUS,
@@ -48,6 +55,9 @@ from scripts.local_deployment import (
     Deployment,
     _is_gone,
     descendants,
+    flower_env,
+    spawn,
+    stop_process,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +135,10 @@ def make_executor(
     same: bool = True,
     task_timeout_s: float = TASK_TIMEOUT_S,
 ) -> WarmExecutor:
+    """An executor that preloaded the fake app from its checkout `<tmp>/src` (as a re-executed
+    executor preloads from `--app-dir`); restore sys.path and sys.modules with `isolated`."""
     root, home, _ = fab_layout(tmp, same)
+    code = preload([f"{FAKE_PACKAGE}.app"], root)
     config = ExecutorConfig(
         "127.0.0.1:9",
         insecure=True,
@@ -133,11 +146,20 @@ def make_executor(
         task_timeout_s=task_timeout_s,
         stop_grace_s=STOP_GRACE_S,
     )
-    executor = WarmExecutor(
-        config, client=runtime, runner=runner, code=AppCode(root), flwr_home=home
-    )
+    executor = WarmExecutor(config, client=runtime, runner=runner, code=code, flwr_home=home)
     runtime.executor = executor
     return executor
+
+
+@pytest.fixture
+def isolated() -> Iterator[None]:
+    """Undo what `make_executor`'s preload did to sys.path and sys.modules."""
+    saved = list(sys.path)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+        forget_modules({FAKE_PACKAGE})
 
 
 def wait_gone(pids: list[int], timeout: float = GONE_TIMEOUT_S) -> list[int]:
@@ -148,6 +170,9 @@ def wait_gone(pids: list[int], timeout: float = GONE_TIMEOUT_S) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- unit
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
 def test_children_that_raise_crash_or_hang_never_stop_the_executor(tmp_path: Path) -> None:
     kinds = ["ok", "raise", "crash", "exit", "hang", "ok"]
     grandchild = tmp_path / "grandchild.pid"
@@ -250,25 +275,29 @@ def test_a_fab_installed_by_its_first_task_is_checked_then_bound(
         assert executor.restart.app_dir == fab
 
 
-def test_a_child_drops_the_preloaded_app_when_its_fab_differs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_child_drops_the_preloaded_app_when_its_fab_differs(tmp_path: Path) -> None:
     """`adopt` in a child whose FAB differs: the FAB's own module is imported, not the
     preloaded one; with an equal FAB the preloaded module stays."""
-    root, home, fab = fab_layout(tmp_path, same=False)
-    monkeypatch.syspath_prepend(str(root))
-    try:
-        assert importlib.import_module(f"{FAKE_PACKAGE}.app").VALUE == 1
-        executor = make_executor(tmp_path / "x", FakeRuntime(0), lambda token: 0)
-        executor.code = AppCode.snapshot(root)
-        executor.adopt(root)  # the same files: nothing to drop
-        assert f"{FAKE_PACKAGE}.app" in sys.modules
-        executor.adopt(fab)
-        assert f"{FAKE_PACKAGE}.app" not in sys.modules
-        monkeypatch.syspath_prepend(str(fab))  # what flwr's loader does for the task's FAB
-        assert importlib.import_module(f"{FAKE_PACKAGE}.app").VALUE == 2
-    finally:
-        warm_executor.forget_modules({FAKE_PACKAGE})
+    executor = make_executor(tmp_path, FakeRuntime(0), lambda token: 0, same=False)
+    root, fab = tmp_path / "src", tmp_path / "home" / "apps" / f"pub.app.1.0.0.{FAB_HASH[:8]}"
+    assert importlib.import_module(f"{FAKE_PACKAGE}.app").VALUE == 1
+    executor.adopt(root)  # the same files: nothing to drop
+    assert f"{FAKE_PACKAGE}.app" in sys.modules
+    executor.adopt(fab)
+    assert f"{FAKE_PACKAGE}.app" not in sys.modules
+    sys.path.insert(0, str(fab))  # what flwr's loader does for the task's FAB
+    assert importlib.import_module(f"{FAKE_PACKAGE}.app").VALUE == 2
+
+
+def test_a_fab_sharing_no_package_with_the_preloaded_app_runs_warm(tmp_path: Path) -> None:
+    """Nothing preloaded can shadow such a FAB's code: flwr imports it from the FAB's folder."""
+    executor = make_executor(tmp_path, FakeRuntime(0), lambda token: 0, same=False)
+    other = tmp_path / "other"
+    (other / "other_app").mkdir(parents=True)
+    (other / "other_app" / "__init__.py").write_text("")
+    assert executor.code.verify("cd" * 32, other)
+    fab = tmp_path / "home" / "apps" / f"pub.app.1.0.0.{FAB_HASH[:8]}"
+    assert not executor.code.verify(FAB_HASH, fab)
 
 
 def test_version_pin_refuses_any_other_flwr(
@@ -354,7 +383,7 @@ publisher = "nmoetest"
 
 [tool.flwr.app.components]
 serverapp = "probe_server:app"
-clientapp = "probe_client:app"
+clientapp = "client_app.probe:app"
 
 [tool.flwr.app.config]
 out = ""
@@ -438,12 +467,61 @@ def structure(value: Any) -> Any:
     )
 
 
+class Reference:
+    """The reference run of SMOKE, started beside the warm federation and left running.
+
+    `simulation` (default): the `nmoe` CLI, Flower's simulation runtime in one process (the
+    same ServerApp and ClientApp code; a few CPU-seconds). `stock`: a deployment of NUM_NODES
+    SuperNodes with flwr's own executor (`--isolation subprocess`), the literal stock run;
+    several minutes on a loaded 2-core machine, so opt-in (NMOE_WARM_REFERENCE=stock).
+    bench/waves.py compares stock and warm deployments on every run.
+    """
+
+    def __init__(self, kind: str, tmp: Path) -> None:
+        self.kind, self.out = kind, tmp / "out"
+        self.deployment: Deployment | None = None
+        self.process: subprocess.Popen | None = None
+        self.run_id = ""
+        self.tmp = tmp
+
+    def start(self) -> None:
+        if self.kind == STOCK:
+            self.deployment = Deployment(self.tmp / "stock", NUM_NODES, executor=STOCK)
+            self.deployment.start()
+            self.run_id = self.deployment.submit(f"{SMOKE} output_dir={self.out}")
+            return
+        command = [
+            str(Path(sys.executable).parent / "nmoe"),
+            *SMOKE.split(),
+            f"simulation.num_clients={NUM_NODES}",
+            f"output_dir={self.out}",
+            f"hydra.run.dir={self.tmp / 'hydra'}",
+        ]
+        self.process = spawn(command, flower_env(self.tmp / "flwr_home"), self.tmp / "nmoe.log")
+
+    def results(self) -> dict[str, Any]:
+        if self.deployment is not None:
+            status = self.deployment.wait(self.run_id, RUN_TIMEOUT_S)
+            assert status == COMPLETED_STATUS, self.deployment.logs(self.run_id)[-3000:]
+        elif self.process is not None:
+            code = self.process.wait(timeout=RUN_TIMEOUT_S)
+            assert code == 0, (self.tmp / "nmoe.log").read_text()[-3000:]
+        return json.loads((self.out / "results.json").read_text())
+
+    def stop(self) -> None:
+        if self.deployment is not None:
+            self.deployment.stop()
+        if self.process is not None:
+            stop_process(self.process)
+
+
 @pytest.fixture(scope="module")
 def federations(tmp_path_factory: pytest.TempPathFactory):
-    """Two federations started side by side: `warm` (SuperNodes in --isolation process with
-    warm executors) and `stock` (flwr's own executor), whose run of the same job, submitted at
-    once and left running, is the reference."""
-    stock = Deployment(tmp_path_factory.mktemp("stock"), NUM_NODES, executor=STOCK)
+    """The warm federation (SuperNodes in --isolation process, one warm executor each) and the
+    reference run of the same job, started side by side."""
+    reference = Reference(
+        os.environ.get("NMOE_WARM_REFERENCE", "simulation"), tmp_path_factory.mktemp("reference")
+    )
     warm = Deployment(
         tmp_path_factory.mktemp("warm"),
         NUM_NODES,
@@ -451,18 +529,15 @@ def federations(tmp_path_factory: pytest.TempPathFactory):
         executor_args=("--task-timeout", "300", "--stop-grace", "2"),
     )
     try:
-        for deployment in (stock, warm):
-            deployment.start_superlink()
-            for index in range(NUM_NODES):
-                deployment.start_node(index)
-        stock.wait_for_nodes(NUM_NODES)
-        out = tmp_path_factory.mktemp("stock_out")
-        stock_run = stock.submit(f"{SMOKE} output_dir={out}")
+        warm.start_superlink()
+        for index in range(NUM_NODES):
+            warm.start_node(index)
+        reference.start()
         warm.wait_for_nodes(NUM_NODES)
-        yield {"stock": stock, "stock_run": (stock_run, out), "warm": warm}
+        yield {"warm": warm, "reference": reference}
     finally:
         warm.stop()
-        stock.stop()
+        reference.stop()
 
 
 @pytest.fixture(scope="module")
@@ -483,19 +558,18 @@ def executor_log(deployment: Deployment, index: int) -> str:
     return deployment.nodes[index].executor_log.read_text(errors="replace")
 
 
-def test_smoke_run_gives_the_results_of_a_stock_run(
+def test_smoke_run_gives_the_results_of_the_reference_run(
     warm_smoke: dict[str, Any], federations: dict[str, Any]
 ) -> None:
-    stock: Deployment = federations["stock"]
-    run_id, out = federations["stock_run"]
-    status = stock.wait(run_id, RUN_TIMEOUT_S)
-    assert status == COMPLETED_STATUS, stock.logs(run_id)[-3000:]
-    reference = json.loads((out / "results.json").read_text())
+    """Same structure as the reference (stock or simulation), and the same numbers: same seeds,
+    same data, same code."""
+    reference = federations["reference"].results()
     results = warm_smoke["results"]
     assert structure(results) == structure(reference)
     for key in ("accuracy", "accuracy_global", "history", "routing_counts"):
-        assert results[key] == reference[key], key  # same seeds, same data: the same numbers
+        assert results[key] == reference[key], key
     assert len(results["accuracy"]["nmoe"]["per_client"]) == NUM_NODES
+    assert results["status"] == "completed"
 
 
 def test_smoke_run_was_served_warm(warm: Deployment, warm_smoke: dict[str, Any]) -> None:
@@ -514,7 +588,9 @@ def test_a_raising_task_gets_an_error_reply_and_the_executor_lives_on(
     app = tmp_path / "probe"
     app.mkdir()
     (app / "pyproject.toml").write_text(PROBE_PYPROJECT)
-    (app / "probe_client.py").write_text(PROBE_CLIENT)
+    (app / "client_app").mkdir()
+    (app / "client_app" / "__init__.py").write_text("")
+    (app / "client_app" / "probe.py").write_text(PROBE_CLIENT)
     (app / "probe_server.py").write_text(PROBE_SERVER)
     out = tmp_path / "probe.json"
     submitted = warm.flwr(
@@ -533,7 +609,7 @@ def test_a_raising_task_gets_an_error_reply_and_the_executor_lives_on(
     assert all(PROBE_ERROR in r.get("error", "") for r in report["raise"]), report
     for reply in report["where"]:
         assert reply["marker"] == PROBE_MARKER  # the probe FAB's code answered
-        assert "/apps/nmoetest.warm-probe.1.0.0." in reply["file"]
+        assert "/apps/nmoetest.warm-probe.1.0.0." in reply["file"]  # its own client_app
         assert reply["torch"], "answered by a fresh process, not a warm child"
     for index, pid in warm_smoke["pids"].items():
         node = warm.nodes[index]
@@ -544,10 +620,11 @@ def test_a_raising_task_gets_an_error_reply_and_the_executor_lives_on(
 
 
 def test_sigterm_stops_every_executor_with_nothing_left(warm: Deployment) -> None:
-    for index in list(warm.nodes):
-        node = warm.nodes[index]
-        assert node.executor is not None
-        tree = descendants(node.executor.pid)
-        warm.stop_node(index)
-        assert node.executor.returncode == 0, node.executor_log.read_text()[-2000:]
+    executors = [n.executor for n in warm.nodes.values() if n.executor is not None]
+    assert len(executors) == NUM_NODES
+    trees = [descendants(e.pid) for e in executors]
+    for executor in executors:
+        executor.send_signal(signal.SIGTERM)
+    for executor, tree in zip(executors, trees, strict=True):
+        assert executor.wait(timeout=GONE_TIMEOUT_S + STOP_GRACE_S) == 0
         assert not wait_gone(tree)
