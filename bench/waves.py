@@ -16,9 +16,9 @@ inference only on the state the training saved (`mode=inference`).
 Per-wave latency is measured by the ServerApp (results.json): `wall_time_s` of a stage divided
 by the waves it sends: fe_ce one per round, evaluate_local one (`evaluate`), inference three
 per gate (route, expert, combine; `inference_latency`). Discovery (`query.info`, the first
-message of a run, cold for the warm executor too: its first task per FAB runs in a fresh
-process) is outside every stage and not counted; the run's wall time (submit to finished)
-is recorded beside. Results of the two executors must be identical (same seeds, same data).
+message of a run, where each node also builds its data cache) is outside every stage and not
+counted; the run's wall time (submit to finished) is recorded beside. Results of the two
+executors must be identical (same seeds, same data).
 
 Writes bench/results/waves.json: per executor the per-wave latency (total seconds of the
 counted stages / their waves, and per stage), the run wall times and the load average around
@@ -225,8 +225,8 @@ def main() -> None:
             "A SuperNode pulls its next message 3 s after its last empty pull (fixed in flwr "
             "1.42) and checks for the reply every 0.5 s: about 3 s of every wave whatever runs "
             "the ClientApp.",
-            "The warm executor runs the first task of a FAB in a fresh flwr-clientapp process "
-            "(query.info of the training job here, outside the counted stages).",
+            "The warm executor's first task of a FAB (query.info of the training job, outside "
+            "the counted stages) also compares the installed FAB with the preloaded app.",
             "The machine is shared: see load_average_1min (before, after each federation).",
         ],
     }

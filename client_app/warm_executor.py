@@ -70,6 +70,7 @@ POLL_INTERVAL_S = 0.2
 TASK_TIMEOUT_S = 3600.0
 STOP_GRACE_S = 5.0
 CODE_CHECK_INTERVAL_S = 2.0
+ERROR_PAUSE_S = 5.0
 CHILD_POLL_S = 0.02
 REAP_TIMEOUT_S = 10.0
 EXIT_VERSION = 2
@@ -86,8 +87,9 @@ class UnsupportedFlwrVersion(RuntimeError):
     """The installed flwr is not the release this executor relies on."""
 
 
-class StopRequested(Exception):
-    """SIGTERM/SIGINT arrived while the executor was idle."""
+class StopRequested(BaseException):
+    """SIGTERM/SIGINT arrived while the executor was idle (a BaseException, so that no
+    `except Exception` on the way, in flwr or httpx, swallows it)."""
 
 
 def installed_flwr_version() -> str | None:
@@ -652,9 +654,13 @@ class WarmExecutor:
         last_check = time.monotonic()
         try:
             while not self._stop and self.restart is None:
-                task = self._poll_once()
-                if task is not None:
-                    self.execute(task)
+                try:
+                    task = self._poll_once()
+                    if task is not None:
+                        self.execute(task)
+                except Exception as err:  # flwr lets a lost claim expire and offers it again
+                    log.error("%s: %s; retrying in %.0fs", type(err).__name__, err, ERROR_PAUSE_S)
+                    self._pause(ERROR_PAUSE_S)
                 if time.monotonic() - last_check > CODE_CHECK_INTERVAL_S:
                     last_check = time.monotonic()
                     if changed := self.code.changed():
@@ -677,6 +683,14 @@ class WarmExecutor:
             if task is None:
                 time.sleep(self.config.poll_interval_s)
             return task
+        finally:
+            self._idle = False
+
+    def _pause(self, seconds: float) -> None:
+        self._idle = True
+        try:
+            if not self._stop:
+                time.sleep(seconds)
         finally:
             self._idle = False
 

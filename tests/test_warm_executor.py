@@ -1,12 +1,12 @@
 """The warm executor (client_app/warm_executor.py) next to `flower-supernode --isolation process`.
 
 Unit part (a fake Runtime API; a fake app preloaded from a fake checkout; tasks forked from the
-test process): children that raise, crash or hang never stop the executor; a FAB installed
-with files that differ from the preloaded app runs cold and plans a re-exec bound to it; a FAB
-installed by its first task is compared then, and the child drops the preloaded modules when
-it differs; a FAB sharing no package with the preloaded app runs warm; an app file changed on
-disk means cold, then restart; the flwr version pin refuses any other release; SIGTERM kills a
-running task's process group and leaves no child.
+test process): children that raise, crash or hang never stop the executor, nor do errors of
+the Runtime API; a FAB installed with files that differ from the preloaded app runs cold and
+plans a re-exec bound to it; a FAB installed by its first task is compared then, and the child
+drops the preloaded modules when it differs; a FAB sharing no package with the preloaded app
+runs warm; an app file changed on disk means cold, then restart; the flwr version pin refuses
+any other release; SIGTERM kills a running task's process group and leaves no child.
 
 Deployment part (a SuperLink and two SuperNodes with warm executors, by PID): the smoke run of
 the app completes with the structure and numbers of a reference run of the same job started
@@ -94,15 +94,24 @@ class FakeRuntime:
     """A SuperNode's Runtime API as the executor sees it: hands out `count` tasks (running
     `before[n]` first), then stops the executor the way SIGTERM would."""
 
-    def __init__(self, count: int, before: dict[int, Callable[[], None]] | None = None) -> None:
+    def __init__(
+        self,
+        count: int,
+        before: dict[int, Callable[[], None]] | None = None,
+        failures: int = 0,
+    ) -> None:
         self.count = count
         self.handed = 0
         self.before = before or {}
+        self.failures = failures
         self.executor: WarmExecutor | None = None
         self.closed = False
 
     def AcquireTask(self, request: Any) -> _Response:
         assert list(request.supported_task_types) == ["flwr-clientapp"]
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("Runtime API unavailable")
         if self.handed == self.count:
             assert self.executor is not None
             self.executor.request_stop()
@@ -201,6 +210,15 @@ def test_children_that_raise_crash_or_hang_never_stop_the_executor(tmp_path: Pat
     assert outcomes[-1].ok and time.monotonic() - started < 30
     assert runtime.closed and executor.restart is None
     assert not wait_gone([o.pid for o in outcomes] + [int(grandchild.read_text())])
+
+
+def test_runtime_api_errors_only_pause_the_executor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(warm_executor, "ERROR_PAUSE_S", 0.01)
+    executor = make_executor(tmp_path, FakeRuntime(1, failures=3), lambda token: 0)
+    assert executor.serve() == 0
+    assert [o.returncode for o in executor.outcomes] == [0]
 
 
 def test_a_different_fab_runs_cold_then_the_executor_rebinds_to_it(
