@@ -494,7 +494,9 @@ class WarmExecutor:
 
     # --- running one task -----------------------------------------------------------------
     def execute(self, task: TaskRef) -> TaskOutcome:
-        """Run one claimed task: warm if its FAB is the preloaded code, else cold."""
+        """Run one claimed task: WARM if its FAB is known to be the preloaded code,
+        WARM_CHECKED if the FAB is not installed yet, COLD if it is and differs (or the
+        preloaded code changed on disk)."""
         mode = COLD
         if changed := self.code.changed():
             log.info("app code changed on disk (%s): restart after this task", changed[0])

@@ -584,8 +584,10 @@ def test_smoke_run_gives_the_results_of_the_reference_run(
     reference = federations["reference"].results()
     results = warm_smoke["results"]
     assert structure(results) == structure(reference)
-    for key in ("accuracy", "accuracy_global", "history", "routing_counts"):
+    for key in ("accuracy", "accuracy_global", "routing_counts"):
         assert results[key] == reference[key], key
+    for row, expected in zip(results["history"], reference["history"], strict=True):
+        assert row == pytest.approx(expected, rel=1e-6)  # averaged in reply arrival order
     assert len(results["accuracy"]["nmoe"]["per_client"]) == NUM_NODES
     assert results["status"] == "completed"
 
