@@ -1,1 +1,1 @@
-"""Operator scripts (deployment rehearsal); importable so tests can drive `local_deployment.Deployment`."""
+"""Operator scripts (deployment rehearsal); importable so tests can drive `local_deployment`."""

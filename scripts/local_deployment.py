@@ -7,12 +7,27 @@ the run to finish and stops every process it started, by PID.
 
     python scripts/local_deployment.py --nodes 3 --overrides "experiment=smoke state_key=fleet1"
     python scripts/local_deployment.py --nodes 3 --tls --auth
+    python scripts/local_deployment.py --nodes 3 --executor stock   # flwr's own executor
+
+Executors (`--executor`): `warm` (default) starts every SuperNode with
+`--isolation process` next to one warm executor (`python -m client_app.warm_executor
+--runtime-api-address 127.0.0.1:<node port> --insecure`, log `logs/node-<i>.executor.log`):
+it imports flwr, torch and the app once and forks a child per message that runs flwr's
+own ClientApp runner, so a message costs no process start (a wave of messages takes about a
+quarter of the stock time on the 2-core machine: bench/waves.py). `stock` starts the
+SuperNodes with `--isolation subprocess`: the SuperNode's own SuperExec starts a fresh
+`flwr-clientapp` process per message. A SuperNode and its executor are started, stopped
+and killed together, by PID.
 
 `--tls` uses certificates from scripts/generate_certs.sh; `--auth` enables
 SuperNode authentication: one ECDSA P-384 key pair per node, each public key
-registered with `flwr supernode register` before that node starts. Tests
-import `Deployment` to start, stop and restart single nodes.
-Standard library only; run it with the Python of the environment that has flwr.
+registered with `flwr supernode register` before that node starts.
+
+This module is also the process harness of the tests: `Deployment` (SuperLink + SuperNodes
++ executors, with `start_node`, `stop_node`, `kill_node`) and `SimulationFederation` (a
+simulation-runtime SuperLink for `flwr run` tests) share the process helpers below; every
+process gets `FLWR_TELEMETRY_ENABLED=0`. Standard library only; run it with the Python of
+the environment that has flwr.
 """
 
 from __future__ import annotations
@@ -38,11 +53,16 @@ COMPLETED_STATUS = "finished:completed"
 ONLINE = "online"
 STARTUP_TIMEOUT_S = 60.0
 NODES_TIMEOUT_S = 60.0
+EXECUTOR_READY_TIMEOUT_S = 180.0  # imports of flwr, torch and the app on a loaded machine
 RUN_TIMEOUT_S = 1800.0
 CLI_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 POLL_S = 1.0
 KEY_TYPE = ("-t", "ecdsa", "-b", "384")  # flwr accepts EC keys on NIST curves (P-384 recommended)
+WARM, STOCK = "warm", "stock"
+EXECUTORS = (WARM, STOCK)
+WARM_EXECUTOR_MODULE = "client_app.warm_executor"
+EXECUTOR_READY_MARK = "preloaded in"  # the warm executor's log line once it serves
 
 
 def free_port() -> int:
@@ -58,7 +78,8 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = STARTUP
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(
-                f"process {process.pid} exited with code {process.returncode} before listening on {port}"
+                f"process {process.pid} exited with code {process.returncode} "
+                f"before listening on {port}"
             )
         with socket.socket() as sock:
             if sock.connect_ex((LOOPBACK, port)) == 0:
@@ -110,7 +131,8 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 def stop_process(process: subprocess.Popen) -> None:
     """Stop a process this launcher started: SIGTERM to its process group (its own PID),
-    then to any descendant that left the group (Flower detaches some helpers); SIGKILL on timeout."""
+    then to any descendant that left the group (Flower detaches some helpers); SIGKILL on
+    timeout."""
     if process.poll() is not None:
         return
     children = descendants(process.pid)
@@ -155,69 +177,68 @@ def _json_payload(text: str) -> dict:
     return json.loads(text[start:])
 
 
-@dataclass
-class SuperNode:
-    """One SuperNode: its partition, Runtime API port, state folder, key and process."""
-
-    index: int
-    port: int
-    state_dir: Path
-    home: Path
-    log: Path
-    private_key: Path | None = None
-    process: subprocess.Popen | None = None
+def _json_payload(text: str) -> dict:
+    """The JSON object in a `flwr ... --format json` output (the CLI may print a banner first)."""
+    start = text.find("{")
+    if start < 0:
+        raise ValueError(f"no JSON in flwr output: {text!r}")
+    return json.loads(text[start:])
 
 
-class Deployment:
-    """A SuperLink and N SuperNodes on loopback, each a real process stopped by PID."""
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment of every process the harness starts: its FLWR_HOME, no runtime dependency
+    installation, no telemetry, and this Python's bin folder first on PATH."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
+    return env
 
-    def __init__(
-        self,
-        workdir: Path,
-        num_nodes: int,
-        tls: bool = False,
-        auth: bool = False,
-        certs_dir: Path | None = None,
-    ) -> None:
-        if num_nodes < 1:
-            raise ValueError(f"--nodes must be >= 1, got {num_nodes}")
-        if auth and not tls:
-            raise ValueError("SuperNode authentication needs TLS: pass --tls with --auth")
+
+def spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start `command` in its own session (process group = its PID), output appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        return subprocess.Popen(
+            command,
+            env=env,
+            cwd=REPO,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+class Federation:
+    """A SuperLink on a free loopback port and the `flwr` CLI pointed at it.
+
+    Subclasses say how the SuperLink runs (`superlink_command`) and what the connection
+    holds; both share submitting, waiting, logs and stopping by PID.
+    """
+
+    connection = CONNECTION
+
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir.expanduser().resolve()
-        self.num_nodes = num_nodes
-        self.tls = tls
-        self.auth = auth
-        self.certs_dir = (certs_dir or self.workdir / "certificates").expanduser().resolve()
         self.home = self.workdir / "flwr_home"
         self.logs_dir = self.workdir / "logs"
-        self.keys_dir = self.workdir / "keys"
         self.port = free_port()
         self.superlink: subprocess.Popen | None = None
-        self.nodes: dict[int, SuperNode] = {}
-        self._extra: list[SuperNode] = []
 
-    # --- environment ---------------------------------------------------------------
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
 
-    @property
-    def ca_cert(self) -> Path:
-        return self.certs_dir / "ca.crt"
-
     def env(self, home: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            {
-                "FLWR_HOME": str(home),
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            }
-        )
-        return env
+        return flower_env(home)
 
     def flwr(self, *args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-        """Run the `flwr` CLI against this deployment (cwd = repo root, FLWR_HOME of the launcher)."""
+        """Run the `flwr` CLI against this federation (cwd = repo root, the harness's FLWR_HOME)."""
         return subprocess.run(
             [str(BIN / "flwr"), *args],
             env=self.env(self.home),
@@ -228,16 +249,195 @@ class Deployment:
         )
 
     def _spawn(self, command: list[str], home: Path, log: Path) -> subprocess.Popen:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as handle:
-            return subprocess.Popen(
-                command,
-                env=self.env(home),
-                cwd=REPO,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        return spawn(command, self.env(home), log)
+
+    def _connection_lines(self) -> list[str]:
+        return ["insecure = true"]
+
+    def _write_connection(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        body = "\n".join([f'address = "{self.address}"', *self._connection_lines()])
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n{body}\n'
+        )
+
+    def superlink_command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start_superlink(self) -> None:
+        """A fresh SuperLink database, the connection file, then the SuperLink itself."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for stale in self.workdir.glob("state.db*"):
+            stale.unlink()
+        self._write_connection()
+        self.superlink = self._spawn(
+            self.superlink_command(), self.home, self.logs_dir / "superlink.log"
+        )
+        wait_for_port(self.port, self.superlink)
+
+    def __enter__(self) -> Federation:
+        """`with X(...) as f:` starts everything and stops it by PID on the way out, also
+        when the start itself fails half-way."""
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> Federation:
+        self.start_superlink()
+        return self
+
+    # --- runs ------------------------------------------------------------------------------
+    def submit(self, overrides: str) -> str:
+        """`flwr run . <conn> --run-config overrides='...'`; returns the run id."""
+        out = self.flwr(
+            "run",
+            ".",
+            self.connection,
+            "--run-config",
+            f"overrides='{overrides}'",
+            "--format",
+            "json",
+        )
+        payload = _json_payload(out.stdout)
+        if not payload.get("success"):
+            raise RuntimeError(f"flwr run failed: {out.stdout} {out.stderr}")
+        return str(payload["run-id"])
+
+    def status(self, run_id: str) -> str:
+        """The run's status in `flwr ls --format json` ("" while it is not listed)."""
+        out = self.flwr("ls", self.connection, "--format", "json")
+        runs = _json_payload(out.stdout).get("runs", [])
+        return next((str(r["status"]) for r in runs if str(r["run-id"]) == run_id), "")
+
+    def wait(self, run_id: str, timeout: float = RUN_TIMEOUT_S) -> str:
+        """Poll `flwr ls --format json` until the run's status starts with `finished`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status(run_id)
+            if status.startswith(TERMINAL_STATUS):
+                return status
+            time.sleep(POLL_S)
+        raise TimeoutError(f"run {run_id} did not finish in {timeout}s")
+
+    def run(self, overrides: str, timeout: float = RUN_TIMEOUT_S) -> tuple[str, str]:
+        """Submit a run and wait for it; returns (final status, run id)."""
+        run_id = self.submit(overrides)
+        return self.wait(run_id, timeout), run_id
+
+    def logs(self, run_id: str) -> str:
+        """The run's log as the SuperLink kept it (`flwr log <id> --show`)."""
+        return self.flwr("log", run_id, self.connection, "--show").stdout
+
+    def pids(self) -> dict[str, int]:
+        """PIDs of the processes still running, by name."""
+        named = {"superlink": self.superlink}
+        return {name: p.pid for name, p in named.items() if p is not None and p.poll() is None}
+
+    def stop(self) -> None:
+        """Stop the SuperLink by PID."""
+        if self.superlink is not None:
+            stop_process(self.superlink)
+
+
+class SimulationFederation(Federation):
+    """A SuperLink with the simulation runtime: `flwr run` simulates `num_supernodes` nodes."""
+
+    def __init__(self, workdir: Path, num_supernodes: int) -> None:
+        super().__init__(workdir)
+        self.num_supernodes = num_supernodes
+
+    def _connection_lines(self) -> list[str]:
+        return ["insecure = true", f"options.num-supernodes = {self.num_supernodes}"]
+
+    def superlink_command(self) -> list[str]:
+        return [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.workdir / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+
+    def start(self) -> SimulationFederation:
+        self.start_superlink()
+        return self
+
+
+@dataclass
+class SuperNode:
+    """One SuperNode: its partition, Runtime API port, state folder, key, process and (with
+    the warm executor) the executor process that runs its ClientApp tasks."""
+
+    index: int
+    port: int
+    state_dir: Path
+    home: Path
+    log: Path
+    private_key: Path | None = None
+    process: subprocess.Popen | None = None
+    executor: subprocess.Popen | None = None
+
+    @property
+    def executor_log(self) -> Path:
+        return self.log.with_suffix(".executor.log")
+
+    @property
+    def runtime_api_address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+
+class Deployment(Federation):
+    """A SuperLink and N SuperNodes on loopback (deployment runtime), each a real process
+    stopped by PID; with `executor="warm"` every SuperNode runs in `--isolation process`
+    next to its own warm executor."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        num_nodes: int,
+        tls: bool = False,
+        auth: bool = False,
+        certs_dir: Path | None = None,
+        executor: str = WARM,
+        executor_args: tuple[str, ...] = (),
+    ) -> None:
+        if num_nodes < 1:
+            raise ValueError(f"--nodes must be >= 1, got {num_nodes}")
+        if auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS: pass --tls with --auth")
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        super().__init__(workdir)
+        self.num_nodes = num_nodes
+        self.tls = tls
+        self.auth = auth
+        self.executor = executor
+        self.executor_args = tuple(executor_args)
+        self.certs_dir = (certs_dir or self.workdir / "certificates").expanduser().resolve()
+        self.keys_dir = self.workdir / "keys"
+        self.nodes: dict[int, SuperNode] = {}
+        self._extra: list[SuperNode] = []
+
+    # --- environment ---------------------------------------------------------------
+    @property
+    def ca_cert(self) -> Path:
+        return self.certs_dir / "ca.crt"
+
+    @property
+    def warm(self) -> bool:
+        return self.executor == WARM
 
     # --- setup -----------------------------------------------------------------------
     def _certificates(self) -> None:
@@ -247,13 +447,8 @@ class Deployment:
         if out.returncode != 0:
             raise RuntimeError(f"{CERT_SCRIPT.name} failed: {out.stdout} {out.stderr}")
 
-    def _write_connection(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        security = f'root-certificates = "{self.ca_cert}"' if self.tls else "insecure = true"
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.address}"\n{security}\n'
-        )
+    def _connection_lines(self) -> list[str]:
+        return [f'root-certificates = "{self.ca_cert}"' if self.tls else "insecure = true"]
 
     def make_key(self, name: str) -> Path:
         """An ECDSA P-384 key pair `keys/<name>` + `keys/<name>.pub` (kept if present)."""
@@ -270,35 +465,14 @@ class Deployment:
     def register(self, private_key: Path) -> str:
         """`flwr supernode register <key>.pub`; returns the node id the SuperLink assigned."""
         out = self.flwr(
-            "supernode", "register", f"{private_key}.pub", CONNECTION, "--format", "json"
+            "supernode", "register", f"{private_key}.pub", self.connection, "--format", "json"
         )
         payload = _json_payload(out.stdout)
         if not payload.get("success"):
             raise RuntimeError(f"registering {private_key}.pub failed: {out.stdout} {out.stderr}")
         return str(payload["node-id"])
 
-    def __enter__(self) -> Deployment:
-        """`with Deployment(...) as d:` starts everything and stops it by PID on the way out,
-        also when the start itself fails half-way."""
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def start(self) -> Deployment:
-        """Start a fresh SuperLink, then every SuperNode (registering its key first with --auth)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for stale in self.workdir.glob(
-            "state.db*"
-        ):  # a fresh SuperLink each launch; node state dirs stay
-            stale.unlink()
-        if self.tls:
-            self._certificates()
-        self._write_connection()
+    def superlink_command(self) -> list[str]:
         command = [
             str(BIN / "flower-superlink"),
             "--isolation",
@@ -324,8 +498,15 @@ class Deployment:
             command.append("--insecure")
         if self.auth:
             command.append("--enable-supernode-auth")
-        self.superlink = self._spawn(command, self.home, self.logs_dir / "superlink.log")
-        wait_for_port(self.port, self.superlink)
+        return command
+
+    def start(self) -> Deployment:
+        """Start a fresh SuperLink, then every SuperNode (registering its key first with --auth)
+        and its executor; returns once all nodes are online and their executors serve."""
+        if self.tls:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._certificates()
+        self.start_superlink()
         for index in range(self.num_nodes):
             if self.auth:
                 self.register(self.make_key(f"node-{index}"))
@@ -345,6 +526,8 @@ class Deployment:
             self.address,
             "--port",
             str(node.port),
+            "--isolation",
+            "process" if self.warm else "subprocess",
             "--node-config",
             node_config,
         ]
@@ -353,8 +536,28 @@ class Deployment:
             command += ["--auth-supernode-private-key", str(node.private_key)]
         return command
 
+    def executor_command(self, node: SuperNode) -> list[str]:
+        """The warm executor of `node`: its Runtime API is plain HTTP on loopback."""
+        return [
+            sys.executable,
+            "-m",
+            WARM_EXECUTOR_MODULE,
+            "--runtime-api-address",
+            node.runtime_api_address,
+            "--insecure",
+            *self.executor_args,
+        ]
+
+    def _launch(self, node: SuperNode) -> SuperNode:
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        node.process = self._spawn(self._node_command(node, self.num_nodes), node.home, node.log)
+        if self.warm:
+            node.executor = self._spawn(self.executor_command(node), node.home, node.executor_log)
+        return node
+
     def start_node(self, index: int, private_key: Path | None = None) -> SuperNode:
-        """Start (or restart) SuperNode `index` with its state dir `<workdir>/node-<index>`.
+        """Start (or restart) SuperNode `index` with its state dir `<workdir>/node-<index>`,
+        and its warm executor. Returns at once; `wait_for_nodes` waits until it serves.
 
         With --auth the node uses `keys/node-<index>` unless `private_key` is given.
         """
@@ -371,9 +574,7 @@ class Deployment:
             self.logs_dir / f"node-{index}.log",
             private_key,
         )
-        node.state_dir.mkdir(parents=True, exist_ok=True)
-        node.process = self._spawn(self._node_command(node, self.num_nodes), node.home, node.log)
-        self.nodes[index] = node
+        self.nodes[index] = self._launch(node)
         return node
 
     def start_extra_node(self, name: str, partition_id: int, private_key: Path | None) -> SuperNode:
@@ -386,37 +587,53 @@ class Deployment:
             self.logs_dir / f"{name}.log",
             private_key,
         )
-        node.state_dir.mkdir(parents=True, exist_ok=True)
-        node.process = self._spawn(self._node_command(node, self.num_nodes), node.home, node.log)
-        self._extra.append(node)
+        self._extra.append(self._launch(node))
         return node
 
     def stop_node(self, index: int) -> SuperNode:
-        """Stop SuperNode `index` by PID and forget it (its state dir stays); returns it."""
+        """Stop SuperNode `index` and its executor by PID and forget it (its state dir stays);
+        returns it."""
         node = self.nodes.pop(index)
-        if node.process is not None:
-            stop_process(node.process)
+        _stop_node_processes(node)
         return node
 
     def kill_node(self, index: int) -> SuperNode:
-        """Crash SuperNode `index` (SIGKILL by PID, with the ClientApp it may be running) and
-        forget it; returns it."""
+        """Crash SuperNode `index`: SIGKILL by PID to it, its executor and the ClientApp either
+        may be running; forget it; returns it."""
         node = self.nodes.pop(index)
-        if node.process is not None:
-            kill_process(node.process)
+        for process in (node.executor, node.process):
+            if process is not None:
+                kill_process(process)
         return node
 
     def list_nodes(self) -> list[dict]:
         """`flwr supernode list --format json`: the SuperLink's view of the nodes."""
-        out = self.flwr("supernode", "list", CONNECTION, "--format", "json")
+        out = self.flwr("supernode", "list", self.connection, "--format", "json")
         return list(_json_payload(out.stdout).get("nodes", []))
 
     def online_nodes(self) -> list[dict]:
         """The nodes the SuperLink lists as online."""
         return [n for n in self.list_nodes() if n["status"] == ONLINE]
 
-    def wait_for_nodes(self, count: int, timeout: float = NODES_TIMEOUT_S) -> list[dict]:
-        """Wait until exactly `count` nodes are online; fails if one of our SuperNodes exits."""
+    def executor_ready(self, node: SuperNode) -> bool:
+        """Whether `node`'s warm executor finished its imports and polls for tasks."""
+        if node.executor is None:
+            return True
+        if node.executor.poll() is not None:
+            raise RuntimeError(
+                f"warm executor of SuperNode {node.index} exited with code "
+                f"{node.executor.returncode}; see {node.executor_log}"
+            )
+        try:
+            return EXECUTOR_READY_MARK in node.executor_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
+
+    def wait_for_nodes(
+        self, count: int, timeout: float = NODES_TIMEOUT_S + EXECUTOR_READY_TIMEOUT_S
+    ) -> list[dict]:
+        """Wait until exactly `count` nodes are online and every executor serves; fails if one
+        of our SuperNodes or executors exits."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for node in self.nodes.values():
@@ -426,66 +643,39 @@ class Deployment:
                         f"see {node.log}"
                     )
             online = self.online_nodes()
-            if len(online) == count:
+            if len(online) == count and all(self.executor_ready(n) for n in self.nodes.values()):
                 return online
             time.sleep(POLL_S)
-        raise TimeoutError(f"not {count} SuperNodes online after {timeout}s; see {self.logs_dir}")
-
-    # --- runs ------------------------------------------------------------------------------
-    def submit(self, overrides: str) -> str:
-        """`flwr run . <conn> --run-config overrides='...'`; returns the run id."""
-        out = self.flwr(
-            "run", ".", CONNECTION, "--run-config", f"overrides='{overrides}'", "--format", "json"
+        raise TimeoutError(
+            f"not {count} SuperNodes online with their executors after {timeout}s; "
+            f"see {self.logs_dir}"
         )
-        payload = _json_payload(out.stdout)
-        if not payload.get("success"):
-            raise RuntimeError(f"flwr run failed: {out.stdout} {out.stderr}")
-        return str(payload["run-id"])
-
-    def status(self, run_id: str) -> str:
-        """The run's status in `flwr ls --format json` ("" while it is not listed)."""
-        out = self.flwr("ls", CONNECTION, "--format", "json")
-        runs = _json_payload(out.stdout).get("runs", [])
-        return next((str(r["status"]) for r in runs if str(r["run-id"]) == run_id), "")
-
-    def wait(self, run_id: str, timeout: float = RUN_TIMEOUT_S) -> str:
-        """Poll `flwr ls --format json` until the run's status starts with `finished`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = self.status(run_id)
-            if status.startswith(TERMINAL_STATUS):
-                return status
-            time.sleep(POLL_S)
-        raise TimeoutError(f"run {run_id} did not finish in {timeout}s")
-
-    def run(self, overrides: str, timeout: float = RUN_TIMEOUT_S) -> tuple[str, str]:
-        """Submit a run and wait for it; returns (final status, run id)."""
-        run_id = self.submit(overrides)
-        return self.wait(run_id, timeout), run_id
-
-    def logs(self, run_id: str) -> str:
-        """The run's log as the SuperLink kept it (`flwr log <id> --show`)."""
-        return self.flwr("log", run_id, CONNECTION, "--show").stdout
 
     def pids(self) -> dict[str, int]:
         """PIDs of the processes still running, by name."""
-        named = {"superlink": self.superlink} | {
-            f"node-{i}": n.process for i, n in self.nodes.items()
-        }
-        named |= {n.log.stem: n.process for n in self._extra}
+        named: dict[str, subprocess.Popen | None] = {"superlink": self.superlink}
+        for node in [*self.nodes.values(), *self._extra]:
+            named[node.log.stem] = node.process
+            named[f"{node.log.stem}.executor"] = node.executor
         return {name: p.pid for name, p in named.items() if p is not None and p.poll() is None}
 
     def stop(self) -> None:
-        """Stop every SuperNode, then the SuperLink, by PID."""
+        """Stop every executor and SuperNode, then the SuperLink, by PID."""
         for node in [*self._extra, *self.nodes.values()]:
-            if node.process is not None:
-                stop_process(node.process)
-        if self.superlink is not None:
-            stop_process(self.superlink)
+            _stop_node_processes(node)
+        super().stop()
+
+
+def _stop_node_processes(node: SuperNode) -> None:
+    """The executor first (it lets a running task finish within its grace), then the node."""
+    for process in (node.executor, node.process):
+        if process is not None:
+            stop_process(process)
 
 
 def with_output_dir(overrides: str, default: Path) -> tuple[str, Path]:
-    """Add `output_dir=<default>` unless the overrides name one; returns (overrides, results.json)."""
+    """Add `output_dir=<default>` unless the overrides name one; returns (overrides,
+    results.json)."""
     for token in overrides.split():
         if token.startswith("output_dir="):
             out = Path(token.split("=", 1)[1]).expanduser()
@@ -498,7 +688,15 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=(
+            "Executors: 'warm' (default) runs each SuperNode with --isolation process next to "
+            f"`python -m {WARM_EXECUTOR_MODULE}`, which imports flwr, torch and the app once and "
+            "forks a child per message (log: <workdir>/logs/node-<i>.executor.log); 'stock' "
+            "runs them with --isolation subprocess (a fresh flwr-clientapp process per message)."
+        ),
+    )
     parser.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (= partitions)")
     parser.add_argument(
         "--workdir",
@@ -522,18 +720,30 @@ def main(argv: list[str] | None = None) -> int:
         help="certificate folder (default: <workdir>/certificates)",
     )
     parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=WARM,
+        help="who runs the ClientApp: a warm executor per node (default) or flwr's stock "
+        "SuperExec (a fresh process per message)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=RUN_TIMEOUT_S, help="seconds to wait for the run"
     )
     parser.add_argument(
         "--keep-running",
         action="store_true",
-        help="leave the SuperLink and SuperNodes up after the run and print their PIDs",
+        help="leave the SuperLink, SuperNodes and executors up after the run and print their PIDs",
     )
     args = parser.parse_args(argv)
 
     try:
         deployment = Deployment(
-            args.workdir, args.nodes, tls=args.tls, auth=args.auth, certs_dir=args.certs
+            args.workdir,
+            args.nodes,
+            tls=args.tls,
+            auth=args.auth,
+            certs_dir=args.certs,
+            executor=args.executor,
         )
     except ValueError as err:
         parser.error(str(err))
@@ -548,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"SuperLink {deployment.address} ({'TLS' if args.tls else 'insecure'}"
             f"{', node auth' if args.auth else ''}), {args.nodes} SuperNodes online "
-            f"in {time.monotonic() - started:.1f}s; logs in {deployment.logs_dir}",
+            f"({args.executor} executor) in {time.monotonic() - started:.1f}s; "
+            f"logs in {deployment.logs_dir}",
             flush=True,
         )
         started = time.monotonic()
@@ -558,8 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_running:
             keep = True
             print(
-                f"FLWR_HOME={deployment.home} (connection '{CONNECTION}'); still running, stop each with "
-                "kill -TERM -<PID>:"
+                f"FLWR_HOME={deployment.home} (connection '{CONNECTION}'); still running, "
+                "stop each with kill -TERM -<PID> (an executor before its node):"
             )
             for name, pid in deployment.pids().items():
                 print(f"  {name}: {pid}")

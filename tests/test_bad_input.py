@@ -21,12 +21,7 @@ MAX_BATCH = 50
 FEATURE_DIM = live.FEATURE_DIM
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 class LiveNode(live.LiveNode):
@@ -91,14 +86,9 @@ def fedce_keys(node: LiveNode) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> LiveNode:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+def node(tmp_path_factory: pytest.TempPathFactory, module_task_identity: None) -> LiveNode:
     live = LiveNode(tmp_path_factory.mktemp("state"))
     live.set_up()
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     return live
 
 

@@ -26,13 +26,7 @@ from nmoe_strategy.strategy import SharedKeyStrategy
 RNG = np.random.default_rng(0)
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages built outside a running app need the identity Flower sets for a task."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def _reply(

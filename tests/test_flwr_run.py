@@ -11,10 +11,9 @@ import pytest
 
 from nmoe.config import compose_config
 from nmoe.models import build_bundle, build_expert, stage1_keys, state_numpy
+from scripts.local_deployment import SimulationFederation
 from server_app.checkpoint import CheckpointError
 from server_app.checkpoint import load as load_checkpoint
-
-from .flwr_harness import LocalFederation
 
 NUM_CLIENTS = 6
 RUN_TIMEOUT_S = 400
@@ -30,15 +29,15 @@ OVERRIDES = (
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory):
-    fed = LocalFederation(tmp_path_factory.mktemp("flwr_home"), NUM_CLIENTS).start()
+    fed = SimulationFederation(tmp_path_factory.mktemp("federation"), NUM_CLIENTS).start()
     yield fed
     fed.stop()
 
 
 @pytest.fixture(scope="module")
-def finished_run(federation: LocalFederation, tmp_path_factory: pytest.TempPathFactory):
+def finished_run(federation: SimulationFederation, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("run")
-    run_id = federation.run_app(f"{OVERRIDES} output_dir={out}")
+    run_id = federation.submit(f"{OVERRIDES} output_dir={out}")
     status = federation.wait(run_id, RUN_TIMEOUT_S)
     return status, out, run_id
 
@@ -124,9 +123,9 @@ def test_no_expert_or_raw_input_crosses_the_grid(finished_run) -> None:
 
 
 def test_invalid_override_fails_before_training(
-    federation: LocalFederation, tmp_path: Path
+    federation: SimulationFederation, tmp_path: Path
 ) -> None:
-    run_id = federation.run_app(f"gate.k=0 output_dir={tmp_path}")
+    run_id = federation.submit(f"gate.k=0 output_dir={tmp_path}")
     status = federation.wait(run_id, RUN_TIMEOUT_S)
     assert status == "finished:failed"
     assert "config key 'gate.k'" in federation.logs(run_id)
@@ -134,7 +133,7 @@ def test_invalid_override_fails_before_training(
 
 
 def test_stopped_run_resumes_after_its_last_checkpointed_round(
-    federation: LocalFederation, tmp_path: Path
+    federation: SimulationFederation, tmp_path: Path
 ) -> None:
     """Stop the ServerApp's run in the middle of stage 1, start it again with resume=: it continues."""
     import shutil
@@ -142,7 +141,7 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(
     rounds, stop_after = 120, 2  # ~0.1-0.2 s per round: `flwr stop` must land well before the end
     first, snapshot, second = tmp_path / "first", tmp_path / "snapshot", tmp_path / "second"
     overrides = f"experiment=smoke fe.rounds={rounds} fe.local_epochs=1 baselines=[]"
-    run_id = federation.run_app(f"{overrides} output_dir={first}")
+    run_id = federation.submit(f"{overrides} output_dir={first}")
     state = first / "checkpoint" / "checkpoint.npz"
 
     def round_done(folder: Path) -> int:
@@ -154,7 +153,7 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline and round_done(first) < stop_after:
         time.sleep(0.1)
-    federation.flwr("stop", run_id, "test")
+    federation.flwr("stop", run_id, federation.connection)
     assert federation.wait(run_id, RUN_TIMEOUT_S) != "finished:completed"
     # The run is marked stopped before its process is gone: wait until the checkpoint settles.
     settled = None
@@ -168,7 +167,7 @@ def test_stopped_run_resumes_after_its_last_checkpointed_round(
     )
     done = progress["in_progress"]["round"]
     assert stop_after <= done < rounds
-    resumed = federation.run_app(f"{overrides} resume={snapshot} output_dir={second}")
+    resumed = federation.submit(f"{overrides} resume={snapshot} output_dir={second}")
     assert federation.wait(resumed, RUN_TIMEOUT_S) == "finished:completed"
     assert f"resuming after round {done}" in federation.logs(resumed)
     results = json.loads((second / "results.json").read_text())

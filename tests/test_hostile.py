@@ -32,12 +32,7 @@ from .live import NUM_PARTITIONS, LiveNode, RelayGrid
 PEER = 1  # the partition id the test plays
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def config_json(node: LiveNode, **changes: Any) -> str:
@@ -53,13 +48,11 @@ def config_json(node: LiveNode, **changes: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def device(tmp_path_factory: pytest.TempPathFactory) -> tuple[LiveNode, Any]:
+def device(
+    tmp_path_factory: pytest.TempPathFactory, module_task_identity: None
+) -> tuple[LiveNode, Any]:
     """A device holding its own data (a data-dir: strict default policy), set up and serving,
     with the test's key pinned as partition PEER's; returns the node and the test's private key."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
     root = tmp_path_factory.mktemp("device")
     cfg = compose_config(["experiment=smoke"])
     data, _ = load_client_data(federation_spec(cfg), 0, NUM_PARTITIONS)
@@ -76,7 +69,6 @@ def device(tmp_path_factory: pytest.TempPathFactory) -> tuple[LiveNode, Any]:
         "2": np.frombuffer(generate_keypair()[1], np.uint8).copy(),
     }
     assert not node.send(wire.InstallRequest(part="peer_keys", params=keys)).has_error()
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     return node, private
 
 
