@@ -454,7 +454,16 @@ def route(node: Node, request: wire.RouteRequest) -> wire.RouteReply:
             f"{len(waiting)} routed queries are waiting for their combine wave "
             f"(node config max-pending={node.policy.max_pending})"
         )
-    parts = [node.split(name) for name in request.splits]
+    if request.mode == "serve":  # the inbox: new inputs, no labels
+        items = node.inbox().claim(
+            request.query_id, min(int(node.cfg.serve.max_batch), node.policy.max_rows)
+        )
+        if not items:
+            return wire.RouteReply(features={}, num_examples=0)
+        images = node.inbox().read(items)
+        parts = [(images, torch.full((len(items),), -1, dtype=torch.long))]
+    else:
+        parts = [node.split(name) for name in request.splits]
     node.policy.rows(sum(len(p[1]) for p in parts))
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     reachable = node.reachable(request.neighbours)
@@ -467,12 +476,13 @@ def route(node: Node, request: wire.RouteRequest) -> wire.RouteReply:
         gate = gates.get(request.gate)
         params = node.state.get(gate_group(gate.name)) if gate.trainable else {}
         weights = gate.weights(params, feats, reachable, k, node.cfg.model, generator)
-    configured = float(node.cfg.gate.local_first_quantile) if request.mode == "infer" else 0.0
-    quantile = node.policy.local_first(configured) if request.mode == "infer" else 0.0
+    gated = request.mode in wire.GATED_MODES
+    configured = float(node.cfg.gate.local_first_quantile) if gated else 0.0
+    quantile = node.policy.local_first(configured) if gated else 0.0
     own_feats = forward_batched(fe, node.data.train_x) if quantile > 0 else None
     plan = plan_query(feats, weights, node.local_experts(), node.pid, own_feats, quantile)
     own_ratio = None
-    if request.mode == "infer" and gates.get(request.gate).asks_familiarity:
+    if gated and gates.get(request.gate).asks_familiarity:
         own_ratio = node.familiarity(fe, feats)
     pending = PendingQuery(
         plan, y, [len(p[1]) for p in parts], request.mode, request.gate, own_ratio, time.time()
@@ -531,7 +541,7 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
     answer), or keep them as the gate-training cache. Reports per split of the query."""
     name = PENDING_PREFIX + request.query_id
     pending = PendingQuery.from_arrays(node.state.get(name))
-    asks = pending.mode == "infer" and gates.get(pending.gate).asks_familiarity
+    asks = pending.mode in wire.GATED_MODES and gates.get(pending.gate).asks_familiarity
     returned, familiarity = request.logits, dict(request.familiarity or {})
     if node.cfg.seal_payloads:
         returned, familiarity = opened_logits(node, request, asks)
@@ -578,6 +588,18 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
                 ratios[e] = torch.from_numpy(np.array(value, dtype=np.float32))
     reports = finish_query(pending, remote, node.num_classes, node.pid, ratios, reweight)
     node.state.drop(name)
+    if pending.mode == "serve":  # predictions stay on the device: the server gets counts only
+        inbox = node.inbox()
+        inbox.answer(inbox.claimed(request.query_id), reports[0].probabilities, "federation")
+        (report,) = reports
+        return wire.CombineReply(
+            num_examples=[report.num_examples],
+            accuracy=[0.0],
+            degraded=[report.degraded],
+            answered_locally=[report.answered_locally],
+            route_counts=report.route_counts,
+            num_experts=node.num_experts,
+        )
     return wire.CombineReply(
         num_examples=[r.num_examples for r in reports],
         accuracy=[r.accuracy for r in reports],

@@ -25,8 +25,9 @@ from nmoe.data import (
     labelled,
     load_client_data,
 )
-from nmoe.datasets import dataset_info
+from nmoe.datasets import DatasetInfo, dataset_info
 from nmoe.device_data import load_device_data
+from nmoe.inbox import Inbox
 from nmoe.models import ExtractorBundle, build_bundle, build_expert, load_numpy, stage1_keys
 from nmoe.routing import familiarity
 from nmoe.training import forward_batched
@@ -74,6 +75,7 @@ class Node:
     data: ClientData
     num_classes: int
     policy: NodePolicy
+    dataset: DatasetInfo
     data_source: (
         str  # "partition" (a slice of the configured dataset) or "data-dir" (the device's own)
     )
@@ -197,6 +199,18 @@ class Node:
             return self.state.get(group)
         return gates.get(name).initial_params(self.cfg.model, self.num_experts, int(self.cfg.seed))
 
+    def inbox(self) -> Inbox:
+        """The device's inbox and outbox (node config `inbox-dir`, `outbox-dir`; default
+        `inbox/` and `outbox/` in the state-dir)."""
+        config = self.state.context.node_config
+        root = self.state.state_dir
+        inbox, outbox = config.get("inbox-dir"), config.get("outbox-dir")
+        if not inbox and root is None:
+            raise ValueError("this node has no inbox (node config inbox-dir or state-dir)")
+        inbox_dir = Path(str(inbox)) if inbox else root / "inbox"
+        outbox_dir = Path(str(outbox)) if outbox else root / "outbox"
+        return Inbox(inbox_dir, outbox_dir, self.dataset)
+
     # --- data ----------------------------------------------------------------------
     def labelled_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training images that carry a label (`dataset.label_fraction`), with their labels."""
@@ -262,6 +276,7 @@ def open_node(context: Context, config_json: str | None = None) -> Node:
     if threads > 0:
         torch.set_num_threads(threads)
     data_dir = context.node_config.get("data-dir")
+    info = dataset_info(str(cfg.dataset.name))
     if data_dir:
         data, classes = device_data(str(data_dir), cfg)
     else:
@@ -270,7 +285,7 @@ def open_node(context: Context, config_json: str | None = None) -> Node:
         data, classes = load_client_data(spec, state.partition_id, state.num_partitions, cache)
     if config_json is not None:
         state.set_config(config_json)
-    return Node(cfg, state, data, classes, policy, "data-dir" if data_dir else "partition")
+    return Node(cfg, state, data, classes, policy, info, "data-dir" if data_dir else "partition")
 
 
 def device_data(data_dir: str, cfg: DictConfig) -> tuple[ClientData, int]:

@@ -32,7 +32,7 @@ TOPOLOGIES = ("full", "ring", "regular", "geometric")
 MODEL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized", "oracle_router")
 BASELINES = MODEL_BASELINES + gates.names()
 LOG_LEVELS = ("quiet", "info", "verbose")
-MODES = ("train", "inference")
+MODES = ("train", "inference", "serve")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 
 
@@ -50,6 +50,7 @@ class DatasetConfig:
     max_samples: int = 0  # 0 = all; keep the first N images (quick runs; prefer subsample)
     subsample: int = 0  # 0 = all; class-stratified N images, fixed seed (same for every run seed)
     label_fraction: float = 1.0  # share of each client's training images that keep their label
+    server_val_dir: Optional[str] = None  # a data-dir held by the server: the probe's data
     verify_checksums: bool = True  # official CIFAR-10 folders (with batches.meta): check MD5s
 
 
@@ -162,6 +163,15 @@ GateConfig = _gate_config_class()
 
 
 @dataclass
+class ServeConfig:
+    """`mode=serve`: a long-lived run that answers what lands in the devices' inboxes."""
+
+    interval_s: float = 2.0  # seconds between two sets of waves
+    duration_s: float = 60.0  # how long the run serves (0: until the run is stopped)
+    max_batch: int = 4096  # inputs one device answers per set of waves
+
+
+@dataclass
 class TopologyConfig:
     kind: str = "full"
     degree: int = 3
@@ -207,6 +217,7 @@ class NMoEConfig:
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
@@ -244,10 +255,13 @@ def validate(cfg: DictConfig) -> None:
         "must be one name of at most 64 letters, digits, '.', '_' or '-' (not starting with "
         f"'.', '_' or '-'), got {cfg.state_key!r}",
     )
+    _require(cfg.serve.interval_s > 0, "serve.interval_s", "must be > 0")
+    _require(cfg.serve.duration_s >= 0, "serve.duration_s", "must be >= 0")
+    _require(cfg.serve.max_batch > 0, "serve.max_batch", "must be > 0")
     _require(
-        cfg.mode != "inference" or bool(cfg.state_key),
+        cfg.mode == "train" or bool(cfg.state_key),
         "state_key",
-        "inference mode needs the state_key under which the training run saved the clients' state",
+        f"mode {cfg.mode} needs the state_key under which a training run saved the clients' state",
     )
     for name in cfg.baselines:
         _choice(name, "baselines", BASELINES)

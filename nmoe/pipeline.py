@@ -178,6 +178,7 @@ class SplitReport:
     answered_locally: int  # samples whose every chosen expert is held on the device
     route_counts: list[int]
     predictions: list[int]
+    probabilities: torch.Tensor  # (n, C) the combined class probabilities
 
 
 def oracle_weights(
@@ -257,6 +258,7 @@ def finish_query(
                 answered_locally=int(on_device[part].sum()),
                 route_counts=route_counts(plan.weights[part]),
                 predictions=[int(p) for p in predictions[part]],
+                probabilities=combined[part],
             )
         )
     return reports

@@ -55,8 +55,11 @@ COMBINE = "query.combine"
 INSTALL_PARTS = ("fe", "shared_expert", "gate", "fedavg", "peer_keys")
 EXPERT_INITS = ("scratch", "shared")
 SCHEDULES = ("fe", "fedavg")
-QUERY_MODES = ("infer", "cache", "oracle")  # oracle: every reachable expert, best one per label
-SPLITS = ("train", "gate", "test", "global")
+# infer: answer the named splits; cache: every reachable expert (gate training); oracle: every
+# reachable expert, the best per true label (a measurement); serve: the node's inbox
+QUERY_MODES = ("infer", "cache", "oracle", "serve")
+GATED_MODES = ("infer", "serve")  # the gate routes (and local-first applies)
+SPLITS = ("train", "gate", "test", "global", "inbox")
 LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
 
 # Personal state groups a node reports holding (`NodeInfo.holds`): a resumed run skips a
@@ -269,6 +272,10 @@ class RouteRequest(WireMessage):
         _require(bool(self.splits), "no split named in 'splits'")
         for split in self.splits:
             _one_of(split, "split", SPLITS)
+        _require(
+            (self.mode == "serve") == (self.splits == ["inbox"]),
+            "mode 'serve' routes the inbox and only it",
+        )
         _require(
             self.mode != "cache" or len(self.splits) == 1,
             f"mode 'cache' takes exactly one split, got {self.splits}",

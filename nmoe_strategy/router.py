@@ -33,7 +33,7 @@ NODE_POLL_S = 1.0
 def asks_familiarity(request: wire.RouteRequest) -> bool:
     """Whether a routed query's gate wants the experts' familiarity with each row."""
     return (
-        request.mode == "infer"
+        request.mode in wire.GATED_MODES
         and request.gate in gates.GATES
         and gates.get(request.gate).asks_familiarity
     )
@@ -212,6 +212,8 @@ class Router:
                 log(WARNING, "route: requester %d sent malformed features: %s", pid, problem)
                 failed_requesters[pid] = problem
                 del routed[pid]
+                continue
+            if reply.num_examples == 0:  # nothing to answer (an empty inbox): no combine either
                 continue
             asked[pid] = sorted(reply.features)
             for expert, batch in reply.features.items():

@@ -23,7 +23,7 @@ from nmoe_protocol import messages as wire
 
 from .report import RESULTS_FILE, write_plots
 from .run import Run, open_run
-from .stages import baselines, evaluation, experts, extractor
+from .stages import baselines, evaluation, experts, extractor, serving
 from .stages import gates as gate_stage
 
 STAGE1_NAMES = {"fedce": "fe_ce", "fedsc": "fe_sc", "hybrid": "fe_hybrid"}
@@ -33,6 +33,9 @@ def run_stages(run: Run) -> None:
     """Stages 1-3, baselines and evaluation (or, in `mode=inference`, the evaluation only)."""
     cfg = run.cfg
     nmoe_gate = str(cfg.gate.method)
+    if cfg.mode == "serve":
+        run.stage("serve", lambda: serving.serve(run))
+        return
     if cfg.mode == "inference":
         run.stage("evaluate_local", lambda: evaluation.evaluate_local(run))
         run.stage("inference", lambda: evaluation.evaluate_routed(run, [nmoe_gate], nmoe_gate))

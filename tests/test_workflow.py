@@ -34,7 +34,7 @@ MIN_PNG_BYTES = 5_000
 PNG_MAGIC = b"\x89PNG"
 EXPECTED_PLOTS = set(report.PLOT_FILES.values())
 
-PRESETS = ("smoke", "digits_default", "paper_cifar10_iid", "paper_cifar10_noniid")
+PRESETS = ("smoke", "digits_default", "panel_digits", "paper_cifar10_iid", "paper_cifar10_noniid")
 README_OVERRIDES = (
     "gate=rangate",
     "gate=rollgate gate.roll_order=shuffled",
@@ -77,6 +77,8 @@ def test_presets_apply_their_values() -> None:
         "fedsc",
         "dirichlet",
     )
+    panel = compose_config(["experiment=panel_digits"])
+    assert "oracle_router" in panel.baselines and panel.fe.patience > 0
 
 
 @pytest.mark.parametrize("overrides", README_OVERRIDES)

@@ -4,10 +4,13 @@ initialisation and never travels."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from nmoe.data import federation_spec, load_all_clients
+from nmoe.data import federation_spec, labelled, load_all_clients
+from nmoe.device_data import load_device_data
 from nmoe.gates import Params
 from nmoe.models import build_bundle, load_numpy, stage1_keys, state_numpy
 from nmoe.training import forward_batched, linear_probe
@@ -25,21 +28,39 @@ def initial_bundle(run: Run, method: str) -> tuple[Params, list[str]]:
     return state_numpy(bundle), stage1_keys(bundle, method)
 
 
-def probe_accuracy(run: Run, params: Params) -> float:
-    """Linear probe of F on the global test set, trained on the pooled client training data
-    (a measurement the simulation's server makes; no client data crosses the network)."""
+def probe_data(run: Run) -> tuple[torch.Tensor, ...] | None:
+    """The linear probe's images: in simulation the pooled client training data and the global
+    test set (a measurement; no client data crosses the network), else the server's own
+    validation folder (`dataset.server_val_dir`), else none: the server holds no client data."""
+    if run.simulated:
+        clients = load_all_clients(federation_spec(run.cfg), run.directory.num_partitions)
+        pooled = [labelled(c) for c in clients]
+        return (
+            torch.cat([p[0] for p in pooled]),
+            torch.cat([p[1] for p in pooled]),
+            clients[0].global_x,
+            clients[0].global_y,
+        )
+    if run.cfg.dataset.server_val_dir:
+        data, _ = load_device_data(
+            Path(str(run.cfg.dataset.server_val_dir)),
+            float(run.cfg.dataset.local_test_fraction),
+            int(run.cfg.seed),
+        )
+        return data.train_x, data.train_y, data.test_x, data.test_y
+    return None
+
+
+def probe_accuracy(run: Run, params: Params, data: tuple[torch.Tensor, ...]) -> float:
+    """Linear probe of F: trained on the probe data's training part, scored on its test part."""
+    train_x, train_y, test_x, test_y = data
     bundle = build_bundle(run.cfg.model, run.image_shape, run.num_classes, int(run.cfg.seed))
     load_numpy(bundle, params)
-    clients = load_all_clients(federation_spec(run.cfg), run.directory.num_partitions)
-    train_x = torch.cat([c.train_x for c in clients])
-    train_y = torch.cat([c.train_y for c in clients])
-    feats = forward_batched(bundle.fe, train_x)
-    test_feats = forward_batched(bundle.fe, clients[0].global_x)
     return linear_probe(
-        feats,
+        forward_batched(bundle.fe, train_x),
         train_y,
-        test_feats,
-        clients[0].global_y,
+        forward_batched(bundle.fe, test_x),
+        test_y,
         num_classes=run.num_classes,
         epochs=int(run.cfg.fe.probe_epochs),
         lr=float(run.cfg.expert.lr),
@@ -66,6 +87,7 @@ class ExtractorRounds(FederatedRounds):
         self.schedule = schedule
         self.share_correlation = bool(fe.share_correlation) and method != "fedce"
         self.others: dict[int, Params] = {}
+        self.probe: tuple[torch.Tensor, ...] | None = None  # read once, at the first round
 
     def shared_keys(self, rnd: int) -> list[str]:
         return self.trained
@@ -106,8 +128,11 @@ class ExtractorRounds(FederatedRounds):
         score = weighted_score(replies)
         if score is not None:
             metrics["val-score"] = score
-        if self.method != "fedce" and self.run.simulated:
-            metrics["probe-acc"] = probe_accuracy(self.run, self.params)
+        if self.method != "fedce":
+            if self.probe is None:
+                self.probe = probe_data(self.run) or ()
+            if self.probe:
+                metrics["probe-acc"] = probe_accuracy(self.run, self.params, self.probe)
         return metrics
 
 

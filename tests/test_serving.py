@@ -1,0 +1,139 @@
+"""Answers for new inputs: images dropped into a device's inbox get the predictions the routed
+evaluation gives for the same images and state, written in the device's outbox; no prediction
+and no input reaches the server. Familiar inputs are answered on the device itself (nmoe-device),
+the others by the federation (`mode=serve`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from client_app.device import DeviceService
+from nmoe.inbox import read_outbox
+from server_app.app import run_job
+
+from .live import NUM_PARTITIONS, LiveNode, RelayGrid
+
+STATE_KEY = "serving"
+TRAIN = [
+    "experiment=smoke",
+    "fe.rounds=4",
+    "partition=iid",
+    "expert=with_shared",
+    "expert.shared_rounds=2",
+    "gate=knowgate",
+    "gate.local_first_quantile=0.5",
+    f"state_key={STATE_KEY}",
+    "baselines=[]",
+]
+DEVICE = 0
+
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
+
+
+class AuditedGrid(RelayGrid):
+    """Keeps every message that crosses the relay."""
+
+    def __init__(self, nodes: dict[int, LiveNode]) -> None:
+        super().__init__(nodes, self.keep)
+        self.seen: list[tuple[Message, Message]] = []
+
+    def keep(self, request: Message, reply: Message) -> Message:
+        self.seen.append((request, reply))
+        return reply
+
+
+def run(
+    tmp_path: Path, nodes: dict[int, LiveNode], name: str, overrides: list[str]
+) -> dict[str, Any]:
+    from nmoe.config import compose_config
+
+    grid = AuditedGrid(nodes)
+    cfg = compose_config([*TRAIN, f"output_dir={tmp_path / name}", *overrides])
+    run_job(grid, cfg)
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    results["_grid"] = grid
+    return results
+
+
+def raw_pixels(images: np.ndarray) -> np.ndarray:
+    """Normalised digits back to their raw 0..16 pixels (the form a device's camera gives)."""
+    from nmoe.datasets import dataset_info
+
+    info = dataset_info("digits")
+    raw = images * np.array(info.std)[:, None, None] + np.array(info.mean)[:, None, None]
+    return np.rint(raw * info.pixel_max).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, module_task_identity: None) -> dict[str, Any]:
+    from nmoe.config import compose_config
+    from nmoe.data import federation_spec, load_client_data
+
+    tmp = tmp_path_factory.mktemp("serving")
+    nodes = {
+        10 + p: LiveNode(tmp / f"node{p}", TRAIN, partition_id=p) for p in range(NUM_PARTITIONS)
+    }
+    trained = run(tmp, nodes, "train", [])
+    reference = run(tmp, nodes, "reference", ["mode=inference", "record_predictions=true"])
+    # the device's local test images, as raw pixel files, land in its inbox
+    data, _ = load_client_data(federation_spec(compose_config(TRAIN)), DEVICE, NUM_PARTITIONS)
+    inbox = tmp / f"node{DEVICE}" / "inbox"
+    inbox.mkdir(parents=True)
+    for i, pixels in enumerate(raw_pixels(data.test_x.numpy())):
+        np.save(inbox / f"img-{i:04d}.npy", pixels)
+    node_config = dict(nodes[10 + DEVICE].context.node_config)
+    local = DeviceService(node_config, STATE_KEY).step()
+    serving = run(tmp, nodes, "serve", ["mode=serve", "serve.duration_s=1", "serve.interval_s=0.2"])
+    return {
+        "trained": trained,
+        "reference": reference,
+        "serving": serving,
+        "local": local,
+        "outbox": read_outbox(tmp / f"node{DEVICE}" / "outbox"),
+        "count": len(data.test_y),
+        "inbox": inbox,
+    }
+
+
+def test_every_inbox_image_is_answered_in_the_outbox(served) -> None:
+    outbox = served["outbox"]
+    assert len(outbox) == served["count"]
+    assert served["local"]["device"] > 0 and served["local"]["federated"] > 0, served["local"]
+    by = {entry["answered_by"] for entry in outbox.values()}
+    assert by == {"device", "federation"}
+    assert not list(served["inbox"].glob("*.npy")) and not list(
+        (served["inbox"] / "federated").iterdir()
+    )
+    assert len(list((served["inbox"] / "done").iterdir())) == served["count"]
+    assert (
+        served["serving"]["extra"]["serving"]["answered"][str(DEVICE)]
+        == served["local"]["federated"]
+    )
+
+
+def test_outbox_predictions_equal_the_routed_evaluation(served) -> None:
+    """The same images and state: the predictions the evaluation's routed query gives."""
+    expected = served["reference"]["predictions"]["knowgate"]["test"][str(DEVICE)]
+    got = [served["outbox"][f"img-{i:04d}.npy"]["prediction"] for i in range(served["count"])]
+    assert got == expected
+
+
+def test_no_prediction_or_input_reaches_the_server(served) -> None:
+    """During serving: feature rows travel sealed, combine replies carry counts only."""
+    for request, reply in served["serving"]["_grid"].seen:
+        for message in (request, reply):
+            if not message.has_content():
+                continue
+            for record in message.content.array_records.values():
+                for array in record.values():
+                    assert array.dtype == "uint8" and len(array.shape) == 1, message.metadata
+            for record in message.content.metric_records.values():
+                assert "predictions" not in record
+        assert "predictions" not in served["serving"]
