@@ -137,8 +137,10 @@ class FederatedRounds:
             row = {kebab(k): v for k, v in outcome.metrics.items() if k != "num_examples"}
             row.update(self.after_round(rnd, valid))
             score = self.validation_score(valid)
-            if score is not None and self.patience.update(rnd, score):
-                self.best = dict(self.params)
+            if score is not None:
+                row["val-score"] = score  # the score the patience rule sees, not a re-average
+                if self.patience.update(rnd, score):
+                    self.best = dict(self.params)
             run.results.log_round(stage=self.stage, round=rnd, replies=len(valid), **row)
             run.progress.round(self.stage, rnd, self.rounds, row)
             run.progress.clients(

@@ -6,8 +6,9 @@ familiarity radius (the `know_quantile` of those features' leave-one-out nearest
 distances), computed by the expert's owner on data that never leaves it. The requester mixes
 the `gate.k` experts most familiar with the sample (its own ratio divided by `know_own_bias`:
 its queries mostly come from where its own data does), weights softmax(-ratio / temperature).
-A sample that no reachable personal expert knows (every ratio above `know_max_ratio`) goes to
-the shared expert H_0 alone: there the answer is exactly the shared model's. Nothing is trained
+A sample that no reachable personal expert knows (every ratio, the own one unbiased, above
+`know_max_ratio`) goes to the shared expert H_0 alone: there the answer is exactly the shared
+model's. Nothing is trained
 and no statistics are published; each answer reveals one familiarity ratio per row.
 Chosen on held-out seeds with bench/routing_lab.py (see bench/README.md).
 """
@@ -75,13 +76,13 @@ class KnowGate(Gate):
         r = ratios.clone()
         r[~answered] = float("inf")
         r[:, shared] = float("inf")  # the fallback, not a candidate
+        nobody = r.min(dim=1).values > float(gate_cfg.know_max_ratio)  # before the own bias
         r[:, own] = r[:, own] / float(gate_cfg.know_own_bias)
         top = min(k, r.shape[1])
         values, index = (-r).topk(top, dim=1)
         chosen = torch.softmax(values / float(gate_cfg.know_temperature), dim=1)
         chosen = torch.nan_to_num(chosen.masked_fill(values == float("-inf"), 0.0))
         weights = torch.zeros_like(r).scatter(1, index, chosen)
-        nobody = r.min(dim=1).values > float(gate_cfg.know_max_ratio)
         weights[nobody] = 0.0
         weights[nobody, shared] = 1.0
         return weights

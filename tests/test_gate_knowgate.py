@@ -1,0 +1,82 @@
+"""KnowGate's guarantee on a constructed case: three personal experts that each know two classes
+(disjoint), and a shared expert that knows all eight. Real experts, trained; real familiarity,
+measured by each owner on its own features; the gate's real reweighting and the real combine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nmoe.config import compose_config
+from nmoe.gates import get
+from nmoe.models import build_expert
+from nmoe.routing import combine, familiarity
+from nmoe.training import train_classifier
+
+NUM_CLASSES = 8
+PERSONAL = {0: (0, 1), 1: (2, 3), 2: (4, 5)}  # classes 6 and 7: only the shared expert knows them
+SHARED = 3
+OWN = 0  # the requester
+
+
+def cluster_samples(classes: list[int], per_class: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Well separated Gaussian clusters, one per class, in the experts' feature space."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 6.0 * torch.eye(NUM_CLASSES, 16)
+    y = torch.tensor(classes).repeat_interleave(per_class)
+    x = centres[y] + 0.5 * torch.randn(len(y), 16, generator=g)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def world() -> dict:
+    cfg = compose_config(
+        ["experiment=smoke", "gate=knowgate", "expert=with_shared", "model.feature_dim=16"]
+    )
+    experts, train_x = {}, {}
+    for e, classes in {**PERSONAL, SHARED: tuple(range(NUM_CLASSES))}.items():
+        x, y = cluster_samples(list(classes), 40, seed=e)
+        expert = build_expert(cfg.model, NUM_CLASSES, seed=e)
+        train_classifier(expert, x, y, epochs=60, lr=1e-2, batch_size=32, seed=e)
+        experts[e], train_x[e] = expert.eval(), x
+    test_x, test_y = cluster_samples(list(range(NUM_CLASSES)), 50, seed=99)
+    with torch.no_grad():
+        logits = torch.stack([experts[e](test_x) for e in sorted(experts)], dim=1)
+    ratios = torch.stack(
+        [familiarity(test_x, train_x[e], cfg.gate.know_quantile) for e in sorted(experts)], dim=1
+    )
+    answered = torch.ones(len(test_y), len(experts), dtype=torch.bool)
+    weights = get("knowgate").reweight(ratios, answered, OWN, SHARED, cfg.gate.k, cfg.gate)
+    mixed, _ = combine(weights, logits, answered, fallback=OWN)
+    return {"logits": logits, "weights": weights, "mixed": mixed, "y": test_y}
+
+
+def test_samples_nobody_knows_get_exactly_the_shared_model(world) -> None:
+    unknown = world["y"] >= 6
+    assert bool((world["weights"][unknown, SHARED] == 1.0).all())
+    shared = torch.softmax(world["logits"][unknown, SHARED], dim=1)
+    assert torch.equal(world["mixed"][unknown], shared)
+
+
+def test_known_samples_go_to_the_expert_that_knows_them(world) -> None:
+    for e, classes in PERSONAL.items():
+        rows = (world["y"] == classes[0]) | (world["y"] == classes[1])
+        top = world["weights"][rows].argmax(dim=1)
+        assert float((top == e).float().mean()) >= 0.95, (e, top.bincount())
+
+
+def test_the_mixture_is_never_worse_than_the_best_of_its_parts(world) -> None:
+    y = world["y"]
+    mixed_acc = float((world["mixed"].argmax(dim=1) == y).float().mean())
+    parts = [float((world["logits"][:, e].argmax(dim=1) == y).float().mean()) for e in range(4)]
+    assert mixed_acc >= max(parts), (mixed_acc, parts)
+    # and per sample: wherever the shared expert is right, so is the mixture
+    shared_right = world["logits"][:, SHARED].argmax(dim=1) == y
+    assert bool((world["mixed"].argmax(dim=1) == y)[shared_right].all())
+
+
+def test_knowgate_without_a_shared_expert_is_refused() -> None:
+    from nmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="expert.shared_expert"):
+        compose_config(["experiment=smoke", "gate=knowgate"])
