@@ -30,6 +30,8 @@ from client_app.state import SEP, PersonalState
 from scripts.local_deployment import COMPLETED_STATUS, Deployment
 from server_app.checkpoint import load as load_checkpoint
 
+pytestmark = pytest.mark.deployment  # real processes: python -m pytest -m deployment
+
 NUM_NODES = 3
 STATE_KEY = "fleet-test"
 RUN_TIMEOUT_S = 600

@@ -132,6 +132,7 @@ def test_invalid_override_fails_before_training(
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.deployment
 def test_stopped_run_resumes_after_its_last_checkpointed_round(
     federation: SimulationFederation, tmp_path: Path
 ) -> None:

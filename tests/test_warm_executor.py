@@ -576,6 +576,7 @@ def executor_log(deployment: Deployment, index: int) -> str:
     return deployment.nodes[index].executor_log.read_text(errors="replace")
 
 
+@pytest.mark.deployment
 def test_smoke_run_gives_the_results_of_the_reference_run(
     warm_smoke: dict[str, Any], federations: dict[str, Any]
 ) -> None:
@@ -592,6 +593,7 @@ def test_smoke_run_gives_the_results_of_the_reference_run(
     assert results["status"] == "completed"
 
 
+@pytest.mark.deployment
 def test_smoke_run_was_served_warm(warm: Deployment, warm_smoke: dict[str, Any]) -> None:
     """Every task forked: each node's first compared the FAB it installed with the checkout
     (equal), the others ran warm."""
@@ -602,6 +604,7 @@ def test_smoke_run_was_served_warm(warm: Deployment, warm_smoke: dict[str, Any])
         assert log.count(") warm: exit 0") >= 5
 
 
+@pytest.mark.deployment
 def test_a_raising_task_gets_an_error_reply_and_the_executor_lives_on(
     warm: Deployment, warm_smoke: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -639,6 +642,7 @@ def test_a_raising_task_gets_an_error_reply_and_the_executor_lives_on(
         assert "differs from the preloaded app" in log and "re-exec" in log
 
 
+@pytest.mark.deployment
 def test_sigterm_stops_every_executor_with_nothing_left(warm: Deployment) -> None:
     executors = [n.executor for n in warm.nodes.values() if n.executor is not None]
     assert len(executors) == NUM_NODES
