@@ -412,6 +412,7 @@ class Deployment(Federation):
         certs_dir: Path | None = None,
         executor: str = WARM,
         executor_args: tuple[str, ...] = (),
+        data_dirs: Path | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"--nodes must be >= 1, got {num_nodes}")
@@ -425,6 +426,14 @@ class Deployment(Federation):
         self.auth = auth
         self.executor = executor
         self.executor_args = tuple(executor_args)
+        self.data_dirs = data_dirs.expanduser().resolve() if data_dirs else None
+        if self.data_dirs is not None:
+            missing = [i for i in range(num_nodes) if not (self.data_dirs / f"device-{i}").is_dir()]
+            if missing:
+                raise ValueError(
+                    f"--data-dirs {self.data_dirs}: no device-<i> folder for nodes {missing} "
+                    "(write them with scripts/export_device_data.py)"
+                )
         self.certs_dir = (certs_dir or self.workdir / "certificates").expanduser().resolve()
         self.keys_dir = self.workdir / "keys"
         self.nodes: dict[int, SuperNode] = {}
@@ -520,6 +529,8 @@ class Deployment(Federation):
             f"partition-id={node.index} num-partitions={num_partitions} "
             f"state-dir='{node.state_dir}'"
         )
+        if self.data_dirs is not None:  # the device reads only its own folder
+            node_config += f" data-dir='{self.data_dirs / f'device-{node.index}'}'"
         command = [
             str(BIN / "flower-supernode"),
             "--superlink",
@@ -727,6 +738,13 @@ def main(argv: list[str] | None = None) -> int:
         "SuperExec (a fresh process per message)",
     )
     parser.add_argument(
+        "--data-dirs",
+        type=Path,
+        default=None,
+        help="node i reads only DIR/device-<i> (node config data-dir; "
+        "scripts/export_device_data.py writes them)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=RUN_TIMEOUT_S, help="seconds to wait for the run"
     )
     parser.add_argument(
@@ -744,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
             auth=args.auth,
             certs_dir=args.certs,
             executor=args.executor,
+            data_dirs=args.data_dirs,
         )
     except ValueError as err:
         parser.error(str(err))

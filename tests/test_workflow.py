@@ -34,7 +34,14 @@ MIN_PNG_BYTES = 5_000
 PNG_MAGIC = b"\x89PNG"
 EXPECTED_PLOTS = set(report.PLOT_FILES.values())
 
-PRESETS = ("smoke", "digits_default", "panel_digits", "paper_cifar10_iid", "paper_cifar10_noniid")
+PRESETS = (
+    "smoke",
+    "digits_default",
+    "panel_digits",
+    "panel_fashion_mnist",
+    "paper_cifar10_iid",
+    "paper_cifar10_noniid",
+)
 README_OVERRIDES = (
     "gate=rangate",
     "gate=rollgate gate.roll_order=shuffled",
