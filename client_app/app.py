@@ -418,9 +418,11 @@ def pending_queries(node: Node) -> list[str]:
     """The routed queries waiting for their combine wave, after dropping the expired ones."""
     now, waiting = time.time(), []
     for name in [n for n in node.state.state.array_records if n.startswith(PENDING_PREFIX)]:
-        created = float(node.state.get(name)["created"][0])
-        if now - created > node.policy.pending_ttl_s:
+        arrays = node.state.get(name)
+        if now - float(arrays["created"][0]) > node.policy.pending_ttl_s:
             node.state.drop(name)
+            if PendingQuery.from_arrays(arrays).mode == "serve":  # its inputs wait again
+                node.inbox().release(name[len(PENDING_PREFIX) :])
         else:
             waiting.append(name)
     return waiting
@@ -445,7 +447,6 @@ def check_features(value: np.ndarray, feature_dim: int, max_rows: int, name: str
 def route(node: Node, request: wire.RouteRequest) -> wire.RouteReply:
     """Wave 1: features and routing weights for every split the query names (one concatenated
     batch); one feature batch per remote expert."""
-    k = int(node.cfg.gate.k)
     for split in ["gate"] if request.mode == "cache" else request.splits:
         node.policy.share(split)
     waiting = pending_queries(node)
@@ -460,10 +461,23 @@ def route(node: Node, request: wire.RouteRequest) -> wire.RouteReply:
         )
         if not items:
             return wire.RouteReply(features={}, num_examples=0)
-        images = node.inbox().read(items)
-        parts = [(images, torch.full((len(items),), -1, dtype=torch.long))]
-    else:
-        parts = [node.split(name) for name in request.splits]
+        try:
+            return route_rows(node, request, [(node.inbox().read(items), no_labels(items))])
+        except Exception:
+            node.inbox().release(request.query_id)  # the inputs wait for the next query
+            raise
+    return route_rows(node, request, [node.split(name) for name in request.splits])
+
+
+def no_labels(items: list) -> torch.Tensor:
+    return torch.full((len(items),), -1, dtype=torch.long)
+
+
+def route_rows(
+    node: Node, request: wire.RouteRequest, parts: list[tuple[torch.Tensor, torch.Tensor]]
+) -> wire.RouteReply:
+    """Wave 1 on the rows of `parts` (images, labels): plan, keep, send."""
+    k = int(node.cfg.gate.k)
     node.policy.rows(sum(len(p[1]) for p in parts))
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     reachable = node.reachable(request.neighbours)

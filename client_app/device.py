@@ -47,7 +47,7 @@ class DeviceService:
 
     def step(self) -> dict[str, int]:
         """Answer or hand over every file that landed since the last step."""
-        items = self.inbox.new()
+        items = self.inbox.admit(self.inbox.new())  # a bad file is refused, never batched
         if not items:
             return {"device": 0, "federated": 0}
         feats = forward_batched(self.fe, self.inbox.read(items))

@@ -152,7 +152,10 @@ class NodePolicy:
         return max(float(configured), self.min_local_first)
 
     def threads(self, configured: int) -> int:
-        return min(configured, self.max_threads) if self.max_threads and configured else configured
+        """Torch threads: the configured count (0 = torch's default, every core) within the cap."""
+        if not self.max_threads:
+            return configured
+        return min(configured, self.max_threads) if configured else self.max_threads
 
 
 def _select(cfg: Any, dotted: str) -> Any:

@@ -30,7 +30,7 @@ from .atomic import write_json_atomic
 from .datasets import DatasetInfo, normalise
 
 SUFFIXES = (".png", ".npy")
-FEDERATED, CLAIMED, DONE = "federated", "claimed", "done"
+FEDERATED, CLAIMED, DONE, REFUSED = "federated", "claimed", "done", "refused"
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,25 @@ class Inbox:
         return _move(item, self.inbox / FEDERATED)
 
     def claim(self, query: str, limit: int) -> list[Item]:
-        """Claim up to `limit` waiting files for one routed query."""
+        """Claim up to `limit` waiting files for one routed query; a file that is not a valid
+        image is set aside in `refused/` with an error entry in the outbox, never batched."""
         folder = self.inbox / CLAIMED / query
         folder.mkdir(parents=True, exist_ok=True)
         waiting = sorted(self.federated() + self.new(), key=_order)[:limit]
-        return sorted((_move(item, folder) for item in waiting), key=_order)
+        return sorted((_move(item, folder) for item in self.admit(waiting)), key=_order)
+
+    def admit(self, items: list[Item]) -> list[Item]:
+        """The items that read as valid images; the others are refused (outbox error entry)."""
+        good = []
+        for item in items:
+            try:
+                _read_image(item.path, tuple(self.info.image_shape), self.info.pixel_max)
+                good.append(item)
+            except (ValueError, OSError) as err:
+                entry = {"file": item.path.name, "error": str(err)}
+                write_json_atomic(self.outbox / f"{item.path.name}.json", entry)
+                _move(item, self.inbox / REFUSED)
+        return good
 
     def release(self, query: str) -> None:
         """Give a claimed query's files back to the federation (its combine never came)."""
@@ -99,7 +113,7 @@ class Inbox:
         """The images, normalised as the dataset's (N, C, H, W) float32."""
         shape = tuple(self.info.image_shape)
         images = (
-            np.stack([_read_image(i.path, shape) for i in items])
+            np.stack([_read_image(i.path, shape, self.info.pixel_max) for i in items])
             if items
             else np.zeros((0, *shape), np.uint8)
         )
@@ -139,10 +153,15 @@ def _move(item: Item, folder: Path) -> Item:
     return Item(target, item.landed)
 
 
-def _read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """Raw pixels (C, H, W) of a PNG or a `.npy` (no pickle), checked against the shape."""
+def _read_image(path: Path, shape: tuple[int, ...], pixel_max: int) -> np.ndarray:
+    """Raw pixels (C, H, W) of a PNG or a `.npy` (no pickle), checked against the shape and the
+    dataset's raw pixel range (integers in [0, pixel_max])."""
     if path.suffix.lower() == ".npy":
         pixels = np.load(path, allow_pickle=False)
+        if not np.issubdtype(pixels.dtype, np.integer):
+            raise ValueError(f"{path.name}: dtype {pixels.dtype}, expected raw integer pixels")
+        if pixels.size and (pixels.min() < 0 or pixels.max() > pixel_max):
+            raise ValueError(f"{path.name}: pixel values outside [0, {pixel_max}]")
     else:
         from PIL import Image
 

@@ -13,8 +13,8 @@ Executors (`--executor`): `warm` (default) starts every SuperNode with
 `--isolation process` next to one warm executor (`python -m client_app.warm_executor
 --runtime-api-address 127.0.0.1:<node port> --insecure`, log `logs/node-<i>.executor.log`):
 it imports flwr, torch and the app once and forks a child per message that runs flwr's
-own ClientApp runner, so a message costs no process start (a wave of messages takes about a
-quarter of the stock time on the 2-core machine: bench/waves.py). `stock` starts the
+own ClientApp runner, so a message costs no process start (a wave of messages takes 0.30x
+the stock time on the 2-core machine: bench/results/waves.json). `stock` starts the
 SuperNodes with `--isolation subprocess`: the SuperNode's own SuperExec starts a fresh
 `flwr-clientapp` process per message. A SuperNode and its executor are started, stopped
 and killed together, by PID.

@@ -39,7 +39,7 @@ STATE_FILE = "state.json"
 ARRAYS_FILE = "arrays.npz"
 SEP = "::"
 PARTIAL_SUFFIX = (
-    ":partial"  # stages.py keeps the arrays of the round in progress as `<stage>:partial`
+    ":partial"  # rounds.py keeps the arrays of the round in progress as `<stage>:partial`
 )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from flwr.app import Context, RecordDict
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from client_app.state import SEP, PersonalState
 from scripts.local_deployment import COMPLETED_STATUS, Deployment
@@ -207,7 +207,8 @@ def test_state_files_hold_only_model_tensors(
 
 
 def test_loader_rejects_a_pickle_in_place_of_the_state_file(tmp_path: Path) -> None:
-    """A pickle at the state path is refused as not-safetensors; its payload never runs."""
+    """A pickle at the state path is refused as not-safetensors and set aside; its payload never
+    runs and the node goes on without it."""
     marker = tmp_path / "payload-ran"
     path = tmp_path / "state" / STATE_KEY / "partition-0.safetensors"
     path.parent.mkdir(parents=True)
@@ -219,10 +220,11 @@ def test_loader_rejects_a_pickle_in_place_of_the_state_file(tmp_path: Path) -> N
         state=RecordDict(),
         run_config={},
     )
-    with pytest.raises(SafetensorError):
-        PersonalState(context).set_config(json.dumps({"state_key": STATE_KEY}))
+    PersonalState(context).set_config(json.dumps({"state_key": STATE_KEY}))
     assert not marker.exists()
     assert not context.state.array_records
+    assert not path.exists()
+    assert [p.name.split("-")[0] for p in path.parent.glob("*.refused-*")] == ["partition"]
 
 
 class _Payload:

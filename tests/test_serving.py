@@ -137,3 +137,25 @@ def test_no_prediction_or_input_reaches_the_server(served) -> None:
             for record in message.content.metric_records.values():
                 assert "predictions" not in record
         assert "predictions" not in served["serving"]
+
+
+def test_a_bad_file_is_refused_alone_and_a_failed_query_gives_its_inputs_back(tmp_path) -> None:
+    from nmoe.datasets import dataset_info
+    from nmoe.inbox import Inbox
+
+    info = dataset_info("digits")
+    inbox = Inbox(tmp_path / "in", tmp_path / "out", info)
+    good = np.zeros(info.image_shape, np.uint8)
+    np.save(tmp_path / "in" / "a-good.npy", good)
+    np.save(tmp_path / "in" / "b-float.npy", good.astype(np.float32))
+    np.save(tmp_path / "in" / "c-bright.npy", good + 200)
+    np.save(tmp_path / "in" / "d-shape.npy", np.zeros((3, 3), np.uint8))
+    claimed = inbox.claim("q1", limit=10)
+    assert [i.path.name for i in claimed] == ["a-good.npy"]
+    errors = read_outbox(tmp_path / "out")
+    assert set(errors) == {"b-float.npy", "c-bright.npy", "d-shape.npy"}
+    assert all("error" in e and "prediction" not in e for e in errors.values())
+    assert len(list((tmp_path / "in" / "refused").iterdir())) == 3
+    inbox.release("q1")  # the query failed: its input waits for the next one
+    assert [i.path.name for i in inbox.federated()] == ["a-good.npy"]
+    assert [i.path.name for i in inbox.claim("q2", limit=10)] == ["a-good.npy"]
