@@ -22,7 +22,7 @@ from nmoe.config import compose_config, parse_overrides
 from nmoe_protocol import messages as wire
 
 from .report import RESULTS_FILE, write_plots
-from .run import Run, open_run
+from .run import Run, StageFailed, open_run
 from .stages import baselines, evaluation, experts, extractor, serving
 from .stages import gates as gate_stage
 
@@ -63,8 +63,8 @@ def run_stages(run: Run) -> None:
         for g in gate_names
         if gates.get(g).trainable and not resumed_on_clients(run, g, wire.gate_state(g))
     ]
-    if to_train:
-        run.stage("gate_cache", lambda: gate_stage.fill_gate_cache(run))
+    if to_train and not run.stage("gate_cache", lambda: gate_stage.fill_gate_cache(run)):
+        to_train, gate_names = no_gate_cache(run, to_train, gate_names, nmoe_gate)
     for gate in to_train:
         run.stage(gate.name, lambda gate=gate: gate_stage.train_gate(run, gate))
 
@@ -82,6 +82,20 @@ def run_stages(run: Run) -> None:
 
     run.stage("evaluate_local", evaluate_local)
     run.stage("inference", lambda: evaluation.evaluate_routed(run, gate_names, nmoe_gate))
+
+
+def no_gate_cache(
+    run: Run, to_train: list, gate_names: list[str], nmoe_gate: str
+) -> tuple[list, list[str]]:
+    """No client could cache its experts' outputs (every node keeps its `gate` split): the
+    trainable baseline gates are skipped; a trainable configured gate cannot be trained."""
+    reason = "no client shares its 'gate' split (node config share-splits): nothing to train on"
+    if any(g.name == nmoe_gate for g in to_train):
+        raise StageFailed(f"gate '{nmoe_gate}': {reason}; use gate=knowgate or gate=rangate")
+    for gate in to_train:
+        run.results.set_extra_item("skipped", gate.name, reason)
+    skipped = {g.name for g in to_train}
+    return [], [g for g in gate_names if g not in skipped]
 
 
 def resumed_on_clients(run: Run, stage: str, group: str) -> bool:

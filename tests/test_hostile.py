@@ -360,6 +360,7 @@ def tiny_run(
     tamper: Any = None,
     overrides: list[str] | None = None,
     prepare: Callable[[dict[int, LiveNode]], None] | None = None,
+    node_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A complete run of the app (3 in-process nodes behind a RelayGrid); returns results.json."""
     from server_app.app import run_job
@@ -375,7 +376,7 @@ def tiny_run(
         ]
     )
     nodes = {
-        10 + p: LiveNode(tmp_path / f"node{p}", overrides, partition_id=p)
+        10 + p: LiveNode(tmp_path / f"node{p}", overrides, node_config, partition_id=p)
         for p in range(NUM_PARTITIONS)
     }
     if prepare is not None:
@@ -499,6 +500,23 @@ def test_plain_run_survives_a_missing_batch_and_a_shouting_peer(tmp_path: Path) 
     for client in ("0", "1"):
         share_of_3 = float(np.mean(np.array(predictions[client]) == 3))
         assert share_of_3 < 0.6, f"client {client}: {share_of_3:.2f} of predictions are class 3"
+
+
+def test_nodes_that_keep_their_gate_split_skip_the_trainable_gates(tmp_path: Path) -> None:
+    """Nodes whose owners keep the `gate` split: the trainable baseline gates are skipped with
+    the reason (the run completes with the others); a trainable configured gate stops the run
+    with a message that says why and what to use instead."""
+    from server_app.run import StageFailed
+
+    keep = {"share-splits": "test,global"}
+    results = tiny_run(tmp_path, overrides=["baselines=[fedgate,rollgate]"], node_config=keep)
+    assert results["status"] == "completed"
+    assert set(results["extra"]["skipped"]) == {"fedgate", "rollgate"}
+    assert "share-splits" in results["extra"]["skipped"]["fedgate"]
+    assert set(results["accuracy"]) >= {"rangate", "local_expert"}
+    assert "fedgate" not in results["accuracy"]
+    with pytest.raises(StageFailed, match="gate 'fedgate'.*share-splits"):
+        tiny_run(tmp_path / "fedgate", overrides=["gate=fedgate"], node_config=keep)
 
 
 def test_interpolation_in_an_override_is_refused_before_it_resolves(monkeypatch) -> None:

@@ -45,13 +45,16 @@ def route_requests(
     return requests
 
 
-def fill_gate_cache(run: Run) -> None:
-    """Fetch every reachable expert's logits on each client's gate-training features once."""
+def fill_gate_cache(run: Run) -> list[int]:
+    """Fetch every reachable expert's logits on each client's gate-training features once;
+    returns the clients that hold their cache (a node whose policy keeps its `gate` split
+    refuses)."""
     query = f"cache-{uuid.uuid4().hex[:8]}"
     outcome = run.router.run(route_requests(run, query, ["gate"], "cache", "cache"))
     run.results.set_extra(
         "gate_cache", {"clients": sorted(outcome.reports), "failed_experts": outcome.failed_experts}
     )
+    return sorted(outcome.reports)
 
 
 class GateRounds(FederatedRounds):
