@@ -7,9 +7,9 @@ the input to `<inbox>/done/`. Hand-offs are renames, so two processes never answ
 - the on-device service (`nmoe-device serve`) takes new files from `<inbox>/`: those familiar to
   the device's own data are answered at once by its own expert; the others move to
   `<inbox>/federated/` for the federation;
-- a routed serving query (`mode=serve`) claims the files in `<inbox>/federated/` (and in
-  `<inbox>/` when no on-device service runs) into `<inbox>/claimed/<query>/`, and answers them
-  when its combine wave arrives.
+- a routed serving query (`mode=serve`) claims the files in `<inbox>/federated/` (and those in
+  `<inbox>/` that no on-device service took within `UNCLAIMED_GRACE_S` of landing) into
+  `<inbox>/claimed/<query>/`, and answers them when its combine wave arrives.
 
 An outbox entry: `{"file", "prediction", "class", "probabilities", "answered_by": "device" |
 "federation", "latency_s"}` (latency from the file landing, by its modification time, to its
@@ -30,6 +30,9 @@ from .atomic import write_json_atomic
 from .datasets import DatasetInfo, normalise
 
 SUFFIXES = (".png", ".npy")
+# A file in the inbox itself is the on-device service's for this long (it looks every 0.2 s);
+# only then may the federation take it (a device with no service running).
+UNCLAIMED_GRACE_S = 2.0
 FEDERATED, CLAIMED, DONE, REFUSED = "federated", "claimed", "done", "refused"
 
 
@@ -87,7 +90,9 @@ class Inbox:
         image is set aside in `refused/` with an error entry in the outbox, never batched."""
         folder = self.inbox / CLAIMED / query
         folder.mkdir(parents=True, exist_ok=True)
-        waiting = sorted(self.federated() + self.new(), key=_order)[:limit]
+        landed_before = time.time() - UNCLAIMED_GRACE_S  # the device service's turn first
+        fresh = [i for i in self.new() if i.landed <= landed_before]
+        waiting = sorted(self.federated() + fresh, key=_order)[:limit]
         return sorted((_move(item, folder) for item in self.admit(waiting)), key=_order)
 
     def admit(self, items: list[Item]) -> list[Item]:

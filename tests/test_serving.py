@@ -6,6 +6,8 @@ the others by the federation (`mode=serve`)."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,11 @@ def test_a_bad_file_is_refused_alone_and_a_failed_query_gives_its_inputs_back(tm
     np.save(tmp_path / "in" / "b-float.npy", good.astype(np.float32))
     np.save(tmp_path / "in" / "c-bright.npy", good + 200)
     np.save(tmp_path / "in" / "d-shape.npy", np.zeros((3, 3), np.uint8))
+    np.save(tmp_path / "in" / "e-just-landed.npy", good)
+    assert inbox.claim("q0", limit=10) == []  # the device service's turn first
+    landed = time.time() - 10
+    for path in (tmp_path / "in").glob("[a-d]-*.npy"):
+        os.utime(path, (landed, landed))
     claimed = inbox.claim("q1", limit=10)
     assert [i.path.name for i in claimed] == ["a-good.npy"]
     errors = read_outbox(tmp_path / "out")
