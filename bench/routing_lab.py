@@ -195,10 +195,10 @@ def rule_gate(options: dict[str, float]) -> Rule:
 
     gate = gates.get(str(options["method"]))
     cfg = SimpleNamespace(**options)
-    cache: dict[tuple[int, str, float], torch.Tensor] = {}
+    cache: dict[tuple[int, int, str, float], torch.Tensor] = {}
 
     def ratios(fed: Federation, i: int, split: str) -> torch.Tensor:
-        key = (i, split, float(cfg.know_quantile))
+        key = (id(fed), i, split, float(cfg.know_quantile))  # one cache across federations
         if key not in cache:
             feats = fed.data[i][split]["feats"]
             r = torch.full((len(feats), fed.num_experts), float("inf"))
