@@ -29,6 +29,7 @@ class KnowGateOptions:
     know_own_bias: float = 1.5  # the requester's own ratio is divided by this
     know_temperature: float = 0.3  # softmax temperature over -ratio of the experts mixed
     know_max_ratio: float = 3.0  # beyond this ratio for every expert: the shared expert alone
+    know_shared_ratio: float = 0.0  # > 0: the shared expert competes as if this familiar (0: off)
 
 
 class KnowGate(Gate):
@@ -45,6 +46,11 @@ class KnowGate(Gate):
         )
         for key in ("know_own_bias", "know_temperature", "know_max_ratio"):
             require(g[key] > 0, f"gate.{key}", f"must be > 0, got {g[key]}")
+        require(
+            g.know_shared_ratio >= 0,
+            "gate.know_shared_ratio",
+            f"must be >= 0, got {g.know_shared_ratio}",
+        )
         require(
             not used or bool(cfg.expert.shared_expert),
             "expert.shared_expert",
@@ -75,9 +81,11 @@ class KnowGate(Gate):
         assert shared is not None
         r = ratios.clone()
         r[~answered] = float("inf")
-        r[:, shared] = float("inf")  # the fallback, not a candidate
+        r[:, shared] = float("inf")  # the fallback, not a candidate ...
         nobody = r.min(dim=1).values > float(gate_cfg.know_max_ratio)  # before the own bias
         r[:, own] = r[:, own] / float(gate_cfg.know_own_bias)
+        if float(gate_cfg.know_shared_ratio) > 0 and bool(answered[:, shared].all()):
+            r[:, shared] = float(gate_cfg.know_shared_ratio)  # ... unless it competes
         top = min(k, r.shape[1])
         values, index = (-r).topk(top, dim=1)
         chosen = torch.softmax(values / float(gate_cfg.know_temperature), dim=1)
