@@ -233,7 +233,8 @@ def test_good_route_after_bad_ones(node: LiveNode) -> None:
 
 
 def test_coalesced_query_answers_each_split_in_order(node: LiveNode) -> None:
-    """One query over `test,global,test` reports per split (in order) what that split alone holds."""
+    """One query over `test,global,test` reports per split (in order) what that split alone
+    holds."""
     from nmoe.data import federation_spec, load_client_data
 
     data, _ = load_client_data(federation_spec(node.cfg), 0, NUM_PARTITIONS)

@@ -221,7 +221,8 @@ def test_invalid_config_names_the_key(override: str, key: str) -> None:
 
 
 def test_gate_with_k1_still_learns() -> None:
-    """k = 1: a top-1 softmax is constant; training uses the Switch-style weight and the gate moves."""
+    """k = 1: a top-1 softmax is constant; training uses the Switch-style weight and the gate
+    moves."""
     from nmoe.models import build_gate
     from nmoe.training import train_gate
 
@@ -246,7 +247,7 @@ def test_gate_with_k1_still_learns() -> None:
         batch_size=32,
         seed=0,
     )
-    assert any(not torch.equal(a, b) for a, b in zip(before, gate.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, gate.parameters(), strict=True))
     with torch.no_grad():
         chosen = topk_weights(gate(feats), reachable, 1).argmax(dim=1)
     assert float((chosen == 2).float().mean()) > 0.9

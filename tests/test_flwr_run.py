@@ -21,7 +21,8 @@ CHANCE = 0.1
 WIDE_MARGIN_ACC = 0.5  # five times chance on 10 classes
 CHECKPOINT_SETTLE_S = 3
 OVERRIDES = (
-    "partition=dirichlet partition.alpha=0.3 gate=fedgate gate.sync_trunk_every=1 gate.sync_head_every=0 "
+    "partition=dirichlet partition.alpha=0.3 gate=fedgate gate.sync_trunk_every=1 "
+    "gate.sync_head_every=0 "
     "audit_messages=true "
     "baselines=[fedavg,shared_fe_own_head] fe.rounds=8"
 )
@@ -136,7 +137,8 @@ def test_invalid_override_fails_before_training(
 def test_stopped_run_resumes_after_its_last_checkpointed_round(
     federation: SimulationFederation, tmp_path: Path
 ) -> None:
-    """Stop the ServerApp's run in the middle of stage 1, start it again with resume=: it continues."""
+    """Stop the ServerApp's run in the middle of stage 1, start it again with resume=: it
+    continues."""
     import shutil
 
     rounds, stop_after = 120, 2  # ~0.1-0.2 s per round: `flwr stop` must land well before the end

@@ -43,7 +43,8 @@ DIGITS_SHAPE = (1, 8, 8)
 def reference_spectral_loss(
     z1: torch.Tensor, z2: torch.Tensor, others=None, weight: float = 0.0
 ) -> float:
-    """-2/N sum_i z1_i.z2_i + ||M||_F^2, M = (1/(2N)) sum_i (z1_i z1_i^T + z2_i z2_i^T), with plain loops.
+    """-2/N sum_i z1_i.z2_i + ||M||_F^2, M = (1/(2N)) sum_i (z1_i z1_i^T + z2_i z2_i^T), with
+    plain loops.
 
     With `others`, M is mixed as (1 - w) M + w * others.
     """
@@ -135,7 +136,8 @@ def _digits_clients(num_clients: int, extra: list[str]):
 
 
 def _probe(cfg, bundle, clients) -> float:
-    """The server's protocol: linear probe on pooled training features, scored on the global test set."""
+    """The server's protocol: linear probe on pooled training features, scored on the global
+    test set."""
     x = torch.cat([c.train_x for c in clients])
     y = torch.cat([c.train_y for c in clients])
     return linear_probe(
@@ -403,7 +405,7 @@ def test_routing_k_larger_than_neighbourhood_raises():
         random_weights(2, reachable, 3)
 
 
-# ---------------------------------------------------------------------------- 6. RollGate (simulation) and gate training
+# ------------------------------------------------------ 6. RollGate (simulation) and gate training
 ALL_METHODS = (
     "oracle_router",
     "fedavg",

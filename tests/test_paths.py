@@ -103,7 +103,8 @@ def test_shared_expert_is_trained_federatedly_and_routable(results: dict) -> Non
 
 
 def test_correlation_sharing_costs_bytes(results: dict) -> None:
-    """F + projector travel both ways; correlation matrices go up with them and come back averaged."""
+    """F + projector travel both ways; correlation matrices go up with them and come back
+    averaged."""
     fe = results["comm_bytes"]["fe_sc"]
     assert fe["down"] > fe["up"] * 0.9  # the round-2 messages carry the others' average correlation
     assert results["topology"]["kind"] == "ring"

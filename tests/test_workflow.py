@@ -109,7 +109,7 @@ def test_wrong_value_names_the_key(override: str, pattern: str) -> None:
         compose_config([override])
 
 
-# ---------------------------------------------------------------------------- sweep summary on fake jobs
+# --------------------------------------------------------------------- sweep summary on fake jobs
 def _fake_job(
     job_dir: Path, seed: int, local: float, global_: float, overrides: list[str] | None
 ) -> None:
