@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -22,8 +23,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from nmoe.config import BASELINES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
@@ -34,12 +33,21 @@ NMOE_CLI = VENV_BIN / "nmoe"
 # The NMoE configuration under test: the main job's preset (conf/experiment/digits_default.yaml);
 # a benchmark's own keys (clients, seeds, partition, baselines) are set after it and win.
 DEFAULT_NMOE_CONFIG = "experiment=digits_default"
-ALL_BASELINES = BASELINES
+# --tiny (smoke tests): one round or epoch of every training stage; a script adds its own keys.
+TINY_SIZES: dict[str, Any] = {
+    "fe.rounds": 1,
+    "fe.local_epochs": 1,
+    "expert.epochs": 1,
+    "expert.shared_rounds": 1,
+    "gate.rounds": 1,
+    "gate.local_epochs": 1,
+}
 
 BYTES_PER_FLOAT32 = 4
 KIB = 1024
 GIB = 1024**3
 SAMPLE_INTERVAL_S = 0.5
+KILL_GRACE_S = 10.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # /proc/<pid>/stat fields after the ")" that closes the command name (0-based):
@@ -149,6 +157,11 @@ def split_overrides(text: str) -> list[str]:
     return shlex.split(text)
 
 
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    """Hydra overrides from config keys and values (`{"fe.rounds": 1}` -> `["fe.rounds=1"]`)."""
+    return [f"{key}={value}" for key, value in values.items()]
+
+
 def expose_bench_to_ray_workers() -> None:
     """Put bench/ on PYTHONPATH before Ray starts: workers then import the bench's own
     apps by reference (as they do the project's), instead of unpickling them by value."""
@@ -182,9 +195,9 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
         return {"slope": math.nan, "intercept": math.nan, "r2": math.nan, "points": n}
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
     intercept = my - slope * mx
-    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
     ss_tot = sum((y - my) ** 2 for y in ys)
     return {
         "slope": slope,
@@ -192,6 +205,18 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
         "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0,
         "points": n,
     }
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names whose (local, global) no other point matches or beats on both axes, beating on one
+    (equal points both stay), by decreasing first coordinate."""
+
+    def dominated(a: tuple[float, float]) -> bool:
+        return any(b[0] >= a[0] and b[1] >= a[1] and b != a for b in points.values())
+
+    return sorted(
+        (name for name, p in points.items() if not dominated(p)), key=lambda n: -points[n][0]
+    )
 
 
 # ---------------------------------------------------------------------------- process tree
@@ -219,6 +244,49 @@ def _pss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _process_table() -> dict[int, tuple[int, int, int, int]]:
+    """pid -> (ppid, cpu ticks, start time, rss pages) of every process now."""
+    table: dict[int, tuple[int, int, int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _read_stat(entry)
+            if stat is not None:
+                table[int(entry)] = stat
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, int, int, int]]) -> list[int]:
+    """`root` (if alive) and every process below it, parents before children."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_rest) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root] if root in table else []
+    while todo:
+        pid = todo.pop(0)
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def kill_tree(root: int, grace_s: float = KILL_GRACE_S) -> list[int]:
+    """Stop a process this benchmark started and everything below it (Ray's GCS, raylet and
+    workers are children of the driver): SIGTERM, then SIGKILL after `grace_s`. Returns the
+    pids signalled."""
+    pids = _descendants(root, _process_table())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while sig == signal.SIGTERM and time.monotonic() < deadline:
+            if not any(Path(f"/proc/{pid}").exists() for pid in pids):
+                return pids
+            time.sleep(SAMPLE_INTERVAL_S)
+    return pids
 
 
 @dataclass
@@ -272,22 +340,11 @@ class ProcessTreeMonitor:
 
     def _tree(self) -> dict[tuple[int, int], tuple[int, int]]:
         """(pid, start time) -> (cpu ticks, rss pages) for the root and all its descendants."""
-        table: dict[int, tuple[int, int, int, int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                stat = _read_stat(entry)
-                if stat is not None:
-                    table[int(entry)] = stat
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, *_rest) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        tree, todo = {}, [self.root_pid] if self.root_pid in table else []
-        while todo:
-            pid = todo.pop()
-            _, ticks, start, rss = table[pid]
-            tree[(pid, start)] = (ticks, rss)
-            todo.extend(children.get(pid, []))
-        return tree
+        table = _process_table()
+        return {
+            (pid, table[pid][2]): (table[pid][1], table[pid][3])
+            for pid in _descendants(self.root_pid, table)
+        }
 
     def sample(self) -> None:
         """Take one sample now (also called at start and stop)."""
@@ -341,19 +398,29 @@ class CommandRun:
 
 
 def run_monitored(
-    command: list[str], log_path: Path, cwd: Path, with_pss: bool = True
+    command: list[str],
+    log_path: Path,
+    cwd: Path,
+    with_pss: bool = True,
+    timeout_s: float | None = None,
 ) -> CommandRun:
-    """Run `command` (stdout+stderr to `log_path`), sampling its process tree; raise if it fails."""
+    """Run `command` (stdout+stderr to `log_path`), sampling its process tree; raise if it fails
+    or outlives `timeout_s` (then it and everything it started are stopped)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(command)}\n  (log: {log_path})", flush=True)
+    timed_out = False
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         with ProcessTreeMonitor(process.pid, with_pss=with_pss) as monitor:
-            returncode = process.wait()
+            try:
+                returncode = process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                kill_tree(process.pid)
+                returncode = process.wait()
     run = CommandRun(command, returncode, log_path, monitor.stats)
     if returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(
-            f"command failed with exit code {returncode}: {shlex.join(command)}\n{tail}"
-        )
+        reason = f"timed out after {timeout_s} s" if timed_out else f"exit code {returncode}"
+        raise RuntimeError(f"command failed ({reason}): {shlex.join(command)}\n{tail}")
     return run

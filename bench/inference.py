@@ -1,7 +1,8 @@
-"""Collaborative-inference throughput: the three routed waves against local batched forward passes.
+"""Collaborative-inference throughput: the three routed waves against local batched forward
+passes.
 
-    python bench/inference.py                                  # 10 clients, digits, the default NMoE config
-    python bench/inference.py --nmoe-config "gate=rollgate"    # another trained gate
+    python bench/inference.py                                # 10 clients, the default NMoE config
+    python bench/inference.py --nmoe-config "gate=rollgate"  # another gate (any of the registry)
 
 One in-process Flower simulation runs the real app's stages (server_app.stages: discovery,
 stage 1-3, evaluation, with the project's ClientApp wrapped so each virtual node saves its
@@ -9,9 +10,10 @@ personal state to disk and logs its handler times), then sends every load of LOA
 times through the three waves (query.route -> query.expert -> query.combine), timing every
 wave; a load is the splits each requester coalesces into one query (296 to 217,600 samples per
 set of waves on digits). Afterwards, in this process, the saved extractors, gates and experts
-run the same computation locally with plain torch (F, gate, top-k, local-first, the same expert
-forward passes on the same samples, combine), with one torch thread and with all cores, and the
-predictions are compared with the routed ones.
+run the same computation locally with plain torch (F, the gate's weights with the same seeds,
+local-first, the same expert forward passes on the same samples, the experts' familiarity for a
+gate that asks it, combine), with one torch thread and with all cores, and the predictions are
+compared with the routed ones.
 
 Writes bench/results/inference.json: samples/s routed vs local (bar: routed >= 0.5 x local),
 the per-wave time breakdown, and bytes per sample on the wire (comm_bytes of the inference
@@ -24,6 +26,7 @@ import json
 import math
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +57,15 @@ LOADS = {
 }
 TINY_LOADS = {"test": ["test"], "test+global": ["test", "global"], "global x2": ["global"] * 2}
 WAVES = ("query.route", "query.expert", "query.combine")
+# The purpose term of the route wave's generator seed (client_app.app.route seeds it with
+# node.seed(9, request.seed); the evaluation's queries carry the run seed): random gates agree.
+ROUTE_SEED_PURPOSE = 9
 STATE_KEY = "bench-inference"
 STAGE_PREFIX = "bench"
 LOCAL_WARMUP_RUNS = 1
 DEFAULTS = {"num_clients": 10, "repeats": 5}
 TINY = {"num_clients": 3, "repeats": 1}
-TINY_OVERRIDES = [
-    "fe.rounds=1",
-    "fe.local_epochs=1",
-    "expert.epochs=1",
-    "expert.shared_rounds=1",
-    "gate.rounds=1",
-    "gate.local_epochs=1",
-    "partition=iid",
-]
+TINY_OVERRIDES = benchlib.as_overrides({**benchlib.TINY_SIZES, "partition": "iid"})
 
 
 def parse_args() -> Any:
@@ -104,8 +102,8 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
     from flwr.simulation import run_simulation
 
     from client_app.app import app as project_client_app
-    from server_app.cli import backend_config
     from server_app.app import run_stages
+    from server_app.cli import backend_config
     from server_app.run import open_run
     from server_app.stages.evaluation import routed_accuracy
 
@@ -171,16 +169,28 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
 # ---------------------------------------------------------------------------- local reference
 class LocalPipeline:
     """The routed computation on one machine: every node's saved F, gate and experts in memory,
-    run through the same functions the ClientApp's handlers call (nmoe.pipeline)."""
+    run through the same functions the ClientApp's handlers call (nmoe.pipeline, the gate's
+    `weights` and, for gates that ask familiarity, `nmoe.routing.familiarity` and `reweight`),
+    with the same seeds and data splits."""
 
     def __init__(self, cfg: Any, state_dir: Path, neighbours: list[list[int]]) -> None:
+        from client_app.node import EXPERT_GROUP, FE_GROUP, SHARED_EXPERT_GROUP, gate_group
         from client_app.state import read_state_file
         from nmoe import gates
-        from nmoe.data import federation_spec, load_all_clients, num_classes
+        from nmoe.data import (
+            SEED_EXPERT_SPLIT,
+            client_seed,
+            federation_spec,
+            holdout_split,
+            labelled,
+            load_all_clients,
+            num_classes,
+        )
         from nmoe.models import build_bundle, build_expert, load_numpy
 
         self.cfg = cfg
         self.n = int(cfg.simulation.num_clients)
+        self.seed = int(cfg.seed)
         spec = federation_spec(cfg)
         self.num_classes = num_classes(spec, self.n)
         self.gate = gates.get(str(cfg.gate.method))
@@ -188,15 +198,18 @@ class LocalPipeline:
         num_experts = self.n + (1 if self.shared_id is not None else 0)
         self.data = load_all_clients(spec, self.n)
         shape = tuple(self.data[0].train_x.shape[1:])
+        holdout = float(cfg.expert.gate_holdout_fraction)
         self.fe, self.gate_params, self.experts, self.reachable = [], [], [], []
+        self.expert_x = []  # each owner's expert-training images (familiarity), as `Node.split`
         for pid in range(self.n):
             state = read_state_file(state_dir / f"partition-{pid}.safetensors")
-            bundle = build_bundle(cfg.model, shape, self.num_classes, int(cfg.seed))
-            load_numpy(bundle, state["model/fe"], strict=False)
+            bundle = build_bundle(cfg.model, shape, self.num_classes, self.seed)
+            load_numpy(bundle, state[FE_GROUP], strict=False)
             self.fe.append(bundle.fe)
-            self.gate_params.append(state.get(f"model/gate.{self.gate.name}", {}))
+            trained = self.gate.trainable
+            self.gate_params.append(state[gate_group(self.gate.name)] if trained else {})
             local = {}
-            for eid, group in ((pid, "model/expert"), (self.shared_id, "model/shared_expert")):
+            for eid, group in ((pid, EXPERT_GROUP), (self.shared_id, SHARED_EXPERT_GROUP)):
                 if eid is not None:
                     local[eid] = build_expert(cfg.model, self.num_classes, 0)
                     load_numpy(local[eid], state[group])
@@ -206,6 +219,9 @@ class LocalPipeline:
             if self.shared_id is not None:
                 mask[self.shared_id] = True
             self.reachable.append(mask)
+            x, y = labelled(self.data[pid])
+            split_seed = client_seed(self.seed, pid, SEED_EXPERT_SPLIT)
+            self.expert_x.append(holdout_split(x, y, holdout, split_seed)[0][0])
         self.raw_bytes_per_sample = int(np.prod(shape)) * benchlib.BYTES_PER_FLOAT32
 
     def inputs(self, pid: int, splits: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,40 +231,63 @@ class LocalPipeline:
         ]
         return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
+    def familiarity(self, owner: int, feats: torch.Tensor) -> torch.Tensor:
+        """What `Node.familiarity` computes on the owner: its familiarity with each row."""
+        from nmoe.routing import familiarity
+        from nmoe.training import forward_batched
+
+        own = forward_batched(self.fe[owner], self.expert_x[owner])
+        return familiarity(feats, own, float(self.cfg.gate.know_quantile))
+
     def run(self, splits: list[str]) -> tuple[dict[int, list[int]], float, float]:
         """Predictions of every client on its `splits` (one batch), seconds for the whole pipeline
-        and for the expert forward passes alone."""
+        and for the expert owners' part alone (forward passes and familiarity)."""
+        from nmoe.data import client_seed
         from nmoe.pipeline import PendingQuery, answer, finish_query, plan_query
         from nmoe.training import forward_batched
 
         predictions, experts_s = {}, 0.0
         quantile = float(self.cfg.gate.local_first_quantile)
         k = int(self.cfg.gate.k)
+        asks = self.gate.asks_familiarity
         started = time.perf_counter()
         for pid in range(self.n):
             x, y = self.inputs(pid, splits)
             feats = forward_batched(self.fe[pid], x)
+            route_seed = client_seed(self.seed, pid, ROUTE_SEED_PURPOSE, self.seed)
             weights = self.gate.weights(
                 self.gate_params[pid],
                 feats,
                 self.reachable[pid],
                 k,
                 self.cfg.model,
-                torch.Generator().manual_seed(0),
+                torch.Generator().manual_seed(route_seed),
             )
-            experts_start = time.perf_counter()
             own_feats = (
                 forward_batched(self.fe[pid], self.data[pid].train_x) if quantile > 0 else None
             )
             plan = plan_query(feats, weights, self.experts[pid], pid, own_feats, quantile)
+            own_ratio = self.familiarity(pid, feats) if asks else None
+            experts_start = time.perf_counter()
             remote = {
                 e: answer(self.experts[e][e], {pid: feats[index]})[pid]
                 for e, index in plan.remote_index.items()
             }
-            experts_s += time.perf_counter() - experts_start
-            reports = finish_query(
-                PendingQuery(plan, y, [len(y)], "infer"), remote, self.num_classes, pid
+            ratios = (
+                {e: self.familiarity(e, feats[index]) for e, index in plan.remote_index.items()}
+                if asks
+                else {}
             )
+            experts_s += time.perf_counter() - experts_start
+            reweight = (
+                partial(
+                    self.gate.reweight, own=pid, shared=self.shared_id, k=k, gate_cfg=self.cfg.gate
+                )
+                if asks
+                else None
+            )
+            pending = PendingQuery(plan, y, [len(y)], "infer", self.gate.name, own_ratio)
+            reports = finish_query(pending, remote, self.num_classes, pid, ratios, reweight)
             predictions[pid] = reports[0].predictions
         return predictions, time.perf_counter() - started, experts_s
 
@@ -384,12 +423,9 @@ def main() -> None:
         *split_overrides(args.overrides),
     ]
     cfg = compose_config(overrides)
-    if cfg.gate.method == "rangate":
-        raise SystemExit(
-            "inference.py needs a trained gate (rollgate or fedgate): its local reference loads it"
-        )
     print(
-        f"[inference] simulation: {args.num_clients} clients, {args.repeats} timed queries per split",
+        f"[inference] simulation: {args.num_clients} clients, {args.repeats} timed queries "
+        "per split",
         flush=True,
     )
     sim = simulate(cfg, run_dir, args.repeats, args.loads)
@@ -455,23 +491,28 @@ def main() -> None:
             "met_at_every_load": all(v["bar_met"] for v in per_load.values()),
         },
         "notes": [
-            "routed_s: one routed_accuracy call (3 waves, every client a requester) timed in the ServerApp; "
-            "local_pipeline_s: the same F + gate + expert forward passes + combine for every client, one process, "
-            f"{cfg.torch_threads} torch thread(s) (the clients' setting), models in memory; all_cores: the same with "
-            f"{cores} torch threads; experts_only: the expert forward passes alone.",
-            "loads: the splits each requester coalesces into one query (one set of three waves); 'global xR' replays "
-            "R copies of the global test set per requester, as a queue of R pending requests served together.",
-            "wire bytes (ledger) count array payload plus serialised configs and metrics, both directions, "
-            "server relay included (a feature crosses two hops: requester -> server -> expert owner).",
+            "routed_s: one routed_accuracy call (3 waves, every client a requester) timed in the "
+            "ServerApp; local_pipeline_s: the same F + gate + expert forward passes (+ "
+            "familiarity for a gate that asks it) + combine for every client, one process, "
+            f"{cfg.torch_threads} torch thread(s) (the clients' setting), models in memory; "
+            f"all_cores: the same with {cores} torch threads; experts_only: the expert owners' "
+            "part alone (forward passes, familiarity).",
+            "loads: the splits each requester coalesces into one query (one set of three waves); "
+            "'global xR' replays R copies of the global test set per requester, as a queue of R "
+            "pending requests served together.",
+            "wire bytes (ledger) count array payload plus serialised configs and metrics, both "
+            "directions, server relay included (a feature crosses two hops: requester -> server "
+            "-> expert owner); peer payloads are sealed end to end.",
         ],
     }
     path = write_result(args.out_dir, NAME, result, started_machine)
     for load, v in per_load.items():
         print(
-            f"[inference] {load}: {v['samples']} samples, routed {v['routed_samples_per_s']:.0f}/s vs local "
-            f"{v['local_samples_per_s']:.0f}/s = {v['routed_over_local']:.4f}x (bar >= {BAR_ROUTED_OVER_LOCAL}); "
-            f"agreement {v['prediction_agreement']:.4f}; {v['wire_bytes_per_sample_ledger']:.0f} B/sample on the wire "
-            f"vs {local.raw_bytes_per_sample} B raw",
+            f"[inference] {load}: {v['samples']} samples, routed "
+            f"{v['routed_samples_per_s']:.0f}/s vs local {v['local_samples_per_s']:.0f}/s = "
+            f"{v['routed_over_local']:.4f}x (bar >= {BAR_ROUTED_OVER_LOCAL}); agreement "
+            f"{v['prediction_agreement']:.4f}; {v['wire_bytes_per_sample_ledger']:.0f} B/sample "
+            f"on the wire vs {local.raw_bytes_per_sample} B raw",
             flush=True,
         )
     print(path)

@@ -1,12 +1,16 @@
-"""Framework overhead: the same stage-1 FedCE FedAvg work as a Flower simulation and as a plain loop.
+"""Framework overhead: the same stage-1 FedCE FedAvg work as a Flower simulation and as a plain
+loop.
 
-    python bench/overhead.py                                # 10 clients x 20 rounds x 30 local epochs (~1 min of compute)
-    python bench/overhead.py --rounds 10 --local-epochs 3   # the app's default stage-1 size (~3 s of compute)
+    python bench/overhead.py                               # 10 clients x 20 rounds x 30 epochs
+    python bench/overhead.py --rounds 10 --local-epochs 3  # the app's default stage-1 size
 
 (a) Flower: in-process `run_simulation` of a minimal ServerApp/ClientApp pair (bench/simapps.py)
-    that only does stage-1 FedAvg with `nmoe.training.train_extractor` and the project's
-    `NMoEStrategy`; Ray runs `cpus / client_cpus` clients at a time: by default once with
-    client_cpus=1 (2 at a time on 2 cores; the bar's run) and once with client_cpus=2 (one at a time).
+    that only does stage-1 FedAvg with `nmoe.training.train_extractor`, the project's wire
+    contract (`ExtractorRequest` / `ExtractorReply`), its byte-counting grid and its
+    `SharedKeyStrategy` (validation, then Flower's `FedAvg.aggregate_train`) over the keys FedCE
+    shares (F and the head); Ray runs `cpus / client_cpus` clients at a time: by default once
+    with client_cpus=1 (2 at a time on 2 cores; the bar's run) and once with client_cpus=2 (one
+    at a time). The default size is about 1 minute of compute; the app's own is about 3 s.
 (b) Plain PyTorch: one process, one thread, the clients one after the other, the same local
     updates (same seeds) and the same weighted averaging in the same order.
 Both run in this benchmark run, back to back. The final parameters are compared (they should
@@ -33,7 +37,6 @@ from simapps import (
     fedavg_client_app,
     local_update,
     make_fedavg_server,
-    snapshot,
 )
 
 NAME = "overhead"
@@ -61,7 +64,8 @@ def parse_args() -> Any:
     parser.add_argument(
         "--overrides",
         default="",
-        help="extra nmoe config overrides fixing data/model/optimiser (e.g. 'partition=iid fe.lr=0.1')",
+        help="extra nmoe config overrides fixing data/model/optimiser "
+        "(e.g. 'partition=iid fe.lr=0.1')",
     )
     args = parser.parse_args()
     if args.tiny:
@@ -75,7 +79,8 @@ def parse_args() -> Any:
 
 
 def make_work(args: Any) -> tuple[Stage1Work, list[str]]:
-    """The stage-1 work from the project's config (fe.batch_size, fe.lr, fe.momentum, data split)."""
+    """The stage-1 work from the project's config (fe.batch_size, fe.lr, fe.momentum, data split,
+    poll_interval_s)."""
     from nmoe.config import compose_config, to_dict
     from nmoe.data import federation_spec, load_client_data, num_classes
 
@@ -100,6 +105,7 @@ def make_work(args: Any) -> tuple[Stage1Work, list[str]]:
         momentum=float(cfg.fe.momentum),
         batch_size=int(cfg.fe.batch_size),
         seed=int(cfg.seed),
+        poll_interval_s=float(cfg.poll_interval_s),
     )
     return work, overrides
 
@@ -116,17 +122,17 @@ def run_plain(work: Stage1Work) -> dict[str, Any]:
     clients = load_all_clients(work.spec_json, work.num_clients)
     data_s = time.perf_counter() - started
     bundle = work.bundle()
-    global_state = snapshot(bundle)
+    global_state = work.shared(bundle)
     rounds, compute = [], []
     for rnd in range(1, work.rounds + 1):
         round_start = time.perf_counter()
         states, weights = [], []
         for pid, data in enumerate(clients):
-            load_numpy(bundle, global_state)
+            load_numpy(bundle, global_state, strict=False)
             step = time.perf_counter()
             local_update(work, bundle, data.train_x, data.train_y, pid, rnd)
             compute.append(time.perf_counter() - step)
-            states.append(snapshot(bundle))
+            states.append(work.shared(bundle))
             weights.append(len(data.train_y))
         global_state = average_weighted(states, weights)
         rounds.append(time.perf_counter() - round_start)
@@ -236,7 +242,8 @@ def breakdown(flower: dict[str, Any], parallel_clients: int) -> dict[str, Any]:
 def flower_entry(
     work: Stage1Work, plain: dict[str, Any], client_cpus: float, cpus: int
 ) -> dict[str, Any]:
-    """One Flower run with `client_cpus` per client, its breakdown and its comparison with the plain loop."""
+    """One Flower run with `client_cpus` per client, its breakdown and its comparison with the
+    plain loop."""
     parallel = max(1, min(work.num_clients, int(cpus // client_cpus)))
     print(
         f"[overhead] Flower simulation, client_cpus={client_cpus}: {parallel} client(s) at a time",
@@ -284,7 +291,8 @@ def flower_entry(
     print(
         f"[overhead] Flower {wall:.1f}s vs plain {plain['wall_s']:.1f}s: ratio {ratio:.3f} "
         f"(bar <= {BAR_WALL_RATIO}: {'met' if ratio <= BAR_WALL_RATIO else 'MISSED'}); "
-        f"startup {parts['startup_in_first_dispatch_s']:.1f}s, first round end {parts['time_to_first_round_end_s']:.1f}s, "
+        f"startup {parts['startup_in_first_dispatch_s']:.1f}s, "
+        f"first round end {parts['time_to_first_round_end_s']:.1f}s, "
         f"shutdown {parts['shutdown_s']:.1f}s; final params max |diff| "
         f"{entry['comparison']['final_params_max_abs_diff']:.2e}",
         flush=True,
@@ -331,17 +339,22 @@ def main() -> None:
             },
         },
         "notes": [
-            "With client_cpus=1 Flower runs 2 clients at a time on 2 cores (a legitimate advantage); with "
-            "client_cpus=2 it runs them one at a time like the plain loop (pure framework overhead).",
-            "tree_cpu_s sums utime+stime over this process and all descendants (Ray GCS, raylet, workers) "
-            "sampled every 0.5 s; an exiting process loses at most one interval.",
-            "client_compute_ratio > 1 means each local update ran slower under Flower (CPU contention "
-            "between the workers, the driver and other load on the machine), not messaging.",
+            "With client_cpus=1 Flower runs 2 clients at a time on 2 cores (a legitimate "
+            "advantage); with client_cpus=2 it runs them one at a time like the plain loop (pure "
+            "framework overhead).",
+            "tree_cpu_s sums utime+stime over this process and all descendants (Ray GCS, raylet, "
+            "workers) sampled every 0.5 s; an exiting process loses at most one interval.",
+            "client_compute_ratio > 1 means each local update ran slower under Flower (CPU "
+            "contention between the workers, the driver and other load on the machine), not "
+            "messaging.",
             "framework_overhead_s = Flower wall - sum over rounds of the ideal parallel compute "
-            "(max(sum of the clients' train_extractor times / parallel_clients, the longest one)): startup, "
-            "messaging, (de)serialisation, scheduling and shutdown. same_speed_ratio rescales Flower's compute "
-            "to the plain loop's per-update speed (corrects for load that hit one run more than the other); "
-            "the overhead itself is not corrected.",
+            "(max(sum of the clients' train_extractor times / parallel_clients, the longest "
+            "one)): startup, messaging, (de)serialisation, scheduling and shutdown. "
+            "same_speed_ratio rescales Flower's compute to the plain loop's per-update speed "
+            "(corrects for load that hit one run more than the other); the overhead itself is "
+            "not corrected.",
+            "Messages carry the wire contract's records plus the bench's work description (down) "
+            "and timing record (up); comm_bytes counts all of them.",
         ],
     }
     print(write_result(args.out_dir, NAME, result, started_machine), flush=True)

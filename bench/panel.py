@@ -1,21 +1,26 @@
-"""The benchmark panel: every method on a panel of federated settings, two datasets, 3 seeds.
+"""The benchmark panel: every method on a panel of federated settings, every dataset, 3 seeds.
 
-    python bench/panel.py                              # digits and Fashion-MNIST, every setting, seeds 0-2
+    python bench/panel.py                              # every panel dataset and setting, seeds 0-2
     python bench/panel.py --datasets digits --seeds 0  # a part of it
-    python bench/panel.py --skip-run                   # re-analyse the jobs already in the run folder
+    python bench/panel.py --skip-run                   # re-analyse the jobs in the run folder
+    python bench/panel.py --tiny                       # smoke size: digits, dir0.3, seed 0, 3
+                                                       # clients, 2 rounds (numbers meaningless)
 
 One job is one `nmoe` run of a dataset's panel preset (conf/experiment/panel_<dataset>.yaml: the
 NMoE configuration under test, stage 1 trained to convergence by a patience rule, every
 baseline with a schedule of its own, the oracle router) on one setting and seed; every method of
-a job uses the same data split and the same F. Settings: Dirichlet 0.1 / 0.3 / 1.0 with 10
+a job uses the same data split and the same F. The datasets: those of the registry
+(nmoe/datasets.py) that have a panel preset. Settings: Dirichlet 0.1 / 0.3 / 1.0 with 10
 clients, pathological 2 classes per client with 10 clients, a ring of 20 clients at Dirichlet
 0.1, and (Fashion-MNIST only) 50 clients at Dirichlet 0.3.
 
 Writes bench/results/panel.json (machine, load, commit, the resolved config of every cell, mean
 and sample std over seeds of every method's local and global accuracy, the share of the oracle's
-headroom each gate closes on the global test, (gate - fedavg) / (oracle - fedavg), and the bars
-of the routing issue per setting), a local-vs-global scatter per dataset (panel_<dataset>.png)
-and the README's tables (panel.md).
+headroom each gate closes on the global test, (gate - fedavg) / (oracle - fedavg), the Pareto
+front of (local, global) mean accuracy without the references, and the bars of the routing
+issue per setting), a local-vs-global scatter per dataset (panel_<dataset>.png) and the
+README's tables (panel.md). The jobs' folders (results.json, logs) stay in
+<out-dir>/runs/panel/<dataset>/<setting>/seed<k>/, where bench/comm.py reads them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from benchlib import base_parser, machine_info, mean_std, write_result
+from benchlib import base_parser, machine_info, mean_std, pareto_front, write_result
+
+from nmoe.config import CONF_DIR, MODEL_BASELINES
+from nmoe.datasets import DATASETS
 
 NAME = "panel"
 SETTINGS: dict[str, list[str]] = {
@@ -49,28 +57,42 @@ SETTINGS: dict[str, list[str]] = {
     ],
     "dir0.3-50": ["partition=dirichlet", "partition.alpha=0.3", "simulation.num_clients=50"],
 }
+COMMON_SETTINGS = ["dir0.1", "dir0.3", "dir1.0", "path2", "ring20"]
+EXTRA_SETTINGS = {"fashion_mnist": ["dir0.3-50"]}
+
+
+def preset(dataset: str) -> str:
+    """The name of a dataset's panel preset (conf/experiment/<name>.yaml)."""
+    return f"panel_{dataset}"
+
+
+# Every dataset of the registry that has a panel preset.
 DATASET_SETTINGS = {
-    "digits": ["dir0.1", "dir0.3", "dir1.0", "path2", "ring20"],
-    "fashion_mnist": ["dir0.1", "dir0.3", "dir1.0", "path2", "ring20", "dir0.3-50"],
+    name: COMMON_SETTINGS + EXTRA_SETTINGS.get(name, [])
+    for name in DATASETS
+    if (CONF_DIR / "experiment" / f"{preset(name)}.yaml").is_file()
 }
 PERSONAL = ("local_expert", "shared_fe_own_head", "local_only")
-ORACLE, FEDAVG, NMOE = "oracle_router", "fedavg", "nmoe"
+ORACLE, FEDAVG, NMOE, CENTRALIZED = "oracle_router", "fedavg", "nmoe", "centralized"
+REFERENCES = (ORACLE, CENTRALIZED)  # not deployable methods: left out of the Pareto front
+if not {FEDAVG, *PERSONAL[1:], *REFERENCES} <= set(MODEL_BASELINES):
+    raise ImportError(f"panel.py names baselines that nmoe.config lacks: {MODEL_BASELINES}")
 HEADROOM_MIN = 0.02  # the headroom bar applies where oracle - fedavg >= 2 points
 BAR_GLOBAL_MARGIN, BAR_LOCAL_MARGIN, BAR_HEADROOM = 0.01, 0.01, 0.5
-DEFAULTS = {"datasets": ["digits", "fashion_mnist"], "seeds": ["0", "1", "2"], "parallel": 2}
+DEFAULTS = {"datasets": list(DATASET_SETTINGS), "seeds": ["0", "1", "2"], "parallel": 2}
 TINY = {"datasets": ["digits"], "seeds": ["0"], "settings": ["dir0.3"], "parallel": 1}
-TINY_OVERRIDES = [
-    "simulation.num_clients=3",
-    "fe.rounds=2",
-    "fe.patience=0",
-    "fe.local_epochs=1",
-    "expert.epochs=1",
-    "expert.shared_rounds=1",
-    "gate.rounds=1",
-    "gate.local_epochs=1",
-    "baseline.epochs=2",
-    "baseline.fedavg_rounds=2",
-]
+# Tiny: 3 clients, two rounds of stage 1 and of the gates (FedGate averages its head in round
+# 2), one epoch or round of everything else.
+TINY_OVERRIDES = benchlib.as_overrides(
+    {
+        **benchlib.TINY_SIZES,
+        "simulation.num_clients": 3,
+        "fe.rounds": 2,
+        "gate.rounds": 2,
+        "baseline.epochs": 1,
+        "baseline.fedavg_rounds": 1,
+    }
+)
 JOB_TIMEOUT_S = 3600
 DPI, FIGSIZE = 120, (6.0, 5.0)
 
@@ -99,6 +121,11 @@ def parse_args() -> Any:
 
 
 # ---------------------------------------------------------------------------- jobs
+def run_dir(out_dir: Path) -> Path:
+    """The folder of the panel's job folders."""
+    return out_dir / "runs" / NAME
+
+
 def jobs_of(args: Any) -> list[dict[str, Any]]:
     jobs = []
     for dataset in args.datasets:
@@ -120,7 +147,7 @@ def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     command = [
         str(benchlib.NMOE_CLI),
-        f"experiment=panel_{job['dataset']}",
+        f"experiment={preset(job['dataset'])}",
         *SETTINGS[job["setting"]],
         f"seed={job['seed']}",
         f"output_dir={out}",
@@ -130,16 +157,19 @@ def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
     ]
     started = time.monotonic()
     with (out / "job.log").open("w") as log:
-        done = subprocess.run(
-            command, cwd=out, stdout=log, stderr=subprocess.STDOUT, timeout=JOB_TIMEOUT_S
-        )
+        process = subprocess.Popen(command, cwd=out, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            returncode = process.wait(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # stop the job and its Ray processes
+            benchlib.kill_tree(process.pid)
+            returncode = process.wait()
     seconds = time.monotonic() - started
     print(
-        f"[panel] {job['dataset']} {job['setting']} seed {job['seed']}: exit {done.returncode} "
+        f"[panel] {job['dataset']} {job['setting']} seed {job['seed']}: exit {returncode} "
         f"in {seconds:.0f}s",
         flush=True,
     )
-    return {**job, "seconds": round(seconds, 1), "exit": done.returncode, "command": command}
+    return {**job, "seconds": round(seconds, 1), "exit": returncode, "command": command}
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -174,8 +204,19 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
+def front(table: dict[str, Any]) -> list[str]:
+    """The Pareto front of the methods' (local, global) mean accuracy, references left out."""
+    points = {
+        m: (row["local_mean"], row["global_mean"])
+        for m, row in table.items()
+        if m not in REFERENCES and not math.isnan(row["global_mean"])
+    }
+    return pareto_front(points)
+
+
 def headroom(table: dict[str, Any], gate: str) -> float | None:
-    """(gate - fedavg) / (oracle - fedavg) on global accuracy; None where the headroom is < 2 pts."""
+    """(gate - fedavg) / (oracle - fedavg) on global accuracy; None where the headroom is < 2
+    pts."""
     if ORACLE not in table or FEDAVG not in table or gate not in table:
         return None
     room = table[ORACLE]["global_mean"] - table[FEDAVG]["global_mean"]
@@ -203,10 +244,11 @@ def bars(table: dict[str, Any]) -> dict[str, Any]:
         "share": share,
         "met": None if share is None else share >= BAR_HEADROOM,
     }
-    if "centralized" in table:
+    out["on_pareto_front"] = NMOE in front(table)
+    if CENTRALIZED in table:
         out["gap_to_centralized"] = {
-            "local": nmoe["local_mean"] - table["centralized"]["local_mean"],
-            "global": nmoe["global_mean"] - table["centralized"]["global_mean"],
+            "local": nmoe["local_mean"] - table[CENTRALIZED]["local_mean"],
+            "global": nmoe["global_mean"] - table[CENTRALIZED]["global_mean"],
         }
     return out
 
@@ -321,20 +363,20 @@ def plot(analysis: dict[str, Any], out_dir: Path) -> list[Path]:
 def main() -> None:
     args = parse_args()
     started_machine = machine_info()
-    run_dir = args.out_dir / "runs" / NAME
+    runs_dir = run_dir(args.out_dir)
     jobs = jobs_of(args)
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
     if not args.skip_run:
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            runs = list(pool.map(lambda j: run_job(j, run_dir, args), jobs))
+            runs = list(pool.map(lambda j: run_job(j, runs_dir, args), jobs))
     wall = time.monotonic() - started
     analysis: dict[str, dict[str, Any]] = {}
     cells = []
     for dataset in args.datasets:
         for setting in DATASET_SETTINGS[dataset]:
             chosen = [j for j in jobs if j["dataset"] == dataset and j["setting"] == setting]
-            results = [r for r in (load_job(run_dir, j) for j in chosen) if r is not None]
+            results = [r for r in (load_job(runs_dir, j) for j in chosen) if r is not None]
             if not results:
                 continue
             table = aggregate(results)
@@ -342,6 +384,7 @@ def main() -> None:
                 "seeds": len(results),
                 "methods": table,
                 "bars": bars(table),
+                "pareto_front": front(table),
                 "convergence": convergence(results),
                 "gate_headroom": {
                     m: headroom(table, m) for m in table if m not in (ORACLE, FEDAVG)
@@ -380,8 +423,10 @@ def main() -> None:
             "cells": cells,
             "plots": [p.name for p in plots],
             "notes": [
-                "headroom closed = (method - fedavg) / (oracle_router - fedavg) on the global test, "
-                "reported where oracle_router - fedavg >= 2 points.",
+                "headroom closed = (method - fedavg) / (oracle_router - fedavg) on the global "
+                "test, reported where oracle_router - fedavg >= 2 points.",
+                "pareto_front: methods whose (local, global) mean no other method matches or "
+                f"beats on both, one strictly; references ({', '.join(REFERENCES)}) left out.",
                 "Bars (routing issue): nmoe global >= fedavg - 1 pt; nmoe local >= best of "
                 "local_expert / shared_fe_own_head / local_only - 1 pt; headroom closed >= 50%.",
             ],

@@ -1,6 +1,6 @@
 """Routing lab: routing rules compared offline on the experts of real trained federations.
 
-    python bench/routing_lab.py --seeds 100,101 --settings dir0.1,path2   # tuning seeds (held out of the panel)
+    python bench/routing_lab.py --seeds 100,101 --settings dir0.1,path2  # tuning seeds, held out
 
 For every (dataset, setting, seed): one simulation of the panel preset with the clients' state
 saved to disk, then, in this process, every client's features and every expert's logits on
@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from benchlib import base_parser, machine_info, write_result
-from panel import DATASET_SETTINGS, SETTINGS
+from panel import DATASET_SETTINGS, SETTINGS, preset
 
 NAME = "routing_lab"
 # what the rules need: F, experts, H_0 and the baselines they are compared with (no trained gate)
@@ -74,6 +73,7 @@ class Federation:
     def __init__(self, cfg: Any, run_dir: Path) -> None:
         from client_app.state import read_state_file
         from nmoe import topology
+        from nmoe.config import to_dict
         from nmoe.data import (
             SEED_EXPERT_SPLIT,
             client_seed,
@@ -82,7 +82,6 @@ class Federation:
             labelled,
             load_all_clients,
         )
-        from nmoe.config import to_dict
         from nmoe.models import build_bundle, build_expert, load_numpy
         from nmoe.training import forward_batched
 
@@ -260,8 +259,9 @@ def grid(base: dict[str, Any], axes: dict[str, list[Any]]) -> list[dict[str, Any
 
 
 def main() -> None:
-    from nmoe.config import compose_config
     from benchlib import split_overrides
+
+    from nmoe.config import compose_config
 
     args = parse_args()
     started = machine_info()
@@ -274,7 +274,7 @@ def main() -> None:
             for seed in args.seeds.split(","):
                 run_dir = run_root / dataset / setting / f"seed{seed}"
                 overrides = [
-                    f"experiment=panel_{dataset}",
+                    f"experiment={preset(dataset)}",
                     *SETTINGS[setting],
                     f"seed={seed}",
                     f"output_dir={run_dir}",

@@ -3,11 +3,12 @@
     python bench/scale.py                        # 10 25 50 100 clients, the default NMoE config
     python bench/scale.py --clients 10 50        # other sizes
 
-Each size is one `nmoe` run in its own process (stage 1, stage 2 with its expert FedAvg when
-configured, gate cache, stage 3, evaluation of the configured gate; no baselines). The data:
-digits (1797 images; 20% held out as the balanced global test set), partition=iid so every
-client gets the same share (about 14 images each at 100 clients: 11 train, of which 2 held out
-for the gate, and 3 test), dataset fractions at their defaults. While a run lasts, its whole
+Each size is one `nmoe` run in its own process (stage 1, stage 2 with the shared expert's
+FedAvg when configured, the gate cache and stage 3 when the configured gate trains, evaluation
+of the configured gate; no baselines). The data: digits (1797 images; 20% held out as the
+balanced global test set), partition=iid so every client gets the same share (about 14 images
+each at 100 clients, 3 of them local test), dataset fractions at their defaults (the resolved
+dataset config is recorded). While a run lasts, its whole
 process tree (driver, Ray GCS/raylet/dashboard, workers) is sampled from /proc every 0.5 s
 for peak memory (sum of RSS and of PSS) and CPU time.
 
@@ -48,7 +49,7 @@ TINY_OVERRIDES = [
 BAR_CLIENTS = 100
 BAR_WALL_S = 15 * 60
 BAR_MEMORY_BYTES = 8 * GIB
-FE_STAGES = {"fedce": "fe_ce", "fedsc": "fe_sc", "hybrid": "fe_hybrid"}
+RUN_TIMEOUT_S = 3600  # a run still going after this is stopped (with its Ray processes)
 
 
 def parse_args() -> Any:
@@ -65,12 +66,15 @@ def parse_args() -> Any:
 
 
 def per_round(results: dict[str, Any]) -> dict[str, float]:
-    """Seconds per round of each federated stage (stage wall time / its rounds)."""
-    config, wall = results["config"], results["wall_time_s"]
-    rounds = {FE_STAGES[config["fe"]["method"]]: int(config["fe"]["rounds"])}
-    if config["gate"]["method"] in ("fedgate", "rollgate"):
-        rounds[config["gate"]["method"]] = int(config["gate"]["rounds"])
-    return {stage: wall[stage] / r for stage, r in rounds.items() if stage in wall}
+    """Seconds per round of each federated stage that ran (stage 1 and the trained gates): its
+    wall time / the rounds its history holds (a patience rule may stop stage 1 early)."""
+    from nmoe import gates
+    from server_app.app import STAGE1_NAMES
+
+    wall = results["wall_time_s"]
+    stages = [STAGE1_NAMES[results["config"]["fe"]["method"]], *gates.trainable()]
+    rounds = {s: sum(row["stage"] == s for row in results["history"]) for s in stages}
+    return {s: wall[s] / rounds[s] for s in stages if s in wall and rounds[s]}
 
 
 def main() -> None:
@@ -95,11 +99,14 @@ def main() -> None:
             *split_overrides(args.overrides),
         ]
         run = run_monitored(
-            [str(benchlib.NMOE_CLI), *overrides], runs_dir / f"clients-{n}.log", benchlib.REPO_ROOT
+            [str(benchlib.NMOE_CLI), *overrides],
+            runs_dir / f"clients-{n}.log",
+            benchlib.REPO_ROOT,
+            timeout_s=RUN_TIMEOUT_S,
         )
         results = load_results(job_dir / "results.json")
-        train_sizes = [int(info["num-train"]) for info in results["nodes"]["info"].values()]
-        test_sizes = [int(info["num-test"]) for info in results["nodes"]["info"].values()]
+        train_sizes = [int(info["num_train"]) for info in results["nodes"]["info"].values()]
+        test_sizes = [int(info["num_test"]) for info in results["nodes"]["info"].values()]
         sizes.append(
             {
                 "clients": n,
@@ -110,6 +117,7 @@ def main() -> None:
                 "outside_stages_s": run.tree.wall_s - sum(results["wall_time_s"].values()),
                 "train_samples_min_max": [min(train_sizes), max(train_sizes)],
                 "test_samples_min_max": [min(test_sizes), max(test_sizes)],
+                "dataset": results["config"]["dataset"],
                 "nmoe_accuracy": {
                     "local": results["accuracy"]["nmoe"]["mean"],
                     "global": results["accuracy_global"]["nmoe"]["mean"],
@@ -117,8 +125,9 @@ def main() -> None:
             }
         )
         print(
-            f"[scale] {n} clients: {run.tree.wall_s:.1f}s wall, per round {sizes[-1]['per_round_s']}, "
-            f"peak PSS {run.tree.peak_pss_bytes / GIB:.2f} GiB (RSS sum {run.tree.peak_rss_bytes / GIB:.2f} GiB)",
+            f"[scale] {n} clients: {run.tree.wall_s:.1f}s wall, "
+            f"per round {sizes[-1]['per_round_s']}, peak PSS {run.tree.peak_pss_bytes / GIB:.2f} "
+            f"GiB (RSS sum {run.tree.peak_rss_bytes / GIB:.2f} GiB)",
             flush=True,
         )
     fits = {}
@@ -155,17 +164,20 @@ def main() -> None:
             "clients": args.clients,
             "data_overrides": DATA_OVERRIDES,
             "tiny": args.tiny,
-            "data": "digits, partition=iid, dataset.global_test_fraction and local_test_fraction at defaults (0.2)",
+            "dataset": sizes[0]["dataset"] if sizes else None,
         },
         "sizes": sizes,
         "fits_seconds_vs_clients": fits,
         "bars": bars,
         "notes": [
-            "per_round_s = stage wall time / its rounds (results.json wall_time_s); the fits are least squares "
-            "of per-round time (and of total wall) against the number of clients, with R^2.",
-            "peak_pss_sum: proportional set size summed over the process tree (shared pages split among the "
-            "processes sharing them), the bar's measure; peak_rss_sum counts shared pages once per process.",
-            "outside_stages_s: process start, imports, Ray start, discovery, result writing and shutdown.",
+            "per_round_s = stage wall time (results.json wall_time_s) / the rounds in its history; "
+            "the fits are least squares of per-round time (and of total wall) against the number "
+            "of clients, with R^2.",
+            "peak_pss_sum: proportional set size summed over the process tree (shared pages split "
+            "among the processes sharing them), the bar's measure; peak_rss_sum counts shared "
+            "pages once per process.",
+            "outside_stages_s: process start, imports, Ray start, discovery, result writing and "
+            "shutdown.",
         ],
     }
     path = write_result(args.out_dir, NAME, result, started_machine)

@@ -1,7 +1,9 @@
 """Flower pieces of the benchmarks; Ray workers import this module (bench/ is on PYTHONPATH).
 
-- `make_fedavg_server` + `fedavg_client_app`: a minimal ServerApp/ClientApp pair doing stage-1 FedCE FedAvg only,
-  with the project's `train_extractor` and `NMoEStrategy`, tracing every round.
+- `make_fedavg_server` + `fedavg_client_app`: a minimal ServerApp/ClientApp pair doing stage-1
+  FedCE FedAvg only, with the project's `train_extractor`, wire contract (`ExtractorRequest` ->
+  `ExtractorReply`), byte-counting grid (`CountingGrid`) and `SharedKeyStrategy`, tracing every
+  round.
 - `local_seed` / `average_weighted`: shared with the plain-PyTorch loop, so both do the
   same local updates and the same weighted averaging (replies ordered by partition id).
 - `TracingClientApp`: wraps the project's ClientApp unchanged; gives each virtual node a
@@ -22,18 +24,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from nmoe.data import load_client_data
-from nmoe.models import build_bundle, load_numpy, state_numpy
+from nmoe.models import build_bundle, load_numpy, stage1_keys, state_numpy
 from nmoe.training import train_extractor
-from nmoe_strategy.comm import CommLedger
-from nmoe_strategy.strategy import NMoEStrategy
+from nmoe_protocol.messages import ExtractorReply, ExtractorRequest
+from nmoe_strategy.comm import CommLedger, CountingGrid
+from nmoe_strategy.router import replies_by_node
+from nmoe_strategy.strategy import SharedKeyStrategy
 
-STAGE1_ACTION = "fe_ce"
 STAGE1_METHOD = "fedce"
+STAGE1_ACTION = ExtractorRequest.TYPE.split(".", 1)[1]  # the ClientApp's train.<action>
+# Records the bench adds beside the wire contract's: the work (down), the client's timing (up).
+WORK_RECORD, TIMING_RECORD = "bench-work", "bench-timing"
 NODE_POLL_S = 0.1
 ROUND_TIMEOUT_S = 3600.0
 SEED_STRIDE_CLIENT = 7919
@@ -58,13 +64,14 @@ class Stage1Work:
     momentum: float
     batch_size: int
     seed: int
+    poll_interval_s: float  # how often the server polls for replies (cfg.poll_interval_s)
 
     def config_record(self) -> ConfigRecord:
         return ConfigRecord({"work": json.dumps(asdict(self))})
 
     @classmethod
-    def from_message(cls, msg: Message) -> Stage1Work:
-        values = json.loads(str(msg.content["config"]["work"]))
+    def from_content(cls, content: RecordDict) -> Stage1Work:
+        values = json.loads(str(content[WORK_RECORD]["work"]))
         values["image_shape"] = tuple(values["image_shape"])
         return cls(**values)
 
@@ -73,15 +80,15 @@ class Stage1Work:
             SimpleNamespace(**self.model), self.image_shape, self.num_classes, self.seed
         )
 
+    def shared(self, bundle: torch.nn.Module) -> dict[str, np.ndarray]:
+        """A copy of the parameters stage 1 trains and shares (FedCE: F and the head)."""
+        keys = stage1_keys(bundle, STAGE1_METHOD)
+        return {k: v.copy() for k, v in state_numpy(bundle).items() if k in keys}
+
 
 def local_seed(seed: int, partition_id: int, server_round: int) -> int:
     """Seed of one client's local update in one round (same in Flower and in the plain loop)."""
     return seed * SEED_STRIDE_RUN + partition_id * SEED_STRIDE_CLIENT + server_round
-
-
-def snapshot(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    """A copy of a module's parameters (`state_numpy` returns views that training would change)."""
-    return {k: v.copy() for k, v in state_numpy(module).items()}
 
 
 def average_weighted(
@@ -136,8 +143,14 @@ class FedAvgTrace:
     comm_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
+def without(content: RecordDict, name: str) -> RecordDict:
+    """`content` minus the record `name` (what remains is a message of the wire contract)."""
+    return RecordDict({key: record for key, record in content.items() if key != name})
+
+
 def make_fedavg_server(work: Stage1Work, trace: FedAvgTrace) -> ServerApp:
-    """A ServerApp running `work.rounds` FedAvg rounds of stage 1 with `fedavg_client_app`, filling `trace`."""
+    """A ServerApp running `work.rounds` FedAvg rounds of stage 1 with `fedavg_client_app`,
+    filling `trace`: the project's wire contract, byte-counting grid and `SharedKeyStrategy`."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -149,26 +162,37 @@ def make_fedavg_server(work: Stage1Work, trace: FedAvgTrace) -> ServerApp:
         node_ids = sorted(grid.get_node_ids())
         trace.nodes_ready = time.time()
         ledger = CommLedger()
-        strategy = NMoEStrategy(ledger)
-        arrays = ArrayRecord({k: Array(v) for k, v in state_numpy(work.bundle()).items()})
-        keys = sorted(arrays.keys())
+        counting = CountingGrid(grid, ledger, poll_interval_s=work.poll_interval_s)
+        counting.stage = STAGE1_METHOD
+        strategy = SharedKeyStrategy()
+        params = work.shared(work.bundle())
+        keys = sorted(params)
         for rnd in range(1, work.rounds + 1):
             started = time.time()
-            messages = strategy.configure_stage(
-                STAGE1_ACTION, rnd, arrays, work.config_record(), node_ids
-            )
+            request = ExtractorRequest(method=STAGE1_METHOD, server_round=rnd, params=params)
+            messages = []
+            for node in node_ids:  # one content per message, as `nmoe_strategy.router.exchange`
+                content = request.to_content()
+                content[WORK_RECORD] = work.config_record()
+                messages.append(Message(content, dst_node_id=node, message_type=request.TYPE))
             sent = time.time()
-            replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
+            replies_in = counting.send_and_receive(messages, ROUND_TIMEOUT_S)
+            by_node = replies_by_node(messages, replies_in)
             received = time.time()
-            failed = [r for r in replies if r.has_error()]
-            if failed or len(replies) != len(node_ids):
-                raise RuntimeError(
-                    f"round {rnd}: {len(replies)} replies, errors {[r.error.reason for r in failed]}"
-                )
-            ordered = sorted(replies, key=lambda r: int(r.content["metrics"][PARTITION_ID_KEY]))
-            aggregated, _ = strategy.aggregate_shared(rnd, ordered, keys)
-            assert aggregated is not None
-            arrays = aggregated
+            failed = [r.error.reason for r in by_node.values() if r.has_error()]
+            if failed or len(by_node) != len(node_ids):
+                raise RuntimeError(f"round {rnd}: {len(by_node)} replies, errors {failed}")
+            replies, timings = {}, {}
+            for reply in by_node.values():
+                timing = dict(reply.content[TIMING_RECORD])
+                pid = int(timing[PARTITION_ID_KEY])
+                decoded = ExtractorReply.from_content(without(reply.content, TIMING_RECORD))
+                replies[pid], timings[pid] = (reply, decoded), timing
+            ordered = dict(sorted(replies.items()))  # aggregated in partition order, as plain
+            outcome = strategy.aggregate(rnd, ordered, keys, params)
+            if outcome.params is None or outcome.rejected:
+                raise RuntimeError(f"round {rnd}: replies refused: {outcome.rejected}")
+            params = outcome.params
             trace.rounds.append(
                 {
                     "round": rnd,
@@ -176,10 +200,10 @@ def make_fedavg_server(work: Stage1Work, trace: FedAvgTrace) -> ServerApp:
                     "sent": sent,
                     "received": received,
                     "aggregated": time.time(),
-                    "clients": [dict(r.content["metrics"]) for r in ordered],
+                    "clients": [timings[pid] for pid in sorted(timings)],
                 }
             )
-        trace.final = {k: v.numpy() for k, v in arrays.items()}
+        trace.final = params
         trace.comm_bytes = ledger.as_dict()
         trace.main_finished = time.time()
 
@@ -192,45 +216,37 @@ fedavg_client_app = ClientApp()
 
 @fedavg_client_app.train(STAGE1_ACTION)
 def train_stage1(msg: Message, context: Context) -> Message:
-    """One local stage-1 update; reports its compute time and wall/CPU timestamps with the weights."""
+    """One local stage-1 update; replies with the weights (`ExtractorReply`) and a record of its
+    compute time and wall/CPU timestamps."""
     handler_start, cpu_start = time.time(), time.process_time()
     torch.set_num_threads(1)
-    received = Stage1Work.from_message(msg)
+    received = Stage1Work.from_content(msg.content)
+    request = ExtractorRequest.from_content(without(msg.content, WORK_RECORD))
     pid = int(context.node_config[PARTITION_ID_KEY])
     data, _ = load_client_data(received.spec_json, pid, received.num_clients)
     bundle = received.bundle()
-    load_numpy(bundle, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+    load_numpy(bundle, request.params, expected=stage1_keys(bundle, request.method))
     compute_start = time.perf_counter()
-    loss = local_update(
-        received,
-        bundle,
-        data.train_x,
-        data.train_y,
-        pid,
-        int(msg.content["config"]["server-round"]),
-    )
+    loss = local_update(received, bundle, data.train_x, data.train_y, pid, request.server_round)
     compute_s = time.perf_counter() - compute_start
-    content = RecordDict(
+    reply = ExtractorReply(
+        params=received.shared(bundle), num_examples=len(data.train_y), loss=loss, ce_loss=loss
+    )
+    content = reply.to_content()
+    content[TIMING_RECORD] = MetricRecord(
         {
-            "arrays": ArrayRecord({k: Array(v) for k, v in state_numpy(bundle).items()}),
-            "metrics": MetricRecord(
-                {
-                    "num-examples": len(data.train_y),
-                    "loss": loss,
-                    PARTITION_ID_KEY: pid,
-                    "compute-s": compute_s,
-                    "handler-start": handler_start,
-                    "handler-end": time.time(),
-                    "handler-cpu-s": time.process_time() - cpu_start,
-                    "worker-pid": os.getpid(),
-                }
-            ),
+            PARTITION_ID_KEY: pid,
+            "compute-s": compute_s,
+            "handler-start": handler_start,
+            "handler-end": time.time(),
+            "handler-cpu-s": time.process_time() - cpu_start,
+            "worker-pid": os.getpid(),
         }
     )
     return Message(content, reply_to=msg)
 
 
-# ---------------------------------------------------------------------------- wrappers of the real app
+# ---------------------------------------------------------------------------- the real app, wrapped
 class TracingClientApp(ClientApp):
     """The project's ClientApp, unchanged, on virtual nodes that have a `state-dir` node config
     (personal state saved to disk as on a deployed SuperNode); each message's handler time is
@@ -260,8 +276,9 @@ class TracingClientApp(ClientApp):
 
 
 class TimingGrid:
-    """A Grid that records (message types, messages, start, end) of every wave: from the push of
-    its messages to the pull that delivered the last reply (or the last pull, if some never came)."""
+    """A Grid that records (message types, messages, start, end) of every wave: from the push
+    of its messages to the pull that delivered the last reply (or the last pull, if some never
+    came)."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid

@@ -5,6 +5,7 @@ the real measurements are run by hand (see bench/README.md)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ MACHINE_KEYS = {"cpu_count", "mem_total_bytes", "python", "torch", "flwr", "date
 PNG_MAGIC = b"\x89PNG"
 
 sys.path.insert(0, str(BENCH))
-from accuracy import pareto_front  # noqa: E402
-from benchlib import linear_fit  # noqa: E402
+from benchlib import BYTES_PER_FLOAT32, kill_tree, linear_fit, pareto_front  # noqa: E402
+
+from nmoe import gates  # noqa: E402
+from nmoe.datasets import DATASETS  # noqa: E402
 
 
 def run_bench(script: str, out_dir: Path, *args: str) -> dict[str, Any]:
@@ -33,10 +36,18 @@ def run_bench(script: str, out_dir: Path, *args: str) -> dict[str, Any]:
         str(out_dir),
         *args,
     ]
-    done = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    try:
+        stdout, stderr = process.communicate(timeout=SCRIPT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # stop the script and what it started (nmoe jobs, Ray)
+        kill_tree(process.pid)
+        stdout, stderr = process.communicate()
+        pytest.fail(
+            f"{script} timed out after {SCRIPT_TIMEOUT_S} s:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        )
+    assert process.returncode == 0, f"{script} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     result = json.loads((out_dir / f"{script}.json").read_text())
     assert MACHINE_KEYS <= set(result["machine"]), result["machine"]
     assert f"{script}.py" in result["command"] and "--tiny" in result["command"]
@@ -59,29 +70,30 @@ def test_pareto_front_and_fit() -> None:
     )
 
 
-def test_accuracy_and_comm(out_dir: Path) -> None:
-    acc = run_bench("accuracy", out_dir)
-    assert acc["jobs"] == 2  # fe=fedce,fedsc x one alpha x one seed
-    assert (out_dir / "accuracy.png").read_bytes()[:4] == PNG_MAGIC
-    report = acc["nmoe"]["0.3"]
-    assert {
-        "on_pareto_front",
-        "local_gap_to_best_personal",
-        "global_greater_than_fedavg",
-        "global_greater_than_shared_fe_own_head",
-        "local_gap_to_centralized",
-        "global_gap_to_centralized",
-    } <= set(report)
-    assert "centralized" not in acc["pareto_front"]["0.3"]
-    assert "fedsc" in acc["fe_comparison"]
-    assert acc["config"]["nmoe_config"] in acc["config"]["sweep_command"]
+def test_panel_and_comm(out_dir: Path) -> None:
+    panel = run_bench("panel", out_dir)
+    (job,) = panel["jobs"]  # one dataset, one setting, one seed
+    assert (job["dataset"], job["setting"], job["seed"], job["exit"]) == ("digits", "dir0.3", 0, 0)
+    assert (out_dir / "panel_digits.png").read_bytes()[:4] == PNG_MAGIC
+    assert "digits" in (out_dir / "panel.md").read_text()
+    cell = panel["analysis"]["digits"]["dir0.3"]
+    methods = set(cell["methods"])
+    assert {"nmoe", "local_expert", "fedavg", "centralized", "oracle_router"} <= methods
+    assert set(gates.names()) <= methods  # the panel preset runs every gate of the registry
+    assert {"global_vs_fedavg", "local_vs_best_personal", "headroom_share"} <= set(cell["bars"])
+    assert {"on_pareto_front", "gap_to_centralized"} <= set(cell["bars"])
+    assert cell["pareto_front"] and not {"centralized", "oracle_router"} & set(cell["pareto_front"])
+    assert panel["cells"][0]["config"]["simulation"]["num_clients"] == 3
 
-    comm = run_bench("comm", out_dir, "--sweep-dir", str(out_dir / "sweeps" / "accuracy"))
-    assert comm["summary"]["jobs"] == 2 and comm["summary"]["fedgate_bar_jobs"] == 2
-    job = comm["jobs"][0]
+    comm = run_bench("comm", out_dir)  # reads the panel's runs in the same out dir
+    assert comm["summary"]["jobs"] == 1 and comm["summary"]["fedgate_bar_jobs"] == 1
+    (job,) = comm["jobs"]
     assert job["fedgate_bar"]["fedgate_upload_per_round"] > 0
-    assert {"fedavg", "nmoe", "local_only", "centralized"} <= set(job["methods"])
+    assert job["fedgate_bar"]["rounds"] == 2
+    assert {"fedavg", "nmoe", "local_only", "centralized", *gates.names()} <= set(job["methods"])
     assert job["methods"]["centralized"]["raw_training_data_upload_bytes"] > 0
+    assert job["methods"]["fedgate"]["rounds"] == 2 + 1 + 2  # stage 1, H_0, FedGate
+    assert 0 < comm["cifar10_resnet_reference"]["fraction"] < 1
 
 
 def test_overhead(out_dir: Path) -> None:
@@ -102,12 +114,14 @@ def test_inference(out_dir: Path) -> None:
             entry["prediction_agreement"] == 1.0
         )  # the local reference computes what the waves computed
         assert entry["routed_samples_per_s"] > 0 and entry["local_samples_per_s"] > 0
-    # coalescing: one query over test+global answers as many samples as the two splits; two copies of global twice one
+    # coalescing: one query over test+global answers as many samples as the two splits; two
+    # copies of global twice one
     assert loads["test+global"]["samples"] > loads["test"]["samples"]
     assert loads["global x2"]["samples"] == 2 * (
         loads["test+global"]["samples"] - loads["test"]["samples"]
     )
-    assert result["bytes"]["raw_input_bytes_per_sample"] == 8 * 8 * 4
+    digits = math.prod(DATASETS["digits"].image_shape) * BYTES_PER_FLOAT32
+    assert result["bytes"]["raw_input_bytes_per_sample"] == digits
     assert set(result["waves"]["test"]) >= {"query.route", "query.expert", "query.combine"}
 
 
