@@ -26,10 +26,10 @@ from .base import Gate, Params
 @dataclass
 class KnowGateOptions:
     know_quantile: float = 0.7  # an expert's familiarity radius: this quantile of its NN distances
-    know_own_bias: float = 1.0  # the requester's own ratio is divided by this
+    know_own_bias: float = 1.5  # the requester's own ratio is divided by this
     know_temperature: float = 0.3  # softmax temperature over -ratio of the experts mixed
     know_max_ratio: float = 3.0  # beyond this ratio for every expert: the shared expert alone
-    know_shared_ratio: float = 1.0  # > 0: the shared expert competes as if this familiar (0: off)
+    know_shared_ratio: float = 0.0  # > 0: the shared expert competes as if this familiar (0: off)
 
 
 class KnowGate(Gate):
