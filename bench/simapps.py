@@ -41,6 +41,7 @@ STAGE1_ACTION = ExtractorRequest.TYPE.split(".", 1)[1]  # the ClientApp's train.
 # Records the bench adds beside the wire contract's: the work (down), the client's timing (up).
 WORK_RECORD, TIMING_RECORD = "bench-work", "bench-timing"
 NODE_POLL_S = 0.1
+NODES_TIMEOUT_S = 600.0  # the nodes never came (e.g. Ray failed to start): stop, do not hang
 ROUND_TIMEOUT_S = 3600.0
 SEED_STRIDE_CLIENT = 7919
 SEED_STRIDE_RUN = 1_000_003
@@ -158,6 +159,8 @@ def make_fedavg_server(work: Stage1Work, trace: FedAvgTrace) -> ServerApp:
         trace.main_started = time.time()
         torch.set_num_threads(1)
         while len(list(grid.get_node_ids())) < work.num_clients:
+            if time.time() - trace.main_started > NODES_TIMEOUT_S:
+                raise RuntimeError(f"fewer than {work.num_clients} nodes after {NODES_TIMEOUT_S} s")
             time.sleep(NODE_POLL_S)
         node_ids = sorted(grid.get_node_ids())
         trace.nodes_ready = time.time()
