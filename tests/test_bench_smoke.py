@@ -96,6 +96,7 @@ def test_panel_and_comm(out_dir: Path) -> None:
     assert 0 < comm["cifar10_resnet_reference"]["fraction"] < 1
 
 
+@pytest.mark.bench
 def test_overhead(out_dir: Path) -> None:
     result = run_bench("overhead", out_dir)
     (flower,) = result["flower"]
@@ -105,6 +106,7 @@ def test_overhead(out_dir: Path) -> None:
     assert "bar_met" in result["bar"]
 
 
+@pytest.mark.bench
 def test_inference(out_dir: Path) -> None:
     result = run_bench("inference", out_dir)
     loads = result["per_load"]
@@ -125,6 +127,7 @@ def test_inference(out_dir: Path) -> None:
     assert set(result["waves"]["test"]) >= {"query.route", "query.expert", "query.combine"}
 
 
+@pytest.mark.bench
 def test_scale(out_dir: Path) -> None:
     result = run_bench("scale", out_dir)
     assert [s["clients"] for s in result["sizes"]] == [2, 3]
