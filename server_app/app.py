@@ -89,7 +89,10 @@ def no_gate_cache(
 ) -> tuple[list, list[str]]:
     """No client could cache its experts' outputs (every node keeps its `gate` split): the
     trainable baseline gates are skipped; a trainable configured gate cannot be trained."""
-    reason = "no client shares its 'gate' split (node config share-splits): nothing to train on"
+    reason = (
+        "no client cached its experts' outputs on its 'gate' split (a node whose config "
+        "share-splits keeps that split refuses): nothing to train on"
+    )
     if any(g.name == nmoe_gate for g in to_train):
         raise StageFailed(f"gate '{nmoe_gate}': {reason}; use gate=knowgate or gate=rangate")
     for gate in to_train:
