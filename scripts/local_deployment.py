@@ -261,6 +261,22 @@ class Federation:
             f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n{body}\n'
         )
 
+    def superlink_base(self) -> list[str]:
+        """The SuperLink's arguments every federation shares: loopback, its port, a fresh
+        database, ServerApps in subprocesses, nothing installed at run time."""
+        return [
+            str(BIN / "flower-superlink"),
+            "--isolation",
+            "subprocess",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.workdir / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+
     def superlink_command(self) -> list[str]:
         raise NotImplementedError
 
@@ -355,20 +371,7 @@ class SimulationFederation(Federation):
         return ["insecure = true", f"options.num-supernodes = {self.num_supernodes}"]
 
     def superlink_command(self) -> list[str]:
-        return [
-            str(BIN / "flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--isolation",
-            "subprocess",
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(self.port),
-            "--database",
-            str(self.workdir / "state.db"),
-            "--disable-runtime-dependency-installation",
-        ]
+        return [*self.superlink_base(), "--insecure", "--simulation"]
 
     def start(self) -> SimulationFederation:
         self.start_superlink()
@@ -482,18 +485,7 @@ class Deployment(Federation):
         return str(payload["node-id"])
 
     def superlink_command(self) -> list[str]:
-        command = [
-            str(BIN / "flower-superlink"),
-            "--isolation",
-            "subprocess",
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(self.port),
-            "--database",
-            str(self.workdir / "state.db"),
-            "--disable-runtime-dependency-installation",
-        ]
+        command = self.superlink_base()
         if self.tls:
             command += [
                 "--ssl-ca-certfile",

@@ -113,3 +113,17 @@ class RelayGrid:
 
     def pull_messages(self, message_ids: Any) -> list[Message]:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def route_request(**changes: Any) -> wire.RouteRequest:
+    """A valid wave-1 request for partition 0 of three (rangate over the local test split),
+    with `changes` applied."""
+    values = {
+        "query_id": "q",
+        "splits": ["test"],
+        "mode": "infer",
+        "gate": "rangate",
+        "neighbours": [0, 1, 2],
+        "seed": 0,
+    }
+    return wire.RouteRequest(**{**values, **changes})

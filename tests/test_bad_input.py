@@ -48,17 +48,7 @@ def features(
     return wire.ExpertQuery(query_id="q", batches={1: value})
 
 
-def route(**changes) -> wire.RouteRequest:
-    values = {
-        "query_id": "q",
-        "splits": ["test"],
-        "mode": "infer",
-        "gate": "rangate",
-        "neighbours": [0, 1, 2],
-        "seed": 0,
-    }
-    values.update(changes)
-    return wire.RouteRequest(**values)
+route = live.route_request
 
 
 def raw(request: WireMessage, drop: str | None = None, **extra) -> tuple[str, RecordDict]:

@@ -27,7 +27,7 @@ from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import WireMessage
 from nmoe_protocol.sealing import WAVE_FEATURES, generate_keypair, open_sealed, payload_aad
 
-from .live import NUM_PARTITIONS, LiveNode, RelayGrid
+from .live import NUM_PARTITIONS, LiveNode, RelayGrid, route_request
 
 PEER = 1  # the partition id the test plays
 
@@ -78,15 +78,7 @@ def good_route(node: LiveNode) -> wire.RouteRequest:
     )
 
 
-def route(**changes: Any) -> wire.RouteRequest:
-    values = {
-        "query_id": "q",
-        "splits": ["test"],
-        "mode": "infer",
-        "gate": "rangate",
-        "neighbours": [0, 1, 2],
-    }
-    return wire.RouteRequest(**{**values, **changes})
+route = route_request
 
 
 NodeCase = tuple[str, Callable[[LiveNode], WireMessage | tuple[str, RecordDict]], str]
