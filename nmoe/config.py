@@ -31,6 +31,7 @@ TOPOLOGIES = ("full", "ring", "regular", "geometric")
 # baselines besides the gates: the FedAvg model, FedRep-style heads, local-only, pooled data
 MODEL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized", "oracle_router")
 BASELINES = MODEL_BASELINES + gates.names()
+ALL_BASELINES = "all"  # `baselines=[all]`: every baseline above, the registry's gates included
 LOG_LEVELS = ("quiet", "info", "verbose")
 MODES = ("train", "inference", "serve")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
@@ -195,7 +196,7 @@ class NMoEConfig:
     round_timeout_s: float = 600.0
     poll_interval_s: float = 0.02  # how often the server asks the SuperLink for replies
     min_nodes: int = 2
-    baselines: list[str] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)  # names of BASELINES, or [all]
     feature_noise_std: float = 0.0  # Gaussian noise on features sent to peers
     max_query_batch: int = 100_000  # clients refuse larger feature batches
     torch_threads: int = 1  # torch threads per process, clients and server (0 = torch default)
@@ -381,6 +382,8 @@ def to_structured(raw: DictConfig | dict[str, Any]) -> DictConfig:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
     assert isinstance(cfg, DictConfig)
+    if ALL_BASELINES in cfg.baselines:
+        cfg.baselines = list(BASELINES)
     validate(cfg)
     return cfg
 

@@ -14,7 +14,7 @@
 #               The machine that runs `flwr`: root-certificates = "/abs/path/ca.crt" in
 #               the connection of $FLWR_HOME/config.toml
 #   server.pem  SuperLink certificate (public). Server: flower-superlink --ssl-certfile server.pem
-#   server.key  SuperLink private key (SECRET, server only): flower-superlink --ssl-keyfile server.key
+#   server.key  SuperLink private key (SECRET, server only): --ssl-keyfile of flower-superlink
 #   ca.key      CA private key (SECRET): keep it offline; it only signs server certificates.
 set -euo pipefail
 

@@ -445,7 +445,8 @@ def rollgate_results(tmp_path_factory):
             "fe.local_epochs=1",
             f"baseline.epochs={CONVERGENCE_CAP}",
             f"baseline.patience={PATIENCE}",
-            "baselines=[fedavg,shared_fe_own_head,local_only,centralized,rangate,fedgate,oracle_router]",
+            "baselines=[fedavg,shared_fe_own_head,local_only,centralized,rangate,fedgate,"
+            "oracle_router]",
         ]
     )
     run_simulation(

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from nmoe.config import CONF_DIR, ConfigError, compose_config
+from nmoe import gates
+from nmoe.config import BASELINES, CONF_DIR, ConfigError, compose_config
 from nmoe.results import load_results
 from server_app import report
 
@@ -86,6 +87,15 @@ def test_presets_apply_their_values() -> None:
     )
     panel = compose_config(["experiment=panel_digits"])
     assert "oracle_router" in panel.baselines and panel.fe.patience > 0
+
+
+def test_all_baselines_expand_to_every_baseline_and_registered_gate() -> None:
+    cfg = compose_config(["experiment=digits_default", "baselines=[all]"])
+    assert list(cfg.baselines) == list(BASELINES)
+    assert set(gates.names()) <= set(cfg.baselines)
+    assert list(compose_config(["experiment=panel_digits"]).baselines) == list(BASELINES)
+    with pytest.raises(ConfigError, match="baselines"):
+        compose_config(["baselines=[fedavg,everything]"])
 
 
 @pytest.mark.parametrize("overrides", README_OVERRIDES)
