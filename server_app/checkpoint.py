@@ -64,6 +64,18 @@ class Checkpoint:
         )
 
 
+# what reading a damaged checkpoint can raise (files cut short, wrong types, bad zip/npz)
+UNREADABLE = (
+    OSError,
+    EOFError,
+    ValueError,
+    LookupError,
+    TypeError,
+    AttributeError,
+    zipfile.BadZipFile,
+)
+
+
 def save(output_dir: Path, checkpoint: Checkpoint) -> None:
     """Replace `<output_dir>/checkpoint/checkpoint.npz` by one rename.
 
@@ -168,15 +180,7 @@ def _load_v2(path: Path) -> Checkpoint:
             state = manifest["state"]
     except CheckpointError:
         raise
-    except (
-        OSError,
-        EOFError,
-        ValueError,
-        LookupError,
-        TypeError,
-        AttributeError,
-        zipfile.BadZipFile,
-    ) as error:
+    except UNREADABLE as error:
         raise CheckpointError(f"checkpoint {path} is unreadable: {error!r}") from error
     return Checkpoint(
         state["completed"], state["in_progress"], state["results"], state["ledger"], arrays
@@ -196,15 +200,7 @@ def _load_v1(folder: Path) -> Checkpoint:
         checkpoint = Checkpoint(
             state["completed"], state["in_progress"], state["results"], state["ledger"], arrays
         )
-    except (
-        OSError,
-        EOFError,
-        ValueError,
-        LookupError,
-        TypeError,
-        AttributeError,
-        zipfile.BadZipFile,
-    ) as error:
+    except UNREADABLE as error:
         raise CheckpointError(
             f"checkpoint {folder} (two-file layout) is unreadable: {error!r}"
         ) from error

@@ -93,13 +93,7 @@ def evaluate_routed(run: Run, gate_names: list[str], nmoe_gate: str) -> None:
             run.results.set_extra_item(f"{metric.replace('-', '_')}_queries", gate, counts)
         for name in {gate, "nmoe"} if gate == nmoe_gate else {gate}:
             run.results.set_accuracy(name, local_acc, global_acc)
-        log(
-            INFO,
-            "[evaluate] %s: local %.4f | global %.4f",
-            gate,
-            np.mean(list(local_acc.values())),
-            np.mean(list(global_acc.values())),
-        )
+        _log_accuracy(gate, local_acc, global_acc)
     run.results.set("routing_counts", routing)
 
 
@@ -113,10 +107,14 @@ def evaluate_local(run: Run) -> None:
         local = {p: r.acc_local[i] for p, r in replies.items()}
         glob = {p: r.acc_global[i] for p, r in replies.items() if r.acc_global}
         run.results.set_accuracy(method, local, glob)
-        log(
-            INFO,
-            "[evaluate] %s: local %.4f | global %.4f",
-            method,
-            np.mean(list(local.values())),
-            np.mean(list(glob.values())),
-        )
+        _log_accuracy(method, local, glob)
+
+
+def _log_accuracy(method: str, local: dict[int, float], glob: dict[int, float]) -> None:
+    log(
+        INFO,
+        "[evaluate] %s: local %.4f | global %.4f",
+        method,
+        np.mean(list(local.values())),
+        np.mean(list(glob.values())) if glob else float("nan"),
+    )
