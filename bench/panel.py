@@ -110,6 +110,12 @@ def parse_args() -> Any:
     )
     parser.add_argument("--overrides", default="", help="further Hydra overrides for every job")
     parser.add_argument("--skip-run", action="store_true", help="only re-analyse the run folder")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a line on how the jobs were run (code, load, schedule), kept in panel.json; repeatable",
+    )
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
     args.seeds = args.seeds.split(",")
@@ -429,6 +435,7 @@ def main() -> None:
                 f"beats on both, one strictly; references ({', '.join(REFERENCES)}) left out.",
                 "Bars (routing issue): nmoe global >= fedavg - 1 pt; nmoe local >= best of "
                 "local_expert / shared_fe_own_head / local_only - 1 pt; headroom closed >= 50%.",
+                *args.note,
             ],
         },
         started_machine,
