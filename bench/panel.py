@@ -114,7 +114,7 @@ def parse_args() -> Any:
         "--note",
         action="append",
         default=[],
-        help="a line on how the jobs were run (code, load, schedule), kept in panel.json; repeatable",
+        help="how the jobs were run (code, load, schedule), kept in panel.json; repeatable",
     )
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
