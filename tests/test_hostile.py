@@ -634,3 +634,37 @@ def test_a_node_that_refuses_the_set_up_is_left_out_at_once(tmp_path: Path) -> N
         discover(grid, plain, min_nodes=3, timeout=600)
     assert time.monotonic() - started < 120
     assert discover(grid, nodes[10].cfg_json, min_nodes=3, timeout=600).partition_ids == [0, 1, 2]
+
+
+def test_a_device_with_bad_data_refuses_the_set_up(tmp_path: Path) -> None:
+    """Bad device data is a refusal too: the server recognises it and does not ask again."""
+    (tmp_path / "data").mkdir()
+    node = LiveNode(tmp_path / "state", node_config={"data-dir": str(tmp_path / "data")})
+    reply = node.send(wire.SetupRequest(config_json=node.cfg_json))
+    assert reply.has_error() and reply.error.code == wire.SETUP_REFUSED
+    assert reply.error.reason.startswith("setup refused by partition 0 of 3: DeviceDataError")
+    assert wire.parse_setup_refusal(reply.error.reason) == (0, NUM_PARTITIONS)
+
+
+def test_familiarity_travels_sealed_with_the_logits(tmp_path: Path) -> None:
+    """An expert asked for its familiarity (KnowGate) returns it as one extra column of the
+    sealed logits: nothing about it reaches the relay in clear."""
+    from nmoe_protocol.sealing import WAVE_LOGITS, load_or_create_keypair, public_key_bytes, seal
+
+    node = LiveNode(tmp_path / "state")
+    node.set_up()
+    private, public = generate_keypair()
+    install = wire.InstallRequest(part="peer_keys", params=peer_keys(2, p1=public))
+    assert not node.send(install).has_error()
+    device_public = public_key_bytes(load_or_create_keypair(tmp_path / "state")[0])
+    rows = np.random.default_rng(1).random((6, 64), dtype=np.float32)
+    blob = seal(rows, private, device_public, payload_aad("k", WAVE_FEATURES, PEER, 0))
+    reply = node.send(wire.ExpertQuery(query_id="k", batches={PEER: blob}, with_familiarity=True))
+    assert not reply.has_error(), reply.error.reason
+    assert set(reply.content.array_records) == {"logits"}
+    answer = wire.ExpertAnswer.from_message(reply)
+    assert answer.familiarity is None and answer.logits[PEER].dtype == np.uint8
+    opened = open_sealed(
+        answer.logits[PEER], private, device_public, payload_aad("k", WAVE_LOGITS, 0, PEER)
+    )
+    assert opened.shape == (6, 11) and (opened[:, -1] >= 0).all()
