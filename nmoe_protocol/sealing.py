@@ -74,6 +74,8 @@ DTYPES: dict[int, np.dtype] = {
     7: np.dtype("?"),
 }
 CODES = {dtype: code for code, dtype in DTYPES.items()}
+STATIC_SECRET_CACHE = 1024  # (own key, peer key) pairs whose static secret a process keeps
+_STATIC_SECRETS: dict[tuple[bytes, bytes], bytes] = {}
 
 
 class SealError(ValueError):
@@ -262,7 +264,7 @@ def seal(
     prefix = MAGIC + ephemeral_public + nonce
     key = _derive(
         _exchange(ephemeral, recipient),
-        _exchange(sender_private, recipient),
+        _static_secret(sender_private, recipient),
         ephemeral_public,
         sender_public.public_bytes_raw(),
         recipient.public_bytes_raw(),
@@ -302,7 +304,7 @@ def open_sealed(
     nonce = prefix[len(MAGIC) + KEY_SIZE :]
     key = _derive(
         _exchange(recipient_private, _public_key(ephemeral_public, "ephemeral key in the blob")),
-        _exchange(recipient_private, sender),
+        _static_secret(recipient_private, sender),
         ephemeral_public,
         sender.public_bytes_raw(),
         public_key_bytes(recipient_private),
@@ -373,6 +375,19 @@ def _exchange(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
         return private.exchange(public)
     except ValueError as error:  # a low-order point gives the all-zero secret
         raise SealError(f"unusable public key {public.public_bytes_raw().hex()}") from error
+
+
+def _static_secret(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
+    """The sender x recipient secret, computed once per key pair and process (a node seals for
+    and opens from the same few pinned peers on every message); the ephemeral one is fresh."""
+    key = (private.private_bytes_raw(), public.public_bytes_raw())
+    secret = _STATIC_SECRETS.get(key)
+    if secret is None:
+        secret = _exchange(private, public)
+        if len(_STATIC_SECRETS) >= STATIC_SECRET_CACHE:
+            _STATIC_SECRETS.pop(next(iter(_STATIC_SECRETS)))
+        _STATIC_SECRETS[key] = secret
+    return secret
 
 
 def _public_key(value: bytes | X25519PublicKey, what: str) -> X25519PublicKey:
