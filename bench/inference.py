@@ -73,6 +73,9 @@ WAVES = ("query.route", "query.expert", "query.combine")
 # node.seed(9, request.seed); the evaluation's queries carry the run seed): random gates agree.
 ROUTE_SEED_PURPOSE = 9
 STATE_KEY = "bench-inference"
+# The nodes' owners allow the largest load: `global x64` sends an expert owner up to ~141,000
+# rows in one message (every requester's batch), above the default node policy's max-rows=100000.
+NODE_CONFIG = {"max-rows": 400_000}
 STAGE_PREFIX = "bench"
 LOCAL_WARMUP_RUNS = 1
 DEFAULTS = {"num_clients": 10, "repeats": 5}
@@ -181,7 +184,7 @@ def simulate(
                     )
 
     state_dir, trace_path = run_dir / "state", run_dir / "client_trace.jsonl"
-    client_app = TracingClientApp(project_client_app, str(state_dir), str(trace_path))
+    client_app = TracingClientApp(project_client_app, str(state_dir), str(trace_path), NODE_CONFIG)
     started = time.time()
     run_simulation(
         server_app=server_app,
@@ -555,6 +558,7 @@ def write_sealing_comparison(
             "nmoe_overrides": overrides,
             "repeats": args.repeats,
             "loads": args.loads,
+            "node_config": NODE_CONFIG,
             "resolved": to_dict(cfg),
         },
         "simulation_wall_s": sim["simulation_wall_s"],
@@ -656,6 +660,7 @@ def main() -> None:
             "nmoe_overrides": overrides,
             "repeats": args.repeats,
             "loads": args.loads,
+            "node_config": NODE_CONFIG,
             "parallel_clients": parallel,
             "resolved": to_dict(cfg),
         },
