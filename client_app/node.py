@@ -33,6 +33,7 @@ from nmoe.routing import familiarity
 from nmoe.training import forward_batched
 from nmoe_protocol import messages as wire
 from nmoe_protocol.sealing import (
+    Ephemeral,
     KeyPins,
     generate_keypair,
     load_or_create_keypair,
@@ -198,10 +199,15 @@ class Node:
         arrays = {k: np.frombuffer(v, np.uint8).copy() for k, v in pins.to_dict().items()}
         self.state.state[PINS_GROUP] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
+    @cached_property
+    def ephemeral(self) -> Ephemeral:
+        """The ephemeral key pair of the payloads this message seals (one per message)."""
+        return Ephemeral()
+
     def seal(self, peer: int, array: np.ndarray, query: str, wave: str) -> np.ndarray:
         """`array` sealed for `peer` (sender: this node), bound to the query and the wave."""
         aad = payload_aad(query, wave, self.pid, peer)
-        return seal(array, self.key, self.pins()[peer], aad)
+        return seal(array, self.key, self.pins()[peer], aad, ephemeral=self.ephemeral)
 
     def open(self, peer: int, blob: np.ndarray, query: str, wave: str, max_rows: int) -> np.ndarray:
         """A payload `peer` sealed for this node (authenticated; `SealError` otherwise)."""
