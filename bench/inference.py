@@ -18,6 +18,16 @@ compared with the routed ones.
 Writes bench/results/inference.json: samples/s routed vs local (bar: routed >= 0.5 x local),
 the per-wave time breakdown, and bytes per sample on the wire (comm_bytes of the inference
 stage / samples; arrays only, by wave) against sending the raw input.
+
+    python bench/inference.py --compare-sealing              # sealed relay on vs off
+
+With `--compare-sealing` the same trained federation answers every load with sealed payloads
+(`seal_payloads=true`) and in clear (`false`), switched by a new set-up wave to every node: for
+each repeat and load one sealed and one plain query back to back, the order alternating (sealed
+first, then plain first), so both settings see the same models, samples and machine state.
+Writes bench/results/inference_seal.json: per load the routed times of both settings, the
+overhead of sealing (bar: <= 10% of the routed time), the handlers' CPU time per wave, and
+whether the predictions agree; no local reference is run.
 """
 
 from __future__ import annotations
@@ -44,7 +54,9 @@ from benchlib import (
 from simapps import TimingGrid, TracingClientApp, read_trace
 
 NAME = "inference"
+SEAL_NAME = "inference_seal"
 BAR_ROUTED_OVER_LOCAL = 0.5
+BAR_SEALING_OVERHEAD = 0.10  # sealing may add at most 10% to the routed inference time
 # What each requester asks in one set of waves: a name -> the splits coalesced into the query.
 # `test+global` is the app's own evaluation query; `global xR` replays R copies of the global test
 # set per requester (a pending queue of R requests served by one set of waves: dynamic batching).
@@ -61,6 +73,9 @@ WAVES = ("query.route", "query.expert", "query.combine")
 # node.seed(9, request.seed); the evaluation's queries carry the run seed): random gates agree.
 ROUTE_SEED_PURPOSE = 9
 STATE_KEY = "bench-inference"
+# The nodes' owners allow the largest load: `global x64` sends an expert owner up to ~141,000
+# rows in one message (every requester's batch), above the default node policy's max-rows=100000.
+NODE_CONFIG = {"max-rows": 400_000}
 STAGE_PREFIX = "bench"
 LOCAL_WARMUP_RUNS = 1
 DEFAULTS = {"num_clients": 10, "repeats": 5}
@@ -83,6 +98,11 @@ def parse_args() -> Any:
     parser.add_argument(
         "--overrides", default="", help="further Hydra overrides (dataset, sizes ...)"
     )
+    parser.add_argument(
+        "--compare-sealing",
+        action="store_true",
+        help="time every load with sealed and with plain peer payloads (inference_seal.json)",
+    )
     args = parser.parse_args()
     args.loads = LOADS
     if args.tiny:
@@ -95,8 +115,30 @@ def parse_args() -> Any:
 
 
 # ---------------------------------------------------------------------------- the simulation
-def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]]) -> dict[str, Any]:
-    """Train with the real stages, then time `repeats` routed queries per load; return the trace."""
+def set_sealing(run: Any, sealed: bool) -> None:
+    """Switch every node and the router to sealed (or plain) peer payloads: a new set-up wave
+    with the run's config, `seal_payloads` changed (personal state and key pins are kept)."""
+    from nmoe.config import to_dict
+    from nmoe_protocol import messages as wire
+
+    config = {**to_dict(run.cfg), "seal_payloads": sealed}
+    request = wire.SetupRequest(config_json=json.dumps(config, sort_keys=True))
+    replies = run.broadcast(request, wire.NodeInfo)
+    if sorted(replies) != sorted(run.pids):
+        raise RuntimeError(f"seal_payloads={sealed}: only {sorted(replies)} accepted the set-up")
+    run.router.sealed = sealed
+
+
+def simulate(
+    cfg: Any,
+    run_dir: Path,
+    repeats: int,
+    loads: dict[str, list[str]],
+    compare_sealing: bool = False,
+) -> dict[str, Any]:
+    """Train with the real stages, then time `repeats` routed queries per load (with
+    `compare_sealing`: one sealed and one plain query per repeat and load, in alternating
+    order); return the trace."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -105,7 +147,6 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
     from server_app.app import run_stages
     from server_app.cli import backend_config
     from server_app.run import open_run
-    from server_app.stages.evaluation import routed_accuracy
 
     gate = str(cfg.gate.method)
     out: dict[str, Any] = {"queries": []}
@@ -120,37 +161,30 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
         run.results.mark_completed()
         run.results.write(run_dir)
         out["results"] = json.loads(json.dumps(run.results.data))
+        modes = [True, False] if compare_sealing else [bool(cfg.seal_payloads)]
         for repeat in range(repeats):
-            for load, splits in loads.items():
-                stage = f"{STAGE_PREFIX}.{load}.{repeat}"
-                run.grid.stage = stage
-                first_call = len(timing.calls)
-                started = time.time()
-                per_split = routed_accuracy(run, gate, splits)
-                finished = time.time()
-                out["queries"].append(
-                    {
-                        "load": load,
-                        "repeat": repeat,
-                        "stage": stage,
-                        "start": started,
-                        "end": finished,
-                        "samples": sum(
-                            int(m["num-examples"])
-                            for metrics in per_split
-                            for m in metrics.values()
-                        ),
-                        "waves": timing.calls[first_call:],
-                        "bytes": dict(run.ledger.bytes[stage]),
-                        "predictions": {
-                            str(p): [v for metrics in per_split for v in metrics[p]["predictions"]]
-                            for p in per_split[0]
-                        },
-                    }
-                )
+            for index, (load, splits) in enumerate(loads.items()):
+                order = modes if (repeat + index) % 2 == 0 else modes[::-1]
+                for position, sealed in enumerate(order):
+                    if run.router.sealed != sealed:
+                        run.grid.stage = f"{STAGE_PREFIX}.setup"
+                        set_sealing(run, sealed)
+                    stage = f"{STAGE_PREFIX}.{load}.{repeat}"
+                    if compare_sealing:
+                        stage += ".sealed" if sealed else ".plain"
+                    query = time_query(run, timing, gate, splits, stage)
+                    out["queries"].append(
+                        {
+                            "load": load,
+                            "repeat": repeat,
+                            "sealed": sealed,
+                            "position": position,
+                            **query,
+                        }
+                    )
 
     state_dir, trace_path = run_dir / "state", run_dir / "client_trace.jsonl"
-    client_app = TracingClientApp(project_client_app, str(state_dir), str(trace_path))
+    client_app = TracingClientApp(project_client_app, str(state_dir), str(trace_path), NODE_CONFIG)
     started = time.time()
     run_simulation(
         server_app=server_app,
@@ -159,11 +193,35 @@ def simulate(cfg: Any, run_dir: Path, repeats: int, loads: dict[str, list[str]])
         backend_config=backend_config(cfg),
     )
     out["simulation_wall_s"] = time.time() - started
-    if "results" not in out or len(out["queries"]) != repeats * len(loads):
+    expected = repeats * len(loads) * (2 if compare_sealing else 1)
+    if "results" not in out or len(out["queries"]) != expected:
         raise RuntimeError("the simulation did not complete (see the log above)")
     out["state_dir"] = state_dir / STATE_KEY
     out["trace_path"] = trace_path
     return out
+
+
+def time_query(run: Any, timing: Any, gate: str, splits: list[str], stage: str) -> dict[str, Any]:
+    """One routed query (three waves) as stage `stage`: its times, waves, bytes, predictions."""
+    from server_app.stages.evaluation import routed_accuracy
+
+    run.grid.stage = stage
+    first_call = len(timing.calls)
+    started = time.time()
+    per_split = routed_accuracy(run, gate, splits)
+    finished = time.time()
+    return {
+        "stage": stage,
+        "start": started,
+        "end": finished,
+        "samples": sum(int(m["num-examples"]) for metrics in per_split for m in metrics.values()),
+        "waves": timing.calls[first_call:],
+        "bytes": dict(run.ledger.bytes[stage]),
+        "predictions": {
+            str(p): [v for metrics in per_split for v in metrics[p]["predictions"]]
+            for p in per_split[0]
+        },
+    }
 
 
 # ---------------------------------------------------------------------------- local reference
@@ -402,13 +460,147 @@ def compare_load(
     }
 
 
+def handler_seconds(
+    query: dict[str, Any], trace: list[dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Per wave of one query: the handlers' summed CPU and wall seconds (from the trace)."""
+    out = {}
+    for call in query["waves"]:
+        rows = [
+            t
+            for t in trace
+            if t["type"] == call["type"] and call["start"] <= t["start"] <= call["end"]
+        ]
+        out[call["type"]] = {
+            "cpu_s": sum(t["cpu_s"] for t in rows),
+            "wall_s": sum(t["end"] - t["start"] for t in rows),
+        }
+    return out
+
+
+def sealing_per_load(queries: list[dict[str, Any]], trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sealed against plain queries of one load: times, overhead, handler CPU, agreement."""
+
+    def seconds(q: dict[str, Any]) -> float:
+        return q["end"] - q["start"]
+
+    by_mode = {
+        m: [q for q in queries if q["sealed"] == (m == "sealed")] for m in ("sealed", "plain")
+    }
+    pairs = [
+        (s, p) for s in by_mode["sealed"] for p in by_mode["plain"] if s["repeat"] == p["repeat"]
+    ]
+    ratios = [seconds(s) / seconds(p) for s, p in pairs]
+    by_order = {
+        first: [
+            seconds(s) / seconds(p) for s, p in pairs if (s["position"] == 0) == (first == "sealed")
+        ]
+        for first in ("sealed", "plain")
+    }
+    medians = {m: median([seconds(q) for q in qs]) for m, qs in by_mode.items()}
+    handlers = {}
+    for mode, qs in by_mode.items():
+        per_query = [handler_seconds(q, trace) for q in qs]
+        handlers[mode] = {
+            wave: {
+                key: median([h[wave][key] for h in per_query if wave in h])
+                for key in ("cpu_s", "wall_s")
+            }
+            for wave in WAVES
+        }
+        handlers[mode]["total_cpu_s"] = median(
+            [sum(w["cpu_s"] for w in h.values()) for h in per_query]
+        )
+    agree = [
+        int(a == b)
+        for s, p in pairs
+        for pid, preds in s["predictions"].items()
+        for a, b in zip(preds, p["predictions"][pid], strict=True)
+    ]
+    overhead = medians["sealed"] / medians["plain"] - 1
+    return {
+        "samples": queries[0]["samples"],
+        "sealed_s_all": [seconds(q) for q in by_mode["sealed"]],
+        "plain_s_all": [seconds(q) for q in by_mode["plain"]],
+        "sealed_s_median": medians["sealed"],
+        "plain_s_median": medians["plain"],
+        "overhead_of_medians": overhead,
+        "paired_ratio_all": ratios,
+        "overhead_paired_median": median(ratios) - 1,
+        "overhead_paired_median_by_first": {k: median(v) - 1 for k, v in by_order.items()},
+        "handlers_median": handlers,
+        "wire_bytes_per_sample_ledger": {
+            mode: median([(q["bytes"]["up"] + q["bytes"]["down"]) / q["samples"] for q in qs])
+            for mode, qs in by_mode.items()
+        },
+        "prediction_agreement": sum(agree) / max(len(agree), 1),
+        "bar_met": overhead <= BAR_SEALING_OVERHEAD,
+    }
+
+
+def write_sealing_comparison(
+    args: Any, cfg: Any, overrides: list[str], sim: dict[str, Any], started: dict[str, Any]
+) -> None:
+    """inference_seal.json: the sealed relay against plain payloads, per load."""
+    from nmoe.config import to_dict
+
+    trace = read_trace(sim["trace_path"])
+    per_load = {
+        load: sealing_per_load([q for q in sim["queries"] if q["load"] == load], trace)
+        for load in args.loads
+    }
+    total = {
+        mode: sum(v[f"{mode}_s_median"] for v in per_load.values()) for mode in ("sealed", "plain")
+    }
+    result = {
+        "config": {
+            "nmoe_config": args.nmoe_config,
+            "nmoe_overrides": overrides,
+            "repeats": args.repeats,
+            "loads": args.loads,
+            "node_config": NODE_CONFIG,
+            "resolved": to_dict(cfg),
+        },
+        "simulation_wall_s": sim["simulation_wall_s"],
+        "per_load": per_load,
+        "overhead_all_loads": total["sealed"] / total["plain"] - 1,
+        "bar": {
+            "sealing_overhead_max": BAR_SEALING_OVERHEAD,
+            "met_at_every_load": all(v["bar_met"] for v in per_load.values()),
+            "worst_load_overhead": max(v["overhead_of_medians"] for v in per_load.values()),
+        },
+        "notes": [
+            "One simulation, one trained federation: after training, each repeat answers every "
+            "load once with sealed payloads and once in clear, back to back, the order "
+            "alternating between (repeat, load) pairs; a set-up wave to every node switches "
+            "seal_payloads (personal state and key pins stay).",
+            "routed_s: one routed_accuracy call (3 waves, every client a requester) timed in "
+            "the ServerApp; overhead_of_medians = median sealed / median plain - 1; "
+            "overhead_paired_median: the median of sealed / plain within each repeat, minus 1.",
+            "handlers_median: per wave, the client handlers' summed CPU and wall seconds "
+            "(TracingClientApp), median over the queries of each setting.",
+        ],
+    }
+    path = write_result(args.out_dir, SEAL_NAME, result, started)
+    for load, v in per_load.items():
+        print(
+            f"[inference] {load}: {v['samples']} samples, sealed {v['sealed_s_median']:.3f} s vs "
+            f"plain {v['plain_s_median']:.3f} s: {100 * v['overhead_of_medians']:+.1f}% "
+            f"(paired {100 * v['overhead_paired_median']:+.1f}%); agreement "
+            f"{v['prediction_agreement']:.4f}",
+            flush=True,
+        )
+    print(f"[inference] all loads: {100 * result['overhead_all_loads']:+.1f}%")
+    print(path)
+
+
 def main() -> None:
     args = parse_args()
     started_machine = machine_info()
     benchlib.expose_bench_to_ray_workers()
     from nmoe.config import compose_config, to_dict
 
-    run_dir = (args.out_dir / "runs" / NAME).resolve()
+    run_dir = (args.out_dir / "runs" / (SEAL_NAME if args.compare_sealing else NAME)).resolve()
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     overrides = [
@@ -421,14 +613,18 @@ def main() -> None:
         f"output_dir={run_dir}",
         *(TINY_OVERRIDES if args.tiny else []),
         *split_overrides(args.overrides),
+        *(["seal_payloads=true"] if args.compare_sealing else []),
     ]
     cfg = compose_config(overrides)
     print(
         f"[inference] simulation: {args.num_clients} clients, {args.repeats} timed queries "
-        "per split",
+        f"per split{' and setting (sealed, plain)' if args.compare_sealing else ''}",
         flush=True,
     )
-    sim = simulate(cfg, run_dir, args.repeats, args.loads)
+    sim = simulate(cfg, run_dir, args.repeats, args.loads, args.compare_sealing)
+    if args.compare_sealing:
+        write_sealing_comparison(args, cfg, overrides, sim, started_machine)
+        return
     results = sim["results"]
     local = LocalPipeline(cfg, sim["state_dir"], results["topology"]["neighbours"])
     trace = read_trace(sim["trace_path"])
@@ -464,6 +660,7 @@ def main() -> None:
             "nmoe_overrides": overrides,
             "repeats": args.repeats,
             "loads": args.loads,
+            "node_config": NODE_CONFIG,
             "parallel_clients": parallel,
             "resolved": to_dict(cfg),
         },

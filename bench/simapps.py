@@ -252,17 +252,25 @@ def train_stage1(msg: Message, context: Context) -> Message:
 # ---------------------------------------------------------------------------- the real app, wrapped
 class TracingClientApp(ClientApp):
     """The project's ClientApp, unchanged, on virtual nodes that have a `state-dir` node config
-    (personal state saved to disk as on a deployed SuperNode); each message's handler time is
-    appended as one JSON line to `trace_path`."""
+    (personal state saved to disk as on a deployed SuperNode) and the `node_config` entries given;
+    each message's handler time is appended as one JSON line to `trace_path`."""
 
-    def __init__(self, inner: ClientApp, state_dir: str, trace_path: str) -> None:
+    def __init__(
+        self,
+        inner: ClientApp,
+        state_dir: str,
+        trace_path: str,
+        node_config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.state_dir = state_dir
         self.trace_path = trace_path
+        self.node_config = dict(node_config or {})  # what each node's owner sets beside it
 
     def __call__(self, message: Message, context: Context) -> Message:
         context.node_config[STATE_DIR_KEY] = self.state_dir
+        context.node_config.update(self.node_config)
         start, cpu_start = time.time(), time.process_time()
         reply = self.inner(message, context)
         row = {

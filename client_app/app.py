@@ -83,8 +83,11 @@ def handles(request_type: type[Request]) -> Callable[[Callable[[Node, Request], 
             except Exception as err:  # every failure becomes a reply
                 reason = f"{type(err).__name__}: {err}"
                 log(WARNING, "%s rejected: %s", msg.metadata.message_type, reason)
-                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-                return Message(error, reply_to=msg)
+                code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+                if request_type is wire.SetupRequest:  # a refusal: the server will not ask again
+                    code = wire.SETUP_REFUSED
+                    reason = wire.setup_refusal(*partition_of(context), reason)
+                return Message(Error(code=code, reason=reason), reply_to=msg)
 
         category, _, action = request_type.TYPE.partition(".")
         register_on_app = getattr(app, category)
@@ -92,6 +95,17 @@ def handles(request_type: type[Request]) -> Callable[[Callable[[Node, Request], 
         return handler
 
     return register
+
+
+def partition_of(context: Context) -> tuple[int | None, int | None]:
+    """(partition id, number of partitions) of this node's config, None where unreadable."""
+    try:
+        return (
+            int(context.node_config["partition-id"]),
+            int(context.node_config["num-partitions"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None, None
 
 
 # ---------------------------------------------------------------------------- set-up

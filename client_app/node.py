@@ -33,6 +33,7 @@ from nmoe.routing import familiarity
 from nmoe.training import forward_batched
 from nmoe_protocol import messages as wire
 from nmoe_protocol.sealing import (
+    Ephemeral,
     KeyPins,
     generate_keypair,
     load_or_create_keypair,
@@ -168,24 +169,45 @@ class Node:
         return X25519PrivateKey.from_private_bytes(raw)
 
     def pins(self) -> KeyPins:
-        """The peers' public keys, pinned for the run (`train.install part=peer_keys`)."""
-        if not self.state.has(PINS_GROUP):
-            return KeyPins()
-        return KeyPins({int(k): bytes(v) for k, v in self.state.get(PINS_GROUP).items()})
+        """The peers' public keys pinned for the run (`train.install part=peer_keys`): from
+        `context.state`, else (a restarted node) from the pins file in its state-dir."""
+        cached = self.__dict__.get("_pins")
+        if cached is not None:
+            return cached
+        if self.state.has(PINS_GROUP):
+            pins = KeyPins({int(k): bytes(v) for k, v in self.state.get(PINS_GROUP).items()})
+        else:
+            pins = KeyPins(self.state.read_pins())
+            if pins.to_dict():
+                self._keep_pins(pins)
+        self.__dict__["_pins"] = pins
+        return pins
 
     def pin(self, keys: dict[str, np.ndarray]) -> None:
-        pins = self.pins()
+        """Pin peers' keys for the run: every key checked against what is pinned (a changed
+        key is refused, nothing changes), then saved to disk (atomically) and kept in memory."""
+        pins = KeyPins(self.pins().to_dict())
         for pid, key in keys.items():
             if not pid.isdigit() or not 0 <= int(pid) < self.num_partitions:
                 raise ValueError(f"a public key for partition {pid!r}, outside the federation")
             pins.pin(int(pid), bytes(np.asarray(key, np.uint8)))
+        self.state.write_pins({int(pid): key for pid, key in pins.to_dict().items()})
+        self._keep_pins(pins)
+        self.__dict__["_pins"] = pins
+
+    def _keep_pins(self, pins: KeyPins) -> None:
         arrays = {k: np.frombuffer(v, np.uint8).copy() for k, v in pins.to_dict().items()}
         self.state.state[PINS_GROUP] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+    @cached_property
+    def ephemeral(self) -> Ephemeral:
+        """The ephemeral key pair of the payloads this message seals (one per message)."""
+        return Ephemeral()
 
     def seal(self, peer: int, array: np.ndarray, query: str, wave: str) -> np.ndarray:
         """`array` sealed for `peer` (sender: this node), bound to the query and the wave."""
         aad = payload_aad(query, wave, self.pid, peer)
-        return seal(array, self.key, self.pins()[peer], aad)
+        return seal(array, self.key, self.pins()[peer], aad, ephemeral=self.ephemeral)
 
     def open(self, peer: int, blob: np.ndarray, query: str, wave: str, max_rows: int) -> np.ndarray:
         """A payload `peer` sealed for this node (authenticated; `SealError` otherwise)."""

@@ -2,14 +2,19 @@
 
 The run's config arrives once (`query.setup`) and is kept in `context.state` and, with a
 `state-dir` in the node config, in `<state-dir>/setup/run-<run id>.json`, so a restarted
-SuperNode picks the run up again. What persists (expert, gates, the received extractor, own head)
-is written atomically as safetensors under `<state-dir>/<run-key>/partition-<id>.safetensors`;
-a restarted SuperNode reads it back. Safetensors holds tensors only (no pickled code).
+SuperNode picks the run up again; so are the peers' public keys it pinned for the run
+(`<state-dir>/setup/run-<run id>-partition-<id>-peer-keys.json`, see `read_pins`), so a
+restarted node keeps refusing a swapped key. What persists (expert, gates, the received
+extractor, own head) is written atomically as safetensors under
+`<state-dir>/<run-key>/partition-<id>.safetensors`; a restarted SuperNode reads it back.
+Safetensors holds tensors only (no pickled code).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 from logging import WARNING
 from pathlib import Path
@@ -30,6 +35,14 @@ OWNER_KEY = "owner"  # state file metadata: the node (partition, federation size
 PERSISTED_PREFIXES = ("model/",)  # scratch entries (caches, pending queries) stay in memory
 SEP = "::"
 SETUP_DIR = "setup"
+PINS_FORMAT = "nmoe-peer-keys/1"
+PINS_FIELDS = {"format", "run_id", "owner", "keys"}
+MAX_PINS_FILE_BYTES = 1 << 20
+
+
+class PinsFileError(ValueError):
+    """A peer-key pins file that fails validation: kept as it is (its owner decides), and this
+    node pins nothing else for the run."""
 
 
 class PersonalState:
@@ -56,6 +69,70 @@ class PersonalState:
         if self.state_dir is None:
             return None
         return self.state_dir / SETUP_DIR / f"run-{self.context.run_id}.json"
+
+    def pins_path(self) -> Path | None:
+        """`<state-dir>/setup/run-<run id>-partition-<id>-peer-keys.json` (None without a
+        state-dir)."""
+        if self.state_dir is None:
+            return None
+        name = f"run-{self.context.run_id}-partition-{self.partition_id}-peer-keys.json"
+        return self.state_dir / SETUP_DIR / name
+
+    def read_pins(self) -> dict[int, bytes]:
+        """The peer keys this node pinned for the run, from its pins file ({} if it has none).
+
+        Raises `PinsFileError` for a file that is not a regular JSON file of this format, run
+        and owner (`partition-<id>-of-<n>`) with one 32-byte key (hex) per partition id inside
+        the federation; the file is left as it is."""
+        path = self.pins_path()
+        if path is None or not os.path.lexists(path):
+            return {}
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise ValueError("not a regular file")
+                raw = handle.read(MAX_PINS_FILE_BYTES + 1)
+            if len(raw) > MAX_PINS_FILE_BYTES:
+                raise ValueError(f"larger than {MAX_PINS_FILE_BYTES} bytes")
+            saved = json.loads(raw)
+            if not isinstance(saved, dict) or set(saved) != PINS_FIELDS:
+                raise ValueError(f"fields {sorted(saved) if isinstance(saved, dict) else saved}")
+            if saved["format"] != PINS_FORMAT:
+                raise ValueError(f"format {saved['format']!r}, expected {PINS_FORMAT!r}")
+            if saved["run_id"] != int(self.context.run_id):
+                raise ValueError(f"it belongs to run {saved['run_id']!r}")
+            if saved["owner"] != self.owner():
+                raise ValueError(f"it belongs to {saved['owner']!r}, not {self.owner()!r}")
+            if not isinstance(saved["keys"], dict):
+                raise ValueError("'keys' is not an object")
+            pins = {}
+            for pid, key in saved["keys"].items():
+                if not pid.isdigit() or not 0 <= int(pid) < self.num_partitions:
+                    raise ValueError(f"a key for partition {pid!r}, outside the federation")
+                if not isinstance(key, str) or len(key) != 64:
+                    raise ValueError(f"the key of partition {pid} is not 64 hex digits")
+                pins[int(pid)] = bytes.fromhex(key)
+        except (OSError, ValueError) as err:  # JSONDecodeError and bad hex are ValueErrors
+            raise PinsFileError(
+                f"peer-key pins {path} refused ({err}): this node pins no other keys for run "
+                f"{self.context.run_id} (delete the file to let it pin again)"
+            ) from err
+        return pins
+
+    def write_pins(self, pins: dict[int, bytes]) -> None:
+        """Save the pinned peer keys atomically (nothing without a state-dir)."""
+        path = self.pins_path()
+        if path is None:
+            return
+        document = {
+            "format": PINS_FORMAT,
+            "run_id": int(self.context.run_id),
+            "owner": self.owner(),
+            "keys": {str(pid): key.hex() for pid, key in sorted(pins.items())},
+        }
+        text = json.dumps(document, indent=1)
+        write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
     def set_config(self, config_json: str) -> None:
         """Keep the run's config (in memory and, with a state-dir, on disk)."""

@@ -32,10 +32,23 @@ class Patience:
         return self.patience > 0 and self.waited >= self.patience
 
     def as_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "waited": self.waited}
+        """The rule's state for a checkpoint, the validation history included."""
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "waited": self.waited,
+            "history": list(self.history),
+        }
 
     @classmethod
     def restore(cls, patience: int, min_delta: float, saved: dict[str, Any]) -> Patience:
+        """The rule as `as_dict` saved it (a checkpoint of an earlier version has no history:
+        it restarts empty)."""
         return cls(
-            patience, min_delta, float(saved["best"]), int(saved["best_step"]), int(saved["waited"])
+            patience,
+            min_delta,
+            float(saved["best"]),
+            int(saved["best_step"]),
+            int(saved["waited"]),
+            [float(v) for v in saved.get("history", [])],
         )

@@ -6,7 +6,8 @@ names its type in `TYPE`; its reply is the class beside it. Non-array fields tra
 strategy aggregates), array maps in `ArrayRecord`s named after the field (see `codec`).
 
 Run set-up (once per node and run)
-  query.setup        SetupRequest(config_json)                 -> NodeInfo
+  query.setup        SetupRequest(config_json)                 -> NodeInfo, or an error reply
+                                                                  with code SETUP_REFUSED
 Stage 1, the shared extractor F
   train.extractor    ExtractorRequest(method, round, params,   -> ExtractorReply(params, metrics,
                        others_correlation?)                         correlation?)
@@ -33,6 +34,7 @@ Peer inference, relayed by the server in three waves (see nmoe_strategy/router.p
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import ClassVar, Optional
 
 from .codec import METRICS, Arrays, ArraysById, ProtocolError, WireMessage
@@ -59,6 +61,13 @@ SCHEDULES = ("fe", "fedavg")
 # reachable expert, the best per true label (a measurement); serve: the node's inbox
 QUERY_MODES = ("infer", "cache", "oracle", "serve")
 GATED_MODES = ("infer", "serve")  # the gate routes (and local-first applies)
+
+# A node that refuses the run's set-up (its owner's policy, its data, a config it cannot read)
+# answers with an error reply of this code (outside Flower's own `ErrorCode`s): the server
+# leaves it out of the run at once instead of asking again. Its reason starts with
+# `setup refused by partition <id> of <n>: ` (when the node knows them).
+SETUP_REFUSED = 1701
+_REFUSAL = re.compile(r"^setup refused by partition (\d+) of (\d+): ")
 SPLITS = ("train", "gate", "test", "global", "inbox")
 LOCAL_EVAL_METHODS = ("local_expert", "fedavg", "shared_fe_own_head")
 
@@ -88,6 +97,19 @@ class SetupRequest(WireMessage):
 
     TYPE: ClassVar[str] = SETUP
     config_json: str
+
+
+def setup_refusal(partition_id: int | None, num_partitions: int | None, reason: str) -> str:
+    """The reason of a `SETUP_REFUSED` error reply."""
+    if partition_id is None or num_partitions is None:
+        return f"setup refused: {reason}"
+    return f"setup refused by partition {partition_id} of {num_partitions}: {reason}"
+
+
+def parse_setup_refusal(reason: str) -> tuple[int | None, int | None]:
+    """(partition id, number of partitions) a `SETUP_REFUSED` reason names, else (None, None)."""
+    found = _REFUSAL.match(reason)
+    return (int(found[1]), int(found[2])) if found else (None, None)
 
 
 @dataclasses.dataclass(frozen=True)

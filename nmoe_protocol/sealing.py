@@ -5,10 +5,12 @@ Every node has an X25519 key pair. The private key is generated on the node, kep
 directory (`sealing-x25519.key`, 32 raw bytes, mode 0600) and never sent; the 32-byte public key
 is announced at discovery and pinned by peers for the run (`KeyPins`).
 
-`seal` encrypts one array for one recipient with a key used once: a fresh ephemeral X25519 key
-pair, and the AES-256-GCM key derived with HKDF-SHA256 from two shared secrets, ephemeral x
-recipient (a new key per message) and sender x recipient (only the pinned sender can produce it),
-over the context label and the ephemeral, sender and recipient public keys. The AAD
+`seal` encrypts one array for one recipient with a key used once: the AES-256-GCM key derived
+with HKDF-SHA256 from two shared secrets, ephemeral x recipient (a fresh ephemeral X25519 key
+pair per message: `Ephemeral`, shared by the payloads one message seals for its several
+recipients, then dropped) and sender x recipient (only the pinned sender can produce it; computed
+once per key pair and process), over the context label and the ephemeral, sender and recipient
+public keys, with a random nonce per payload. The AAD
 (`payload_aad`) binds the query id, the wave and both partition ids, so a payload replayed under
 another query, wave, sender or recipient is refused.
 
@@ -74,6 +76,8 @@ DTYPES: dict[int, np.dtype] = {
     7: np.dtype("?"),
 }
 CODES = {dtype: code for code, dtype in DTYPES.items()}
+STATIC_SECRET_CACHE = 1024  # (own key, peer key) pairs whose static secret a process keeps
+_STATIC_SECRETS: dict[tuple[bytes, bytes], bytes] = {}
 
 
 class SealError(ValueError):
@@ -228,6 +232,16 @@ def sealed_size(shape: tuple[int, ...], dtype: Any) -> int:
     return PREFIX_SIZE + body + TAG_SIZE
 
 
+class Ephemeral:
+    """A fresh ephemeral X25519 key pair for the payloads of one message (one per recipient):
+    each payload's key still differs (HKDF over the recipient's key, its own random nonce), and
+    the private half is never stored. Make a new one for every message."""
+
+    def __init__(self) -> None:
+        self.private = X25519PrivateKey.generate()
+        self.public = self.private.public_key().public_bytes_raw()
+
+
 def seal(
     array: np.ndarray,
     sender_private: X25519PrivateKey,
@@ -235,8 +249,10 @@ def seal(
     aad: bytes,
     *,
     max_rows: int = DEFAULT_MAX_ROWS,
+    ephemeral: Ephemeral | None = None,
 ) -> np.ndarray:
-    """Encrypt and authenticate `array` for the holder of `recipient_public` (a uint8 blob).
+    """Encrypt and authenticate `array` for the holder of `recipient_public` (a uint8 blob),
+    with `ephemeral` (the message's; default: a new one for this payload alone).
 
     Raises `SealError` for a dtype outside `DTYPES`, more than `MAX_NDIM` dimensions, more
     than `max_rows` rows, a body over 2 GiB, or unusable keys or AAD.
@@ -256,13 +272,16 @@ def seal(
     plain[len(head) :] = data
     recipient = _public_key(recipient_public, "recipient public key")
     sender_public = _private_key(sender_private, "sender private key").public_key()
-    ephemeral = X25519PrivateKey.generate()
-    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    if ephemeral is None:
+        ephemeral = Ephemeral()
+    elif not isinstance(ephemeral, Ephemeral):
+        raise SealError(f"seal: ephemeral must be an Ephemeral, got {type(ephemeral).__name__}")
+    ephemeral_public = ephemeral.public
     nonce = os.urandom(NONCE_SIZE)
     prefix = MAGIC + ephemeral_public + nonce
     key = _derive(
-        _exchange(ephemeral, recipient),
-        _exchange(sender_private, recipient),
+        _exchange(ephemeral.private, recipient),
+        _static_secret(sender_private, recipient),
         ephemeral_public,
         sender_public.public_bytes_raw(),
         recipient.public_bytes_raw(),
@@ -302,7 +321,7 @@ def open_sealed(
     nonce = prefix[len(MAGIC) + KEY_SIZE :]
     key = _derive(
         _exchange(recipient_private, _public_key(ephemeral_public, "ephemeral key in the blob")),
-        _exchange(recipient_private, sender),
+        _static_secret(recipient_private, sender),
         ephemeral_public,
         sender.public_bytes_raw(),
         public_key_bytes(recipient_private),
@@ -373,6 +392,19 @@ def _exchange(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
         return private.exchange(public)
     except ValueError as error:  # a low-order point gives the all-zero secret
         raise SealError(f"unusable public key {public.public_bytes_raw().hex()}") from error
+
+
+def _static_secret(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
+    """The sender x recipient secret, computed once per key pair and process (a node seals for
+    and opens from the same few pinned peers on every message); the ephemeral one is fresh."""
+    key = (private.private_bytes_raw(), public.public_bytes_raw())
+    secret = _STATIC_SECRETS.get(key)
+    if secret is None:
+        secret = _exchange(private, public)
+        if len(_STATIC_SECRETS) >= STATIC_SECRET_CACHE:
+            _STATIC_SECRETS.pop(next(iter(_STATIC_SECRETS)))
+        _STATIC_SECRETS[key] = secret
+    return secret
 
 
 def _public_key(value: bytes | X25519PublicKey, what: str) -> X25519PublicKey:

@@ -57,6 +57,7 @@ class NodeDirectory:
     node_of: dict[int, int] = field(default_factory=dict)
     info: dict[int, wire.NodeInfo] = field(default_factory=dict)
     num_partitions: int = 0
+    refused: dict[int, str] = field(default_factory=dict)  # node id -> its SETUP_REFUSED reason
 
     @property
     def partition_ids(self) -> list[int]:
@@ -81,7 +82,20 @@ class NodeDirectory:
                 for k, i in self.info.items()
             },
             "num_partitions": self.num_partitions,
+            "refused": {str(k): v for k, v in self.refused.items()},
         }
+
+    def refused_partitions(self) -> set[int]:
+        """Partition ids whose nodes refused the set-up (as their refusals name them)."""
+        pids = {wire.parse_setup_refusal(reason)[0] for reason in self.refused.values()}
+        return {p for p in pids if p is not None and p not in self.node_of}
+
+    def expected_partitions(self) -> int:
+        """The federation's size: as answering nodes report it, else as refusals name it."""
+        if self.num_partitions:
+            return self.num_partitions
+        sizes = [wire.parse_setup_refusal(reason)[1] for reason in self.refused.values()]
+        return max((n for n in sizes if n is not None), default=0)
 
 
 def exchange(
@@ -113,25 +127,48 @@ def decode(reply: Message | None, reply_type: type[WireMessage]) -> tuple[Any, s
 
 
 def discover(grid: CountingGrid, config_json: str, min_nodes: int, timeout: float) -> NodeDirectory:
-    """Send the run's set-up to every connected node until all partitions answered."""
+    """Send the run's set-up to every connected node until every partition answered or refused.
+
+    A node that refuses (an error reply with code `SETUP_REFUSED`: its owner's policy or its data
+    does not admit the run) is logged, named in the directory's `refused` and never asked again;
+    once every partition of the federation answered or refused, discovery ends at once (an error
+    naming the refusals if fewer than `min_nodes` accepted). Nodes that do not answer at all are
+    asked again until `timeout`."""
     deadline = time.monotonic() + timeout
     directory = NodeDirectory()
     request = wire.SetupRequest(config_json=config_json)
     while True:
-        new = [n for n in grid.get_node_ids() if n not in directory.node_of.values()]
+        asked = set(directory.node_of.values()) | set(directory.refused)
+        new = [n for n in grid.get_node_ids() if n not in asked]
         if new and len(directory.node_of) + len(new) >= min_nodes:
             replies = exchange(grid, {n: request for n in new}, {n: n for n in new}, timeout)
             for node_id, reply in replies.items():
+                if reply.has_error() and reply.error.code == wire.SETUP_REFUSED:
+                    directory.refused[node_id] = reply.error.reason
+                    log(
+                        WARNING,
+                        "node %d refused the set-up, left out of the run: %s",
+                        node_id,
+                        reply.error.reason,
+                    )
+                    continue
                 info, error = decode(reply, wire.NodeInfo)
                 if info is None:
-                    log(WARNING, "node %d refused the set-up: %s", node_id, error)
+                    log(WARNING, "node %d failed the set-up (will ask again): %s", node_id, error)
                     continue
                 if info.partition_id in directory.node_of:
                     raise RuntimeError(f"two nodes claim partition-id {info.partition_id}")
                 directory.node_of[info.partition_id] = node_id
                 directory.info[info.partition_id] = info
                 directory.num_partitions = info.num_partitions
-        if directory.num_partitions and len(directory.node_of) >= directory.num_partitions:
+        expected = directory.expected_partitions()
+        accounted = len(directory.node_of) + len(directory.refused_partitions())
+        if expected and accounted >= expected:
+            if len(directory.node_of) < min_nodes:
+                raise RuntimeError(
+                    f"only {len(directory.node_of)} of {expected} nodes accepted the set-up "
+                    f"(min_nodes={min_nodes}); refused: {refusals(directory)}"
+                )
             break
         if time.monotonic() > deadline:
             if len(directory.node_of) >= min_nodes:
@@ -145,12 +182,20 @@ def discover(grid: CountingGrid, config_json: str, min_nodes: int, timeout: floa
             raise TimeoutError(
                 f"only {len(directory.node_of)} nodes connected within {timeout}s "
                 f"(min_nodes={min_nodes})"
+                + (f"; refused: {refusals(directory)}" if directory.refused else "")
             )
         time.sleep(NODE_POLL_S)
     log(
         INFO, "Node directory: %d partitions -> nodes %s", len(directory.node_of), directory.node_of
     )
+    if directory.refused:
+        log(WARNING, "Nodes that refused the set-up: %s", refusals(directory))
     return directory
+
+
+def refusals(directory: NodeDirectory) -> str:
+    """The refusals of a directory, one `node <id>: <reason>` each."""
+    return "; ".join(f"node {n}: {r}" for n, r in sorted(directory.refused.items())) or "none"
 
 
 @dataclass

@@ -300,3 +300,31 @@ def test_patience_stops_after_rounds_without_improvement() -> None:
     for step in range(1, 50):
         never.update(step, 0.1)
     assert not never.stop and never.best_step == 1
+
+
+def test_patience_restored_from_its_checkpoint_keeps_history_and_decisions(tmp_path) -> None:
+    """A rule saved mid-way (as a checkpoint holds it, through JSON) and restored goes on exactly
+    as the uninterrupted one: same history, best step and stop; an old checkpoint without
+    history restores with an empty one."""
+    import json
+
+    from nmoe.convergence import Patience
+
+    scores = [0.5, 0.6, 0.605, 0.7, 0.7, 0.69, 0.68, 0.9]
+    whole = Patience(patience=3, min_delta=0.01)
+    first = Patience(patience=3, min_delta=0.01)
+    for step, score in enumerate(scores[:3], start=1):
+        whole.update(step, score)
+        first.update(step, score)
+    saved = json.loads(json.dumps(first.as_dict()))
+    resumed = Patience.restore(3, 0.01, saved)
+    for step, score in enumerate(scores[3:], start=4):
+        for rule in (whole, resumed):
+            rule.update(step, score)
+        assert resumed.stop == whole.stop
+        if whole.stop:
+            break
+    assert resumed.history == whole.history == scores[:7]
+    assert (resumed.best, resumed.best_step, resumed.waited) == (0.7, 4, 3)
+    old = {k: v for k, v in saved.items() if k != "history"}
+    assert Patience.restore(3, 0.01, old).history == []

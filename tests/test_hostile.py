@@ -516,3 +516,155 @@ def test_interpolation_in_an_override_is_refused_before_it_resolves(monkeypatch)
     with pytest.raises(ConfigError) as err:
         compose_config(["output_dir=${oc.env:NMOE_TEST_SECRET}"])
     assert "s3cret" not in str(err.value) and "interpolations" in str(err.value)
+
+
+# ---------------------------------------------------------------------------- pins, refusals
+def peer_keys(*pids: int, **given: bytes) -> dict[str, np.ndarray]:
+    """A `peer_keys` install: fresh keys for `pids`, the `given` ones (`p1=...`) as they are."""
+    keys = {str(p): generate_keypair()[1] for p in pids}
+    keys.update({name[1:]: key for name, key in given.items()})
+    return {pid: np.frombuffer(key, np.uint8).copy() for pid, key in keys.items()}
+
+
+def test_a_restarted_node_keeps_its_pins_and_refuses_a_swapped_key(tmp_path: Path) -> None:
+    """Pins survive a restart (an empty context.state, the same state-dir): a swapped key for a
+    pinned partition is still refused, and the pinned peer is still served and answered."""
+    from nmoe_protocol.sealing import WAVE_LOGITS, load_or_create_keypair, public_key_bytes, seal
+
+    node = LiveNode(tmp_path / "state", ["state_key=pins"])
+    node.set_up()
+    private, public = generate_keypair()
+    install = wire.InstallRequest(part="peer_keys", params=peer_keys(2, p1=public))
+    assert not node.send(install).has_error()
+    pins_file = tmp_path / "state" / "setup" / "run-1-partition-0-peer-keys.json"
+    saved = json.loads(pins_file.read_text())
+    assert saved["keys"][str(PEER)] == public.hex() and saved["owner"] == "partition-0-of-3"
+    assert saved["run_id"] == 1 and set(saved["keys"]) == {"1", "2"}
+
+    restarted = LiveNode(tmp_path / "state", ["state_key=pins"])  # a new process, same device
+    assert not restarted.context.state.array_records
+    files = lambda: {k: v for k, v in restarted.snapshot().items() if not k.startswith("model/")}
+    before = files()
+    reply = restarted.send(wire.InstallRequest(part="peer_keys", params=peer_keys(1)))
+    assert reply.has_error() and "is pinned for this run" in reply.error.reason, reply.error
+    assert files() == before and json.loads(pins_file.read_text()) == saved
+    device_public = public_key_bytes(load_or_create_keypair(tmp_path / "state")[0])
+    rows = np.random.default_rng(0).random((5, 64), dtype=np.float32)
+    blob = seal(rows, private, device_public, payload_aad("q1", WAVE_FEATURES, PEER, 0))
+    reply = restarted.send(wire.ExpertQuery(query_id="q1", batches={PEER: blob}))
+    assert not reply.has_error(), reply.error.reason
+    answer = wire.ExpertAnswer.from_message(reply).logits[PEER]
+    logits = open_sealed(answer, private, device_public, payload_aad("q1", WAVE_LOGITS, 0, PEER))
+    assert logits.shape == (5, 10) and np.isfinite(logits).all()
+    # the same keys again are fine (an idempotent re-send); a new partition's key is added
+    again = wire.InstallRequest(part="peer_keys", params=peer_keys(p1=public))
+    assert not restarted.send(again).has_error()
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (lambda d: {**d, "run_id": 2}, "belongs to run 2"),
+        (lambda d: {**d, "owner": "partition-1-of-3"}, "belongs to 'partition-1-of-3'"),
+        (lambda d: {**d, "keys": {**d["keys"], "9": "00" * 32}}, "outside the federation"),
+        (lambda d: {**d, "keys": {"1": "zz" * 32}}, "refused"),
+        (lambda d: {**d, "extra": 1}, "fields"),
+        (lambda d: "not json {", "refused"),
+    ],
+    ids=["another run", "another node", "partition outside", "bad hex", "unknown field", "junk"],
+)
+def test_a_bad_pins_file_is_refused_and_kept(tmp_path: Path, change: Any, reason: str) -> None:
+    """A pins file that fails validation is neither trusted nor replaced: sealing and pinning
+    fail with the reason (the owner decides), the file stays as it is; training still works."""
+    node = LiveNode(tmp_path / "state", ["state_key=pins"])
+    node.set_up()
+    assert not node.send(wire.InstallRequest(part="peer_keys", params=peer_keys(1, 2))).has_error()
+    pins_file = tmp_path / "state" / "setup" / "run-1-partition-0-peer-keys.json"
+    altered = change(json.loads(pins_file.read_text()))
+    pins_file.write_text(altered if isinstance(altered, str) else json.dumps(altered))
+    planted = pins_file.read_bytes()
+    restarted = LiveNode(tmp_path / "state", ["state_key=pins"])
+    for request in (
+        wire.InstallRequest(part="peer_keys", params=peer_keys(1, 2)),
+        route(query_id="after-restart"),
+    ):
+        reply = restarted.send(request)
+        assert reply.has_error() and reason in reply.error.reason, reply.error
+        assert "delete the file" in reply.error.reason
+    assert pins_file.read_bytes() == planted
+    assert not restarted.send(wire.ExpertRequest(init="scratch")).has_error()
+
+
+def test_a_node_that_refuses_the_set_up_is_left_out_at_once(tmp_path: Path) -> None:
+    """A node whose policy refuses the run config answers with a SETUP_REFUSED error reply
+    naming its partition and reason; discovery leaves it out at once (asked once, no waiting
+    for round_timeout_s) and goes on with the others, or fails at once naming the refusal
+    when too few remain."""
+    import time
+
+    from nmoe_strategy.comm import CommLedger, CountingGrid
+    from nmoe_strategy.router import discover
+
+    strict = {"require-sealing": "true"}
+    nodes = {
+        10 + p: LiveNode(
+            tmp_path / f"node{p}", node_config=strict if p == 2 else None, partition_id=p
+        )
+        for p in range(NUM_PARTITIONS)
+    }
+    plain = config_json(nodes[10], seal_payloads=False)
+    asked: list[int] = []
+
+    def count(request: Message, reply: Message) -> Message:
+        asked.append(request.metadata.dst_node_id)
+        return reply
+
+    grid = CountingGrid(RelayGrid(nodes, count), CommLedger(), None, 0.01)
+    started = time.monotonic()
+    directory = discover(grid, plain, min_nodes=2, timeout=600)
+    assert time.monotonic() - started < 60
+    assert directory.partition_ids == [0, 1] and list(directory.refused) == [12]
+    reason = directory.refused[12]
+    assert reason.startswith("setup refused by partition 2 of 3: PolicyError"), reason
+    assert "require-sealing" in reason and asked.count(12) == 1
+    assert directory.to_dict()["refused"] == {"12": reason}
+    reply = nodes[12].send(wire.SetupRequest(config_json=plain))
+    assert reply.has_error() and reply.error.code == wire.SETUP_REFUSED
+    with pytest.raises(RuntimeError, match=r"only 2 of 3 nodes accepted .*require-sealing"):
+        discover(grid, plain, min_nodes=3, timeout=600)
+    assert time.monotonic() - started < 120
+    assert discover(grid, nodes[10].cfg_json, min_nodes=3, timeout=600).partition_ids == [0, 1, 2]
+
+
+def test_a_device_with_bad_data_refuses_the_set_up(tmp_path: Path) -> None:
+    """Bad device data is a refusal too: the server recognises it and does not ask again."""
+    (tmp_path / "data").mkdir()
+    node = LiveNode(tmp_path / "state", node_config={"data-dir": str(tmp_path / "data")})
+    reply = node.send(wire.SetupRequest(config_json=node.cfg_json))
+    assert reply.has_error() and reply.error.code == wire.SETUP_REFUSED
+    assert reply.error.reason.startswith("setup refused by partition 0 of 3: DeviceDataError")
+    assert wire.parse_setup_refusal(reply.error.reason) == (0, NUM_PARTITIONS)
+
+
+def test_familiarity_travels_sealed_with_the_logits(tmp_path: Path) -> None:
+    """An expert asked for its familiarity (KnowGate) returns it as one extra column of the
+    sealed logits: nothing about it reaches the relay in clear."""
+    from nmoe_protocol.sealing import WAVE_LOGITS, load_or_create_keypair, public_key_bytes, seal
+
+    node = LiveNode(tmp_path / "state")
+    node.set_up()
+    private, public = generate_keypair()
+    install = wire.InstallRequest(part="peer_keys", params=peer_keys(2, p1=public))
+    assert not node.send(install).has_error()
+    device_public = public_key_bytes(load_or_create_keypair(tmp_path / "state")[0])
+    rows = np.random.default_rng(1).random((6, 64), dtype=np.float32)
+    blob = seal(rows, private, device_public, payload_aad("k", WAVE_FEATURES, PEER, 0))
+    reply = node.send(wire.ExpertQuery(query_id="k", batches={PEER: blob}, with_familiarity=True))
+    assert not reply.has_error(), reply.error.reason
+    assert set(reply.content.array_records) == {"logits"}
+    answer = wire.ExpertAnswer.from_message(reply)
+    assert answer.familiarity is None and answer.logits[PEER].dtype == np.uint8
+    opened = open_sealed(
+        answer.logits[PEER], private, device_public, payload_aad("k", WAVE_LOGITS, 0, PEER)
+    )
+    assert opened.shape == (6, 11) and (opened[:, -1] >= 0).all()

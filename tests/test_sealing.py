@@ -306,3 +306,24 @@ def test_seal_and_open_throughput() -> None:
         f"{best * 1e3:.1f} ms, {throughput:.0f} MB/s"
     )
     assert throughput > 20  # a floor for a loaded 2-core machine, not a target
+
+
+def test_one_ephemeral_per_message_keeps_each_payload_to_its_recipient() -> None:
+    """The payloads one message seals for several recipients share its ephemeral key (one
+    key generation per message); each opens only for its own recipient, under its own AAD."""
+    ephemeral = sealing.Ephemeral()
+    rows = _features(5, 8)
+    aad_b, aad_c = AAD, payload_aad("q-7", sealing.WAVE_FEATURES, 0, 2)
+    for_b = seal(rows, A_KEY, B_PUB, aad_b, ephemeral=ephemeral)
+    for_c = seal(rows, A_KEY, C_PUB, aad_c, ephemeral=ephemeral)
+    assert bytes(for_b[4:36]) == bytes(for_c[4:36]) == ephemeral.public
+    assert bytes(for_b[48:]) != bytes(for_c[48:])
+    assert np.array_equal(open_sealed(for_b, B_KEY, A_PUB, aad_b), rows)
+    assert np.array_equal(open_sealed(for_c, C_KEY, A_PUB, aad_c), rows)
+    for blob, key, aad in ((for_b, C_KEY, aad_b), (for_b, C_KEY, aad_c), (for_c, B_KEY, aad_c)):
+        with pytest.raises(SealError, match="authentication failed"):
+            open_sealed(blob, key, A_PUB, aad)
+    again = seal(rows, A_KEY, B_PUB, aad_b, ephemeral=ephemeral)  # same recipient: new nonce
+    assert bytes(again[36:48]) != bytes(for_b[36:48]) and bytes(again[48:]) != bytes(for_b[48:])
+    with pytest.raises(SealError, match="must be an Ephemeral"):
+        seal(rows, A_KEY, B_PUB, aad_b, ephemeral=A_KEY)
