@@ -4,7 +4,7 @@ torch modules built from them."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from nmoe.datasets import DatasetInfo, dataset_info
 from nmoe.device_data import load_device_data
 from nmoe.inbox import Inbox
 from nmoe.models import ExtractorBundle, build_bundle, build_expert, load_numpy, stage1_keys
-from nmoe.routing import familiarity
+from nmoe.routing import familiarity_radius, familiarity_ratios
 from nmoe.training import forward_batched
 from nmoe_protocol import messages as wire
 from nmoe_protocol.sealing import (
@@ -80,6 +80,8 @@ class Node:
     data_source: (
         str  # "partition" (a slice of the configured dataset) or "data-dir" (the device's own)
     )
+    # id(F) -> (F, its expert-training features, familiarity radius): computed once per message
+    _own_features: dict[int, tuple] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def pid(self) -> int:
@@ -147,8 +149,13 @@ class Node:
     def familiarity(self, fe: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
         """(B,) this node's familiarity with each feature row: the nearest feature of its
         expert's training images over its familiarity radius (`gate.know_quantile`)."""
-        x, _ = self.split("expert")
-        return familiarity(feats, forward_batched(fe, x), float(self.cfg.gate.know_quantile))
+        if id(fe) not in self._own_features:  # once per message, whatever the batches
+            x, _ = self.split("expert")
+            own = forward_batched(fe, x)
+            quantile = float(self.cfg.gate.know_quantile)
+            self._own_features[id(fe)] = (fe, own, familiarity_radius(own, quantile))
+        _, own, radius = self._own_features[id(fe)]
+        return familiarity_ratios(feats, own, radius)
 
     # --- sealing ---------------------------------------------------------------------
     @cached_property

@@ -113,7 +113,11 @@ def familiarity_radius(own_feats: torch.Tensor, quantile: float) -> float:
 def familiarity(feats: torch.Tensor, own_feats: torch.Tensor, quantile: float) -> torch.Tensor:
     """(B,) nearest own training feature's distance over the familiarity radius: <= 1 familiar,
     larger the farther (inf with fewer than 2 own features)."""
-    radius = familiarity_radius(own_feats, quantile)
+    return familiarity_ratios(feats, own_feats, familiarity_radius(own_feats, quantile))
+
+
+def familiarity_ratios(feats: torch.Tensor, own_feats: torch.Tensor, radius: float) -> torch.Tensor:
+    """`familiarity` with the radius already computed (one radius serves many batches)."""
     if not 0 < radius < float("inf"):
         return torch.full((len(feats),), float("inf"))
     return nearest_distances(feats, own_feats) / radius
