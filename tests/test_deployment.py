@@ -183,7 +183,7 @@ def test_insecure_run_completes_and_saves_state(
     nmoe = results["accuracy"]["nmoe"]
     assert len(nmoe["per_client"]) == NUM_NODES
     assert all(0.0 <= v <= 1.0 for v in nmoe["per_client"])
-    assert results["nodes"] and len(results["nodes"]) == NUM_NODES
+    assert len(results["nodes"]["node_of"]) == NUM_NODES and not results["nodes"]["refused"]
     for path in state_files(insecure):
         assert path.is_file(), f"missing {path}"
 
