@@ -28,7 +28,7 @@ from nmoe.augment import (
     warp,
 )
 from nmoe.losses import clip_to_mu, fedsc_loss
-from nmoe.models import ConvNetExtractor, ExtractorBundle, Projector
+from nmoe.models import CNNExtractor, ExtractorBundle, Projector
 from nmoe.probe import linear_probe
 from nmoe.ssl import (
     Stage1Settings,
@@ -165,7 +165,7 @@ def test_clip_is_in_mu_units_and_fixes_the_loss_floor() -> None:
 # ---------------------------------------------------------------------------- 2. sharing
 def _bundle(seed: int = 0, dropout: bool = False) -> ExtractorBundle:
     torch.manual_seed(seed)
-    fe = ConvNetExtractor(1, 4, 8, image_side=8)
+    fe = CNNExtractor(1, 4, 8)
     projector = Projector(8, 5)
     if dropout:  # makes train and eval mode differ
         projector.net = nn.Sequential(nn.Dropout(0.5), *projector.net)
@@ -306,7 +306,7 @@ def test_each_method_trains_its_parts_and_ce_sees_only_labelled_images() -> None
 
     def run(method: str, xs=x, ys=y, **kw) -> dict[str, torch.Tensor]:
         bundle = _bundle()
-        settings = Stage1Settings(method=method, epochs=2, batch_size=4, **kw)
+        settings = Stage1Settings(method=method, epochs=1, batch_size=8, **kw)
         result = local_update(
             bundle, xs, ys, labelled, settings=settings, lr=0.05, seed=3, augment=_noise_augment
         )
@@ -346,18 +346,9 @@ def test_each_method_trains_its_parts_and_ce_sees_only_labelled_images() -> None
         assert torch.allclose(a, b, atol=1e-6), k
 
 
-def test_local_update_reports_the_received_models_correlation_and_rejects_bad_input() -> None:
+def test_local_update_rejects_bad_input() -> None:
     x, y = _data()
-    bundle = _bundle()
-    expected = client_correlation(
-        _bundle(), x, _noise_augment, mu=4.0, passes=2, generator=torch.Generator().manual_seed(8)
-    )
     settings = Stage1Settings("fedsc", batch_size=6)
-    result = local_update(
-        bundle, x, y, None, settings=settings, lr=0.05, seed=8, augment=_noise_augment,
-        correlation_passes=2,
-    )  # fmt: skip
-    assert result.correlation is not None and torch.allclose(result.correlation, expected)
     with pytest.raises(ValueError, match="augmentation"):
         local_update(_bundle(), x, y, None, settings=settings, lr=0.05, seed=0)
     with pytest.raises(ValueError, match="mask"):
@@ -428,15 +419,15 @@ def test_views_keep_the_image_identity(name: str, side: int, channels: int) -> N
     v1, v2 = augment(x, gen), augment(x, gen)
     assert v1.shape == x.shape and torch.isfinite(v1).all()
     assert not torch.allclose(v1, v2)
-    # compared on 4x4 average-pooled views (what a small shift or crop leaves in place)
-    pool = nn.AdaptiveAvgPool2d(4)
-    a, b = pool(v1).flatten(1), pool(v2).flatten(1)
-    same = (a - b).norm(dim=1)
-    others = torch.cdist(a, b)
-    others.fill_diagonal_(float("inf"))
-    nearest_other = others.min(dim=1).values
-    assert float(same.median()) < 0.75 * float((a - b.roll(1, 0)).norm(dim=1).median())
-    assert float((same < nearest_other).float().mean()) > 0.5
+    # two views of one image are closer than views of two different images (pixel space), and
+    # far closer than the audit's 0.95 of the image's norm under a grey (0) fill on digits
+    same = (v1 - v2).flatten(1).norm(dim=1)
+    different = (v1 - v2.roll(1, 0)).flatten(1).norm(dim=1)
+    relative = same / (x - torch.as_tensor(fill).view(1, -1, 1, 1)).flatten(1).norm(dim=1)
+    assert float(same.median()) < float(different.median())
+    if name == "digits":
+        assert float(same.median()) < 0.75 * float(different.median())
+        assert float(relative.median()) < 0.7
 
 
 def test_policies_by_dataset() -> None:
