@@ -24,14 +24,22 @@ the issue's bars) and ssl.md (the README's table); job folders stay in <out-dir>
 
 from __future__ import annotations
 
-import json
-import subprocess
-import time
+import sys
 from pathlib import Path
-from typing import Any
 
-import benchlib
-from benchlib import base_parser, machine_info, mean_std, write_result
+# This file is named like the standard library's `ssl`: as a script its folder comes first on
+# sys.path, where torch's `import asyncio` -> `import ssl` would find it. Move the folder last.
+_HERE = str(Path(__file__).resolve().parent)
+if sys.path and sys.path[0] == _HERE:
+    sys.path.append(sys.path.pop(0))
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import benchlib  # noqa: E402
+from benchlib import base_parser, machine_info, mean_std, write_result  # noqa: E402
 
 NAME = "ssl"
 METHODS = ("fedce", "fedsc", "hybrid")
@@ -41,7 +49,7 @@ SSL_METHODS = ("fedsc", "hybrid")
 GRID = ("fashion_mnist:1.0", "fashion_mnist:0.1", "fashion_mnist:0.02", "digits:1.0")
 DEFAULTS = {"seeds": "0,1,2"}
 PRESET = "experiment=ssl_bench"
-TINY = {"cells": ["digits:1.0", "digits:0.5"], "seeds": ["0"]}
+TINY = {"cells": ["digits:0.5"], "seeds": ["0"], "methods": ["fedce", "hybrid"]}
 TINY_OVERRIDES = benchlib.as_overrides(
     {**benchlib.TINY_SIZES, "simulation.num_clients": 3, "fe.rounds": 2, "fe.patience": 0}
 )
@@ -69,6 +77,7 @@ def parse_args() -> Any:
     args.seeds = args.seeds.split(",")
     if args.tiny:
         args.cells, args.seeds = TINY["cells"], TINY["seeds"]
+        args.methods = list(METHODS) if args.probe_only else TINY["methods"]  # in-process: cheap
     args.per_dataset = {}
     for part in filter(None, args.dataset_overrides.split(";")):
         dataset, _, text = part.partition(":")
