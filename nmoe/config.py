@@ -70,6 +70,7 @@ class ModelConfig:
     resnet_width: int = 16
     resnet_blocks: int = 1
     expert_hidden: int = 64
+    expert_input_norm: bool = False  # experts normalise each feature row first (scale-free)
     gate_hidden: int = 32
     projector_dim: int = 64
 

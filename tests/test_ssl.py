@@ -466,3 +466,17 @@ def test_probe_is_scale_free_and_standardised() -> None:
         linear_probe(feats[:400], y[:300], feats[400:], y[400:])
     with pytest.raises(ValueError, match="non-finite"):
         linear_probe(feats[:400] * np.nan, y[:400], feats[400:], y[400:])
+
+
+def test_expert_input_norm_makes_experts_scale_free() -> None:
+    from nmoe.models import Expert
+
+    torch.manual_seed(0)
+    plain, normed = Expert(6, 8, 3), Expert(6, 8, 3, input_norm=True)
+    assert [k for k, _ in normed.named_parameters()] == ["net.1.weight", "net.1.bias"] + [
+        "net.3.weight",
+        "net.3.bias",
+    ]
+    h = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(normed(h), normed(100 * h), atol=1e-4)
+    assert not torch.allclose(plain(h), plain(100 * h), atol=1e-2)
