@@ -9,8 +9,6 @@ everything supervised the labelled ones.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -64,7 +62,7 @@ def test_each_part_trains_on_what_the_label_fraction_allows(node: LiveNode) -> N
     info = node.info  # type: ignore[attr-defined]
     n, n_lab = info.num_train, info.num_labelled
     assert 0 < n_lab < n and n_lab == max(1, round(FRACTION * n))
-    held = lambda m: m - max(1, int(m * float(node.cfg.fe.val_fraction)))  # noqa: E731
+    held = lambda m: m - max(1, int(m * float(node.cfg.fe.val_fraction)))
     counts = {}
     for method in ("fedce", "fedsc", "hybrid"):
         request = wire.ExtractorRequest(method=method, server_round=1, params=_params(node, method))
