@@ -22,7 +22,6 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from nmoe import gates
-from nmoe.data import ssl_augmentation
 from nmoe.gates import GateData
 from nmoe.models import build_expert, load_numpy, stage1_keys, state_numpy
 from nmoe.pipeline import (
@@ -33,10 +32,10 @@ from nmoe.pipeline import (
     outgoing_features,
     plan_query,
 )
+from nmoe.ssl import client_correlation, round_lr, ssl_validation_loss
 from nmoe.training import (
     accuracy,
     forward_batched,
-    ssl_validation_loss,
     train_classifier,
     train_extractor,
     train_supervised_until_converged,
@@ -131,17 +130,47 @@ def setup(node: Node, request: wire.SetupRequest) -> wire.NodeInfo:
 
 
 # ---------------------------------------------------------------------------- stage 1
+def _checked_correlation(arrays: dict[str, np.ndarray], dim: int) -> torch.Tensor:
+    """C_ext as the server sent it: one finite (dim, dim) matrix under CORRELATION_KEY."""
+    if set(arrays) != {CORRELATION_KEY}:
+        raise ValueError(f"others_correlation must hold exactly '{CORRELATION_KEY}'")
+    value = np.asarray(arrays[CORRELATION_KEY])
+    if value.shape != (dim, dim) or not np.isfinite(value).all():
+        raise ValueError(f"others_correlation must be a finite ({dim}, {dim}) matrix")
+    return torch.from_numpy(value.astype(np.float32))
+
+
+@handles(wire.CorrelationRequest)
+def correlation(node: Node, request: wire.CorrelationRequest) -> wire.CorrelationReply:
+    """FedSC with shared correlations: this client's correlation matrix of the fresh global model
+    (eval mode, no training; `fe.correlation_noise` added here, on the device)."""
+    fe_cfg = node.cfg.fe
+    bundle = node.bundle(request.params, "fedsc")
+    x, _, _, _, _, _ = node.stage1_data("fedsc")
+    corr = client_correlation(
+        bundle,
+        x,
+        node.augmentation(),
+        mu=float(fe_cfg.mu),
+        passes=int(fe_cfg.correlation_passes),
+        noise_std=float(fe_cfg.correlation_noise),
+        generator=torch.Generator().manual_seed(node.seed(2, request.server_round)),
+    )
+    return wire.CorrelationReply(correlation={CORRELATION_KEY: corr.numpy()}, num_examples=len(x))
+
+
 @handles(wire.ExtractorRequest)
 def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
     """One local update of the parts the method trains (F + head, F + projector, or all)."""
     method = request.method
     bundle = node.bundle(request.params, method)
-    others_corr, others_weight = None, 0.0
-    if request.others_correlation is not None:
-        others_corr = torch.from_numpy(request.others_correlation[CORRELATION_KEY])
-        others_weight = (node.num_partitions - 1) / node.num_partitions
     fe_cfg = node.cfg.fe
+    c_ext = None
+    if request.others_correlation is not None:
+        dim = int(node.cfg.model.projector_dim)
+        c_ext = _checked_correlation(request.others_correlation, dim)
     epochs, lr, batch_size = int(fe_cfg.local_epochs), float(fe_cfg.lr), int(fe_cfg.batch_size)
+    weight_decay, grad_clip = float(fe_cfg.weight_decay), float(fe_cfg.grad_clip)
     if request.schedule == "fedavg":  # the FedAvg baseline's own FedCE schedule
         b = node.cfg.baseline
         epochs, lr, batch_size = (
@@ -149,8 +178,13 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
             float(b.fedavg_lr),
             int(b.fedavg_batch_size),
         )
-    x, y, val_x, val_y = node.stage1_data(method)
-    augment = ssl_augmentation(node.image_shape) if method != "fedce" else None
+        weight_decay, grad_clip = 0.0, 0.0
+    elif fe_cfg.cosine_lr:
+        rounds = int(fe_cfg.rounds)
+        lr = round_lr(lr, min(request.server_round, rounds) - 1, rounds)
+    x, y, mask, val_x, val_y, val_mask = node.stage1_data(method)
+    augment = node.augmentation() if method != "fedce" else None
+    mu = float(fe_cfg.mu)
     result = train_extractor(
         bundle,
         x,
@@ -161,31 +195,26 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
         momentum=float(fe_cfg.momentum),
         batch_size=batch_size,
         seed=node.seed(1, request.server_round),
+        labelled=mask,
         ssl_weight=float(fe_cfg.ssl_weight),
-        embedding_clip=float(fe_cfg.embedding_clip),
+        mu=mu,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
         augment=augment,
-        others_corr=others_corr,
-        others_weight=others_weight,
+        c_ext=c_ext,
+        alpha=float(request.alpha) if c_ext is not None else 1.0,
     )
     trained = stage1_keys(bundle, method)
     params = {k: v for k, v in state_numpy(bundle).items() if k in trained}
-    correlation = None
-    if fe_cfg.share_correlation and result.correlation is not None:
-        generator = torch.Generator().manual_seed(node.seed(2, request.server_round))
-        noise = torch.randn(result.correlation.shape, generator=generator)
-        noise *= float(fe_cfg.correlation_noise)
-        correlation = {CORRELATION_KEY: (result.correlation + (noise + noise.T) / 2).numpy()}
     head_on_fe = lambda inp: bundle.head(bundle.fe(inp))
     test_acc, val_score = None, None
     if method != "fedsc":
         test_acc = accuracy(forward_batched(head_on_fe, node.data.test_x), node.data.test_y)
-    if len(val_x):
-        if method == "fedsc":
-            assert augment is not None
-            clip = float(fe_cfg.embedding_clip)
-            val_score = -ssl_validation_loss(bundle, val_x, augment, clip, node.seed(12))
-        else:
-            val_score = -validation_loss(head_on_fe, val_x, val_y)
+    if method == "fedsc" and len(val_x) > 1:
+        assert augment is not None
+        val_score = -ssl_validation_loss(bundle, val_x, augment, mu=mu, seed=node.seed(12))
+    elif method != "fedsc" and bool(val_mask.any()):  # CE on the labelled validation images
+        val_score = -validation_loss(head_on_fe, val_x[val_mask], val_y[val_mask])
     return wire.ExtractorReply(
         params=params,
         num_examples=len(x),
@@ -194,7 +223,6 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
         ssl_loss=result.ssl_loss,
         test_acc=test_acc,
         val_score=val_score,
-        correlation=correlation,
     )
 
 
@@ -245,7 +273,7 @@ def train_shared_expert(node: Node, request: wire.SharedExpertRequest) -> wire.T
     expert = build_expert(node.cfg.model, node.num_classes, int(node.cfg.seed))
     load_numpy(expert, request.params)
     ex = node.cfg.expert
-    x, y, val_x, val_y = node.stage1_data("fedce")  # labelled; validation part with fe.patience
+    x, y, _, val_x, val_y, _ = node.stage1_data("fedce")  # labelled; validation with fe.patience
     fe = node.extractor()
     loss = train_classifier(
         expert,

@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, Context
 from omegaconf import DictConfig, OmegaConf
 
 from nmoe import gates
+from nmoe.augment import Augment, ssl_augmentation
 from nmoe.config import to_structured
 from nmoe.data import (
     SEED_EXPERT_SPLIT,
@@ -246,17 +247,37 @@ class Node:
         return labelled(self.data)
 
     def stage1_data(self, method: str) -> tuple[torch.Tensor, ...]:
-        """Stage 1's training and validation images (and labels): CE methods use the labelled
-        images, FedSC every image; with `fe.patience` a `fe.val_fraction` part is held out
-        (the same every round) for the convergence rule, else the validation part is empty."""
+        """Stage 1's training and validation parts, each (images, labels, labelled mask): FedCE
+        uses the labelled images only; FedSC and hybrid every image, with the mask saying which
+        carry a label (CE reads only those; on a device the others' label is -1). With
+        `fe.patience` a `fe.val_fraction` part is held out (the same every round) for the
+        convergence rule, else the validation part is empty."""
         d = self.data
-        x, y = (d.train_x, d.train_y) if method == "fedsc" else self.labelled_train()
+        if method == "fedce":
+            x, y = self.labelled_train()
+            mask = torch.ones(len(y), dtype=torch.bool)
+        else:
+            x, y, mask = d.train_x, d.train_y, d.train_labelled
         if int(self.cfg.fe.patience) == 0 or len(y) < 2:
-            return x, y, x[:0], y[:0]
+            return x, y, mask, x[:0], y[:0], mask[:0]
         generator = torch.Generator().manual_seed(self.seed(11))
         order = torch.randperm(len(y), generator=generator)
         held = max(1, int(len(y) * float(self.cfg.fe.val_fraction)))
-        return x[order[held:]], y[order[held:]], x[order[:held]], y[order[:held]]
+        train, val = order[held:], order[:held]
+        return x[train], y[train], mask[train], x[val], y[val], mask[val]
+
+    def augmentation(self) -> Augment:
+        """The run's two-view augmentation for this dataset (policy and background fill of
+        `nmoe/augment.py`, scaled by `fe.augment_strength`)."""
+        info = self.dataset
+        return ssl_augmentation(
+            info.name,
+            self.image_shape,
+            info.background,
+            strength=float(self.cfg.fe.augment_strength),
+            mean=info.mean,
+            std=info.std,
+        )
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`expert` / `gate`: the labelled training data divided by `expert.gate_holdout_fraction`

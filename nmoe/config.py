@@ -71,6 +71,7 @@ class ModelConfig:
     resnet_width: int = 16
     resnet_blocks: int = 1
     expert_hidden: int = 64
+    expert_input_norm: bool = False  # experts normalise each feature row first (scale-free)
     gate_hidden: int = 32
     projector_dim: int = 64
 
@@ -80,14 +81,30 @@ class FEConfig:
     method: str = "fedce"
     rounds: int = 10
     local_epochs: int = 3
-    lr: float = 0.05
+    lr: float = 0.05  # base learning rate (round 1's with cosine_lr)
     momentum: float = 0.9
     batch_size: int = 32
+    # the local optimiser (SGD): the FedSC reference uses weight decay 5e-4, a gradient-norm clip
+    # of 3 and a cosine learning rate over the rounds (conf/fe/fedsc.yaml, hybrid.yaml)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm per step (0 = off)
+    cosine_lr: bool = False  # lr * (1 + cos(pi (round - 1) / rounds)) / 2, constant within a round
     ssl_weight: float = 1.0  # lambda in CE + lambda * SSL (hybrid)
-    embedding_clip: float = 1.0  # FedSC norm clip of projector outputs
+    # FedSC (and hybrid's SSL part), in the reference's units: projector outputs are clipped to
+    # squared norm `mu` (radius sqrt(mu)); with share_correlation each round starts with every
+    # client's correlation of the fresh global model (eval mode, `correlation_passes` passes of
+    # two views, Gaussian noise of std `correlation_noise`), and the local loss uses
+    # alpha tr(RR) + 2 (1 - alpha) tr(R C_ext), alpha ramped from 1 to alpha_min over `rounds`
+    mu: float = 4.0
     share_correlation: bool = False
-    correlation_noise: float = 0.0  # std of Gaussian noise on shared correlations
-    probe_epochs: int = 50  # linear probe of F on the global test (fedsc/hybrid)
+    correlation_noise: float = 0.0
+    correlation_passes: int = 1
+    alpha_min: float = 0.2
+    augment_strength: float = 1.0  # scales the dataset's augmentation policy (nmoe/augment.py)
+    # linear probe of F every `probe_every` rounds (0 = never) and of the random initialisation
+    # (nmoe/probe.py: standardised features, logistic regression to convergence); its data only
+    # where the server may hold some (simulation, or dataset.server_val_dir)
+    probe_every: int = 1
     # Convergence: with patience > 0, each client holds `val_fraction` of its training data out of
     # stage 1 and reports a validation loss (CE of F + head; FedSC: its SSL loss); stage 1 stops
     # after `patience` rounds without improvement (`rounds` is the cap) and keeps the best round.
@@ -274,6 +291,7 @@ def validate(cfg: DictConfig) -> None:
         "expert.epochs",
         "expert.shared_rounds",
         "fe.local_epochs",
+        "fe.correlation_passes",
         "gate.local_epochs",
         "fe.batch_size",
         "expert.batch_size",
@@ -301,6 +319,7 @@ def validate(cfg: DictConfig) -> None:
         _require(0 < value < 1, key, f"must be in (0, 1), got {value}")
     for key in (
         "fe.lr",
+        "fe.mu",
         "expert.lr",
         "gate.lr",
         "baseline.fedavg_lr",
@@ -314,6 +333,10 @@ def validate(cfg: DictConfig) -> None:
         "feature_noise_std",
         "fe.correlation_noise",
         "fe.ssl_weight",
+        "fe.weight_decay",
+        "fe.grad_clip",
+        "fe.augment_strength",
+        "fe.probe_every",
     ):
         value = OmegaConf.select(cfg, key)
         _require(value >= 0, key, f"must be >= 0, got {value}")
@@ -321,6 +344,9 @@ def validate(cfg: DictConfig) -> None:
         not cfg.expert.init_from_shared or bool(cfg.expert.shared_expert),
         "expert.init_from_shared",
         "needs the shared expert to start from: use expert=with_shared",
+    )
+    _require(
+        0 <= cfg.fe.alpha_min <= 1, "fe.alpha_min", f"must be in [0, 1], got {cfg.fe.alpha_min}"
     )
     _require(
         0 <= cfg.gate.local_first_quantile <= 1,

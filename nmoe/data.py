@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -59,7 +58,6 @@ __all__ = [
     "make_partitioner",
     "num_classes",
     "spec_dataset_info",
-    "ssl_augmentation",
     "stratified_subsample",
 ]
 
@@ -373,39 +371,3 @@ def num_classes(spec_json: str, num_partitions: int) -> int:
     """Number of classes of the configured dataset (from the registry: loads nothing)."""
     del num_partitions  # kept for callers; the registry does not need it
     return spec_dataset_info(spec_json).num_classes
-
-
-def ssl_augmentation(
-    image_shape: tuple[int, ...], background: tuple[float, ...] | None = None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Two-view augmentation suited to the image size: returns a per-sample transform.
-    `background` (a `DatasetInfo.background`) fills the pixels a grey image's affine move
-    uncovers; None fills with 0 (the dataset mean)."""
-    from torchvision.transforms import (
-        v2,
-    )  # imported here: every deployed ClientApp message is a fresh process
-
-    channels, height, _ = image_shape
-    fill = list(background) if background is not None else 0
-    if channels == 3:
-        transform = v2.Compose(
-            [
-                v2.RandomResizedCrop(height, scale=(0.2, 1.0), antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
-            ]
-        )
-    else:  # small grey digits: no flips (they change the digit), mild geometry + noise
-        transform = v2.Compose(
-            [
-                v2.RandomResizedCrop(height, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-                v2.RandomAffine(degrees=12, translate=(0.1, 0.1), fill=fill),
-                v2.GaussianNoise(mean=0.0, sigma=0.05, clip=False),
-            ]
-        )
-
-    def augment(batch: torch.Tensor) -> torch.Tensor:
-        return torch.stack([transform(img) for img in batch])
-
-    return augment

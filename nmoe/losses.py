@@ -1,4 +1,13 @@
-"""Loss functions: the spectral contrastive objective of FedSC."""
+"""Loss functions: FedSC's spectral contrastive objective, as Jing et al. (ICML 2024) define it
+(reference code: github.com/ShusenJing/FedSC_ICML2024, `clients.py` Client_SPEC /
+Client_SPECshare).
+
+Projector outputs are clipped to squared norm `mu` (the reference's unit: the clip radius is
+sqrt(mu)); R = Z^T Z / (2n) over both views stacked; the loss is
+    -2/n tr(z1 z2^T) + alpha tr(R R) + 2 (1 - alpha) tr(R C_ext)
+with C_ext the other clients' correlation of the current global model (a constant), and
+alpha = 1 (no sharing) the local loss -2/n tr(z1 z2^T) + ||R||_F^2.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +15,47 @@ import torch
 
 
 def clip_embeddings(z: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Scale rows whose L2 norm exceeds `max_norm` down to it (FedSC's norm clipping)."""
+    """Scale rows whose L2 norm exceeds `max_norm` down to it."""
     norms = z.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return z * torch.clamp(max_norm / norms, max=1.0)
 
 
+def clip_to_mu(z: torch.Tensor, mu: float) -> torch.Tensor:
+    """Rows with squared norm above `mu` scaled to norm sqrt(mu) (FedSC's clip; mu = radius^2)."""
+    if mu <= 0:
+        raise ValueError(f"mu must be > 0, got {mu}")
+    return clip_embeddings(z, mu**0.5)
+
+
 def correlation(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """Feature correlation matrix Z^T Z / N of both views stacked (Z = [z1; z2])."""
+    """R = Z^T Z / (2n) with Z = [z1; z2] (both views stacked)."""
     z = torch.cat([z1, z2], dim=0)
     return z.T @ z / z.shape[0]
 
 
-def spectral_contrastive_loss(
+def fedsc_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
-    others_corr: torch.Tensor | None = None,
-    others_weight: float = 0.0,
-) -> torch.Tensor:
-    """-2/N tr(z1 z2^T) + ||C||_F^2 with C = Z^T Z / N.
-
-    With `others_corr` (the other clients' average correlation, detached), C is
-    mixed as (1 - w) * C_local + w * others_corr: FedSC's shared-correlation
-    regulariser, which pulls the local features towards a globally decorrelated
-    representation.
-    """
-    n = z1.shape[0]
-    attraction = -2.0 / n * torch.trace(z1 @ z2.T)
-    corr = correlation(z1, z2)
-    if others_corr is not None and others_weight > 0:
-        corr = (1.0 - others_weight) * corr + others_weight * others_corr.detach()
-    return attraction + (corr**2).sum()
+    *,
+    mu: float,
+    c_ext: torch.Tensor | None = None,
+    alpha: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedSC's spectral contrastive loss on two views' (unclipped) projector outputs; returns
+    (loss, R). Without `c_ext` (or alpha = 1) the repulsion is tr(R R) = ||R||_F^2; C_ext is a
+    constant (no gradient flows into it)."""
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"views must be matching (n, d) tensors, got {z1.shape}, {z2.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    z1, z2 = clip_to_mu(z1, mu), clip_to_mu(z2, mu)
+    attraction = -2.0 / z1.shape[0] * (z1 * z2).sum()
+    r = correlation(z1, z2)
+    if c_ext is None or alpha == 1.0:
+        repulsion = (r * r).sum()
+    else:
+        if c_ext.shape != r.shape:
+            raise ValueError(f"c_ext has shape {tuple(c_ext.shape)}, expected {tuple(r.shape)}")
+        c = c_ext.detach().to(r.dtype)
+        repulsion = alpha * (r * r.T).sum() + 2.0 * (1.0 - alpha) * (r * c.T).sum()
+    return attraction + repulsion, r

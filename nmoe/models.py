@@ -81,12 +81,20 @@ class ResNetExtractor(nn.Module):
 
 
 class Expert(nn.Module):
-    """Personal expert H: features -> class logits."""
+    """Personal expert H: features -> class logits. With `input_norm` each feature row is first
+    normalised to zero mean and unit variance across its features (a parameter-free LayerNorm):
+    the expert then sees no feature scale (self-supervised features have norm ~1, supervised
+    ones ~15), as the linear probe does not."""
 
-    def __init__(self, feature_dim: int, hidden: int, num_classes: int) -> None:
+    def __init__(
+        self, feature_dim: int, hidden: int, num_classes: int, input_norm: bool = False
+    ) -> None:
         super().__init__()
+        norm: list[nn.Module] = (
+            [nn.LayerNorm(feature_dim, elementwise_affine=False)] if input_norm else []
+        )
         self.net = nn.Sequential(
-            nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            *norm, nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -173,7 +181,12 @@ def build_bundle(
 def build_expert(model_cfg: Any, num_classes: int, seed: int) -> Expert:
     """A freshly initialised expert."""
     torch.manual_seed(seed)
-    return Expert(int(model_cfg.feature_dim), int(model_cfg.expert_hidden), num_classes)
+    return Expert(
+        int(model_cfg.feature_dim),
+        int(model_cfg.expert_hidden),
+        num_classes,
+        bool(getattr(model_cfg, "expert_input_norm", False)),
+    )
 
 
 def build_gate(model_cfg: Any, num_experts: int, seed: int) -> Gate:

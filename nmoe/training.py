@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .convergence import Patience
-from .losses import clip_embeddings, correlation, spectral_contrastive_loss
 from .models import ExtractorBundle
 from .routing import topk_weights
+from .ssl import Augment, Stage1Result, Stage1Settings, local_update
 
 INFERENCE_BATCH = 512
 
@@ -47,14 +46,6 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else 0.0
 
 
-@dataclass
-class ExtractorResult:
-    loss: float
-    ce_loss: float
-    ssl_loss: float
-    correlation: torch.Tensor | None  # average projector correlation (for FedSC sharing)
-
-
 def train_extractor(
     bundle: ExtractorBundle,
     x: torch.Tensor,
@@ -66,53 +57,38 @@ def train_extractor(
     momentum: float,
     batch_size: int,
     seed: int,
+    labelled: torch.Tensor | None = None,
     ssl_weight: float = 1.0,
-    embedding_clip: float = 1.0,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    others_corr: torch.Tensor | None = None,
-    others_weight: float = 0.0,
-) -> ExtractorResult:
-    """Stage 1 local update: fedce (CE), fedsc (spectral contrastive), hybrid (CE + w * SSL)."""
-    use_ce = method in ("fedce", "hybrid")
-    use_ssl = method in ("fedsc", "hybrid")
-    if use_ssl and augment is None:
-        raise ValueError(f"method '{method}' needs an augmentation")
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    optimiser = torch.optim.SGD(bundle.parameters(), lr=lr, momentum=momentum)
-    bundle.train()
-    totals = {"loss": 0.0, "ce": 0.0, "ssl": 0.0}
-    corr_sum, steps = None, 0
-    for _ in range(epochs):
-        for idx in minibatches(len(x), batch_size, generator):
-            if use_ssl and len(idx) < 2:
-                continue
-            xb, yb = x[idx], y[idx]
-            loss = torch.zeros(())
-            if use_ce:
-                ce = F.cross_entropy(bundle.head(bundle.fe(xb)), yb)
-                loss = loss + ce
-                totals["ce"] += float(ce.detach())
-            if use_ssl:
-                assert augment is not None
-                z1 = clip_embeddings(bundle.projector(bundle.fe(augment(xb))), embedding_clip)
-                z2 = clip_embeddings(bundle.projector(bundle.fe(augment(xb))), embedding_clip)
-                ssl = spectral_contrastive_loss(z1, z2, others_corr, others_weight)
-                loss = loss + (ssl_weight if use_ce else 1.0) * ssl
-                totals["ssl"] += float(ssl.detach())
-                c = correlation(z1.detach(), z2.detach())
-                corr_sum = c if corr_sum is None else corr_sum + c
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            totals["loss"] += float(loss.detach())
-            steps += 1
-    steps = max(steps, 1)
-    return ExtractorResult(
-        totals["loss"] / steps,
-        totals["ce"] / steps,
-        totals["ssl"] / steps,
-        None if corr_sum is None else corr_sum / steps,
+    mu: float = 4.0,
+    weight_decay: float = 0.0,
+    grad_clip: float = 0.0,
+    augment: Augment | None = None,
+    c_ext: torch.Tensor | None = None,
+    alpha: float = 1.0,
+) -> Stage1Result:
+    """Stage 1 local update (`nmoe.ssl.local_update`): fedce (CE on the labelled images), fedsc
+    (the FedSC loss on every image), hybrid (both). `labelled`: bool mask over `x` (None: all)."""
+    settings = Stage1Settings(
+        method=method,
+        epochs=epochs,
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        mu=mu,
+        ssl_weight=ssl_weight,
+    )
+    return local_update(
+        bundle,
+        x,
+        y,
+        labelled,
+        settings=settings,
+        lr=lr,
+        seed=seed,
+        augment=augment,
+        c_ext=c_ext,
+        alpha=alpha,
     )
 
 
@@ -162,23 +138,6 @@ def train_supervised_until_converged(
     if held:
         bundle.load_state_dict(best)
     return {"epochs_run": epoch, "best_epoch": rule.best_step or epoch, "best_val": rule.best}
-
-
-@torch.no_grad()
-def ssl_validation_loss(
-    bundle: ExtractorBundle,
-    x: torch.Tensor,
-    augment: Callable[[torch.Tensor], torch.Tensor],
-    embedding_clip: float,
-    seed: int,
-) -> float:
-    """The spectral contrastive loss on two augmented views of `x` (views seeded: comparable
-    across rounds), in eval mode: FedSC's validation metric."""
-    bundle.eval()
-    torch.manual_seed(seed)
-    z1 = clip_embeddings(bundle.projector(bundle.fe(augment(x))), embedding_clip)
-    z2 = clip_embeddings(bundle.projector(bundle.fe(augment(x))), embedding_clip)
-    return float(spectral_contrastive_loss(z1, z2))
 
 
 def fit(
@@ -270,24 +229,3 @@ def gate_weights(
     """Inference routing weights: plain top-k over reachable experts (no noise)."""
     gate.eval()
     return topk_weights(forward_batched(gate, feats), reachable, k)
-
-
-def linear_probe(
-    train_f: torch.Tensor,
-    train_y: torch.Tensor,
-    test_f: torch.Tensor,
-    test_y: torch.Tensor,
-    *,
-    num_classes: int,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-) -> float:
-    """Accuracy of a linear classifier trained on frozen features."""
-    torch.manual_seed(seed)
-    probe = nn.Linear(train_f.shape[1], num_classes)
-    train_classifier(
-        probe, train_f, train_y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed
-    )
-    return accuracy(forward_batched(probe, test_f), test_y)

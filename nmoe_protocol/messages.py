@@ -9,8 +9,10 @@ Run set-up (once per node and run)
   query.setup        SetupRequest(config_json)                 -> NodeInfo, or an error reply
                                                                   with code SETUP_REFUSED
 Stage 1, the shared extractor F
-  train.extractor    ExtractorRequest(method, round, params,   -> ExtractorReply(params, metrics,
-                       others_correlation?)                         correlation?)
+  train.correlation  CorrelationRequest(round, params)         -> CorrelationReply(correlation)
+                       (FedSC with shared correlations: the fresh global model's, before training)
+  train.extractor    ExtractorRequest(method, round, params,   -> ExtractorReply(params, metrics)
+                       alpha, others_correlation?)
 Installing a shared part the server holds (F, H_0, a gate's shared keys, the FedAvg model)
   train.install      InstallRequest(part, params, gate?)       -> Installed
 Stage 2, experts
@@ -42,6 +44,7 @@ from .codec import METRICS, Arrays, ArraysById, ProtocolError, WireMessage
 # Message types
 SETUP = "query.setup"
 TRAIN_EXTRACTOR = "train.extractor"
+TRAIN_CORRELATION = "train.correlation"
 INSTALL = "train.install"
 TRAIN_SHARED_EXPERT = "train.shared_expert"
 TRAIN_EXPERT = "train.expert"
@@ -137,20 +140,44 @@ class NodeInfo(WireMessage):
 
 # ---------------------------------------------------------------------------- training
 @dataclasses.dataclass(frozen=True)
+class CorrelationRequest(WireMessage):
+    """FedSC with shared correlations, before round `server_round`'s training: the client's
+    correlation matrix of the fresh global F + projector `params` (eval mode, augmented views of
+    its images, its own noise added)."""
+
+    TYPE: ClassVar[str] = TRAIN_CORRELATION
+    server_round: int
+    params: Arrays
+
+    def check(self) -> None:
+        _require(self.server_round >= 1, f"server_round must be >= 1, got {self.server_round}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrelationReply(WireMessage):
+    correlation: Arrays  # {"corr": (d, d)}
+    num_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ExtractorRequest(WireMessage):
     """Stage 1: one local update of the parts `method` trains, starting from `params`, with the
-    run config's `schedule` (`fe`: stage 1's; `fedavg`: the FedAvg baseline's own FedCE run)."""
+    run config's `schedule` (`fe`: stage 1's; `fedavg`: the FedAvg baseline's own FedCE run).
+    FedSC with shared correlations: `others_correlation` is C_ext (the other clients' average
+    correlation of `params`) and `alpha` the weight of the local repulsion."""
 
     TYPE: ClassVar[str] = TRAIN_EXTRACTOR
     method: str
     server_round: int
     params: Arrays
     schedule: str = "fe"
-    others_correlation: Optional[Arrays] = None  # FedSC: the other clients' average correlation
+    others_correlation: Optional[Arrays] = None  # FedSC: C_ext
+    alpha: float = 1.0
 
     def check(self) -> None:
         _require(self.server_round >= 1, f"server_round must be >= 1, got {self.server_round}")
         _one_of(self.schedule, "schedule", SCHEDULES)
+        _require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +200,6 @@ class ExtractorReply(TrainReply):
     ce_loss: float = 0.0
     ssl_loss: float = 0.0
     test_acc: Optional[float] = None  # F + head on the local test split (methods with a head)
-    correlation: Optional[Arrays] = None  # FedSC with shared correlations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +400,7 @@ REQUESTS: dict[str, type[WireMessage]] = {
     cls.TYPE: cls
     for cls in (
         SetupRequest,
+        CorrelationRequest,
         ExtractorRequest,
         InstallRequest,
         SharedExpertRequest,

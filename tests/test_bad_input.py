@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from nmoe.models import build_bundle, state_numpy
+from nmoe.models import build_bundle, stage1_keys, state_numpy
 from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import WireMessage
 
@@ -73,6 +73,11 @@ def bad_params(
 
 def fedce_keys(node: LiveNode) -> list[str]:
     return list(node.params)
+
+
+def fedsc_keys(node: LiveNode) -> list[str]:
+    bundle = build_bundle(node.cfg.model, (1, 8, 8), 10, 0)
+    return stage1_keys(bundle, "fedsc")
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +157,30 @@ BAD_INPUTS: list[tuple[str, Callable[[LiveNode], WireMessage | tuple[str, Record
             method="fedce", server_round=1, params=bad_params(n, lambda a: None)
         ),
         "unknown parameter keys: ['projector.",
+    ),
+    (
+        "shared correlation of the wrong shape",
+        lambda n: wire.ExtractorRequest(
+            method="fedsc",
+            server_round=1,
+            params=bad_params(n, lambda a: None, fedsc_keys(n)),
+            others_correlation={"corr": np.zeros((3, 3), np.float32)},
+            alpha=0.5,
+        ),
+        "others_correlation must be a finite",
+    ),
+    (
+        "non-finite shared correlation",
+        lambda n: wire.ExtractorRequest(
+            method="fedsc",
+            server_round=1,
+            params=bad_params(n, lambda a: None, fedsc_keys(n)),
+            others_correlation={
+                "corr": np.full((n.cfg.model.projector_dim,) * 2, np.nan, np.float32)
+            },
+            alpha=0.5,
+        ),
+        "others_correlation must be a finite",
     ),
     (
         "parameter shape mismatch",

@@ -97,6 +97,25 @@ def test_panel_and_comm(out_dir: Path) -> None:
 
 
 @pytest.mark.bench
+def test_ssl(tmp_path: Path) -> None:
+    result = run_bench("ssl", tmp_path / "jobs")  # two nmoe jobs: digits, label fraction 0.5
+    assert [(j["method"], j["exit"]) for j in result["jobs"]] == [("fedce", 0), ("hybrid", 0)]
+    cell = result["table"]["digits:0.5"]
+    assert 0 < cell["random_init"]["probe"][0] <= 1
+    for method in ("fedce", "hybrid"):
+        assert 0 < cell[method]["probe"][0] <= 1 and 0 <= cell[method]["nmoe_global"][0] <= 1
+    row = result["rows"][0]
+    assert row["config"]["dataset"]["label_fraction"] == 0.5 and len(row["probe_per_round"]) == 2
+    assert "hybrid_vs_fedce" not in result["bars"]["digits:0.5"]  # a fraction-1.0 bar only
+    assert "| digits | 0.5 | random init |" in (tmp_path / "jobs" / "ssl.md").read_text()
+    probe = run_bench("ssl", tmp_path / "probe", "--probe-only")  # in-process stage 1, 3 methods
+    rows = probe["rows"]
+    assert [r["method"] for r in rows] == ["fedce", "fedsc", "hybrid"]
+    assert all(r["probe_only"] and r["nmoe_global"] is None for r in rows)
+    assert all(len(r["probe_per_round"]) == 2 and 0 < r["probe"] <= 1 for r in rows)
+
+
+@pytest.mark.bench
 def test_overhead(out_dir: Path) -> None:
     result = run_bench("overhead", out_dir)
     (flower,) = result["flower"]

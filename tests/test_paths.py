@@ -54,7 +54,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "baseline.fedavg_rounds=2",
             "fe.share_correlation=true",
             "fe.correlation_noise=0.01",
-            "fe.probe_epochs=5",
+            "fe.correlation_passes=1",
+            "dataset.label_fraction=0.5",
             "expert=with_shared",
             "expert.shared_rounds=2",
             "topology=ring",
@@ -82,6 +83,16 @@ def test_run_completes_on_cifar_with_resnet_and_fedsc(results: dict) -> None:
     )
     probe = [h["probe-acc"] for h in results["history"] if h["stage"] == "fe_sc"]
     assert len(probe) == 2 and all(0.0 <= p <= 1.0 for p in probe)
+    # the probe's reference row (random init), the final F's probe and the protocol
+    extra = results["extra"]["probe"]
+    assert 0.0 <= extra["random_init"] <= 1.0 and 0.0 <= extra["fe_sc"] <= 1.0
+    assert "standardised" in extra["protocol"]["model"]
+    # label_fraction 0.5: the probe trains on the labelled half of the pooled training images
+    nodes = results["nodes"]["info"].values()
+    assert extra["protocol"]["train_images"] == sum(n["num_labelled"] for n in nodes)
+    assert extra["protocol"]["train_images"] < sum(n["num_train"] for n in nodes)
+    # the correlation wave of shared FedSC: one per round, its bytes counted with stage 1
+    assert results["comm_bytes"]["fe_sc"]["up"] > 0
     for method in ("nmoe", "local_expert", "fedavg"):
         assert len(results["accuracy"][method]["per_client"]) == NUM_CLIENTS
 

@@ -42,6 +42,7 @@ PRESETS = (
     "panel_fashion_mnist",
     "paper_cifar10_iid",
     "paper_cifar10_noniid",
+    "ssl_bench",
 )
 README_OVERRIDES = (
     "gate=rangate",
