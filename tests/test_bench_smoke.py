@@ -26,8 +26,9 @@ from nmoe import gates  # noqa: E402
 from nmoe.datasets import DATASETS  # noqa: E402
 
 
-def run_bench(script: str, out_dir: Path, *args: str) -> dict[str, Any]:
-    """Run `bench/<script>.py --tiny --out-dir out_dir ...` and return its JSON result."""
+def run_bench(script: str, out_dir: Path, *args: str, name: str = "") -> dict[str, Any]:
+    """Run `bench/<script>.py --tiny --out-dir out_dir ...` and return its JSON result
+    (`<name>.json`, by default `<script>.json`)."""
     command = [
         sys.executable,
         str(BENCH / f"{script}.py"),
@@ -48,7 +49,7 @@ def run_bench(script: str, out_dir: Path, *args: str) -> dict[str, Any]:
             f"{script} timed out after {SCRIPT_TIMEOUT_S} s:\n{stdout[-3000:]}\n{stderr[-3000:]}"
         )
     assert process.returncode == 0, f"{script} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    result = json.loads((out_dir / f"{script}.json").read_text())
+    result = json.loads((out_dir / f"{name or script}.json").read_text())
     assert MACHINE_KEYS <= set(result["machine"]), result["machine"]
     assert f"{script}.py" in result["command"] and "--tiny" in result["command"]
     return result
@@ -98,7 +99,8 @@ def test_panel_and_comm(out_dir: Path) -> None:
 
 @pytest.mark.bench
 def test_ssl(tmp_path: Path) -> None:
-    result = run_bench("ssl", tmp_path / "jobs")  # two nmoe jobs: digits, label fraction 0.5
+    # two nmoe jobs: digits, label fraction 0.5
+    result = run_bench("ssl_bench", tmp_path / "jobs", name="ssl")
     assert [(j["method"], j["exit"]) for j in result["jobs"]] == [("fedce", 0), ("hybrid", 0)]
     cell = result["table"]["digits:0.5"]
     assert 0 < cell["random_init"]["probe"][0] <= 1
@@ -108,7 +110,8 @@ def test_ssl(tmp_path: Path) -> None:
     assert row["config"]["dataset"]["label_fraction"] == 0.5 and len(row["probe_per_round"]) == 2
     assert "hybrid_vs_fedce" not in result["bars"]["digits:0.5"]  # a fraction-1.0 bar only
     assert "| digits | 0.5 | random init |" in (tmp_path / "jobs" / "ssl.md").read_text()
-    probe = run_bench("ssl", tmp_path / "probe", "--probe-only")  # in-process stage 1, 3 methods
+    # in-process stage 1, 3 methods
+    probe = run_bench("ssl_bench", tmp_path / "probe", "--probe-only", name="ssl")
     rows = probe["rows"]
     assert [r["method"] for r in rows] == ["fedce", "fedsc", "hybrid"]
     assert all(r["probe_only"] and r["nmoe_global"] is None for r in rows)

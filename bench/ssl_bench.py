@@ -1,11 +1,11 @@
 """Self-supervision benchmark: what each stage-1 method gives F and NMoE, with few labels.
 
-    python bench/ssl.py                                   # the issue's grid (see GRID)
-    python bench/ssl.py --cells fashion_mnist:1.0,fashion_mnist:0.1 --seeds 0 \\
+    python bench/ssl_bench.py                                   # the issue's grid (see GRID)
+    python bench/ssl_bench.py --cells fashion_mnist:1.0,fashion_mnist:0.1 --seeds 0 \\
         --overrides "dataset.subsample=3000"              # a part of it, smaller
-    python bench/ssl.py --skip-run                        # re-analyse the run folder
-    python bench/ssl.py --tiny                            # smoke size (numbers meaningless)
-    python bench/ssl.py --probe-only ...                  # stage 1 and its probe only, in-process
+    python bench/ssl_bench.py --skip-run                        # re-analyse the run folder
+    python bench/ssl_bench.py --tiny                            # smoke size (numbers meaningless)
+    python bench/ssl_bench.py --probe-only ...  # stage 1 and its probe only, in-process
 
 `--probe-only` runs no `nmoe` job: stage 1 is FedAvg over the same clients in this process with
 the same torch code as the ClientApp (`nmoe.training.train_extractor` with the run config's
@@ -24,22 +24,14 @@ the issue's bars) and ssl.md (the README's table); job folders stay in <out-dir>
 
 from __future__ import annotations
 
-import sys
+import json
+import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
-# This file is named like the standard library's `ssl`: as a script its folder comes first on
-# sys.path, where torch's `import asyncio` -> `import ssl` would find it. Move the folder last.
-_HERE = str(Path(__file__).resolve().parent)
-if sys.path and sys.path[0] == _HERE:
-    sys.path.append(sys.path.pop(0))
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import benchlib  # noqa: E402
-from benchlib import base_parser, machine_info, mean_std, write_result  # noqa: E402
+import benchlib
+from benchlib import base_parser, machine_info, mean_std, write_result
 
 NAME = "ssl"
 METHODS = ("fedce", "fedsc", "hybrid")
