@@ -547,7 +547,15 @@ def route_rows(
     noise = node.policy.feature_noise(float(node.cfg.feature_noise_std))
     sent = {e: v.numpy() for e, v in outgoing_features(plan, feats, noise, generator).items()}
     if node.cfg.seal_payloads:
-        sent = {e: node.seal(e, v, request.query_id, WAVE_FEATURES) for e, v in sent.items()}
+        pins = node.pins()
+        unsealable = sorted(e for e in sent if e not in pins)
+        if unsealable:  # not in this run's set-up (down at discovery): nothing can reach it
+            log(WARNING, "query.route: no key pinned for expert(s) %s: not sent", unsealable)
+        sent = {
+            e: node.seal(e, v, request.query_id, WAVE_FEATURES)
+            for e, v in sent.items()
+            if e in pins
+        }
     return wire.RouteReply(features=sent, num_examples=len(y))
 
 
