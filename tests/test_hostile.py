@@ -668,3 +668,18 @@ def test_familiarity_travels_sealed_with_the_logits(tmp_path: Path) -> None:
         answer.logits[PEER], private, device_public, payload_aad("k", WAVE_LOGITS, 0, PEER)
     )
     assert opened.shape == (6, 11) and (opened[:, -1] >= 0).all()
+
+
+def test_a_neighbour_without_a_pinned_key_is_sent_nothing_and_the_route_is_answered(
+    tmp_path: Path,
+) -> None:
+    """A neighbour that was down at discovery has no key in the run's set-up: the requester's
+    route is still answered, with no batch (sealed or clear) for that neighbour."""
+    node = LiveNode(tmp_path / "state", ["state_key=unpinned", "gate.local_first_quantile=0"])
+    node.set_up()
+    assert not node.send(wire.InstallRequest(part="peer_keys", params=peer_keys(1))).has_error()
+    reply = node.send(route_request(query_id="q-unpinned", gate="rangate"))
+    assert not reply.has_error(), reply.error.reason
+    features = wire.RouteReply.from_message(reply).features
+    assert 2 not in features and features, features  # partition 1 still gets its rows
+    assert {k: v for k, v in node.snapshot().items() if "peer-keys" in k}  # pins on disk
