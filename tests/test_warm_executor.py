@@ -588,7 +588,13 @@ def test_smoke_run_gives_the_results_of_the_reference_run(
     for key in ("accuracy", "accuracy_global", "routing_counts"):
         assert results[key] == reference[key], key
     for row, expected in zip(results["history"], reference["history"], strict=True):
-        assert row == pytest.approx(expected, rel=1e-6)  # averaged in reply arrival order
+        numbers = {k for k, v in expected.items() if isinstance(v, float)}
+        assert {k: v for k, v in row.items() if k not in numbers} == {
+            k: v for k, v in expected.items() if k not in numbers
+        }  # stage, round, replies
+        assert {k: row[k] for k in numbers} == pytest.approx(
+            {k: expected[k] for k in numbers}, rel=1e-6
+        )  # losses, scores: averaged in reply arrival order
     assert len(results["accuracy"]["nmoe"]["per_client"]) == NUM_NODES
     assert results["status"] == "completed"
 
