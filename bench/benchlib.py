@@ -424,3 +424,17 @@ def run_monitored(
         reason = f"timed out after {timeout_s} s" if timed_out else f"exit code {returncode}"
         raise RuntimeError(f"command failed ({reason}): {shlex.join(command)}\n{tail}")
     return run
+
+
+def run_logged(command: list[str], out: Path, timeout_s: float) -> tuple[int, float]:
+    """Run one job in `out` with its output in `out/job.log`, stopped with everything it started
+    (Ray) after `timeout_s`. Returns (exit code, wall seconds)."""
+    started = time.monotonic()
+    with (out / "job.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=out, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            returncode = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_tree(process.pid)
+            returncode = process.wait()
+    return returncode, time.monotonic() - started

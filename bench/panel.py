@@ -28,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -161,15 +160,7 @@ def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
         *(TINY_OVERRIDES if args.tiny else []),
         *benchlib.split_overrides(args.overrides),
     ]
-    started = time.monotonic()
-    with (out / "job.log").open("w") as log:
-        process = subprocess.Popen(command, cwd=out, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            returncode = process.wait(timeout=JOB_TIMEOUT_S)
-        except subprocess.TimeoutExpired:  # stop the job and its Ray processes
-            benchlib.kill_tree(process.pid)
-            returncode = process.wait()
-    seconds = time.monotonic() - started
+    returncode, seconds = benchlib.run_logged(command, out, JOB_TIMEOUT_S)
     print(
         f"[panel] {job['dataset']} {job['setting']} seed {job['seed']}: exit {returncode} "
         f"in {seconds:.0f}s",

@@ -25,7 +25,6 @@ the issue's bars) and ssl.md (the README's table); job folders stay in <out-dir>
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -112,15 +111,7 @@ def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
         *args.per_dataset.get(job["dataset"], []),
         *benchlib.split_overrides(args.overrides),
     ]
-    started = time.monotonic()
-    with (out / "job.log").open("w") as log:
-        process = subprocess.Popen(command, cwd=out, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            returncode = process.wait(timeout=JOB_TIMEOUT_S)
-        except subprocess.TimeoutExpired:  # stop the job and its Ray processes
-            benchlib.kill_tree(process.pid)
-            returncode = process.wait()
-    seconds = time.monotonic() - started
+    returncode, seconds = benchlib.run_logged(command, out, JOB_TIMEOUT_S)
     print(
         f"[ssl] {job['dataset']} f={job['fraction']} {job['method']} seed {job['seed']}: "
         f"exit {returncode} in {seconds:.0f}s",
