@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import datasets as dataset_registry
 from . import gates
-from .models import STAGE1_PARTS
+from .models import PROJECTOR_NORMS, STAGE1_PARTS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -74,6 +74,7 @@ class ModelConfig:
     expert_input_norm: bool = False  # experts normalise each feature row first (scale-free)
     gate_hidden: int = 32
     projector_dim: int = 64
+    projector_norm: str = "batch"  # SSL projector: batch-normalised hidden layer, or none
 
 
 @dataclass
@@ -253,6 +254,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.dataset.name, "dataset.name", DATASETS)
     _choice(cfg.partition.kind, "partition.kind", PARTITIONS)
     _choice(cfg.model.extractor, "model.extractor", EXTRACTORS)
+    _choice(cfg.model.projector_norm, "model.projector_norm", PROJECTOR_NORMS)
     _choice(cfg.fe.method, "fe.method", FE_METHODS)
     _choice(cfg.gate.method, "gate.method", gates.names())
     for gate in gates.GATES.values():

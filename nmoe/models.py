@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 GROUPS_PER_NORM = 4
+PROJECTOR_NORMS = ("batch", "none")  # the SSL projector's hidden-layer norm
 CNN_POOLED_SIDE = 2
 
 
@@ -114,13 +115,20 @@ class Gate(nn.Module):
 
 
 class Projector(nn.Module):
-    """SSL projector on top of F."""
+    """SSL projector on top of F: Linear -> norm -> ReLU -> Linear. `norm="batch"` is a
+    BatchNorm over the batch without running statistics (every mode normalises by the batch at
+    hand, so no statistics are averaged across clients): it keeps the spectral loss off its
+    collapsed plateau (all embeddings alike, loss -1), where the plain MLP stays for hundreds of
+    steps; `"none"` is the plain MLP."""
 
-    def __init__(self, feature_dim: int, out_dim: int) -> None:
+    def __init__(self, feature_dim: int, out_dim: int, norm: str = "batch") -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, out_dim)
-        )
+        if norm not in PROJECTOR_NORMS:
+            raise ValueError(f"unknown projector norm '{norm}' (one of {PROJECTOR_NORMS})")
+        layers: list[nn.Module] = [nn.Linear(feature_dim, feature_dim)]
+        if norm == "batch":
+            layers.append(nn.BatchNorm1d(feature_dim, track_running_stats=False))
+        self.net = nn.Sequential(*layers, nn.ReLU(), nn.Linear(feature_dim, out_dim))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
@@ -173,9 +181,10 @@ def build_bundle(
     torch.manual_seed(seed)
     fe = build_extractor(model_cfg, image_shape)
     dim = int(model_cfg.feature_dim)
-    return ExtractorBundle(
-        fe, nn.Linear(dim, num_classes), Projector(dim, int(model_cfg.projector_dim))
+    projector = Projector(
+        dim, int(model_cfg.projector_dim), str(getattr(model_cfg, "projector_norm", "batch"))
     )
+    return ExtractorBundle(fe, nn.Linear(dim, num_classes), projector)
 
 
 def build_expert(model_cfg: Any, num_classes: int, seed: int) -> Expert:
