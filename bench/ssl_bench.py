@@ -95,8 +95,12 @@ def job_dir(run_dir: Path, job: dict[str, Any]) -> Path:
 
 
 def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
-    """One `nmoe` run; returns wall seconds and exit status."""
+    """One `nmoe` run (skipped when its folder already holds completed results, so a second
+    call finishes an interrupted grid); returns wall seconds and exit status."""
     out = job_dir(run_dir, job)
+    if load_job(run_dir, job) is not None:
+        print(f"[ssl] {job}: completed before, kept", flush=True)
+        return {**job, "seconds": 0.0, "exit": 0, "kept": True}
     out.mkdir(parents=True, exist_ok=True)
     command = [
         str(benchlib.NMOE_CLI),
