@@ -109,7 +109,7 @@ class SharedKeyStrategy:
         """Validate each (message, decoded reply) by partition id, then aggregate the shared keys
         of the valid ones with the Flower strategy."""
         shared = sorted(shared_keys)
-        valid: list[Message] = []
+        accepted: list[tuple[Message, TrainReply]] = []
         rejected: dict[int, str] = {}
         for pid, (message, reply) in replies.items():
             reason = self.check(reply, shared, reference, (max_examples or {}).get(pid))
@@ -127,15 +127,22 @@ class SharedKeyStrategy:
                     pid,
                     extra[0],
                 )
+            accepted.append((message, reply))
+        if not accepted:
+            return Aggregate(None, {}, rejected)
+        # Flower averages a metric only if every reply reports it; an optional one (a client with
+        # no labelled validation image reports no val_score) is left to whoever reads it
+        fields = [numeric_fields(reply) for _, reply in accepted]
+        common = set.intersection(*(set(f) for f in fields))
+        valid: list[Message] = []
+        for (message, reply), numbers in zip(accepted, fields, strict=True):
             message.content = RecordDict(
                 {
                     PARAMS: ArrayRecord({k: Array(reply.params[k]) for k in shared}),
-                    METRICS: MetricRecord(numeric_fields(reply)),
+                    METRICS: MetricRecord({k: v for k, v in numbers.items() if k in common}),
                 }
             )
             valid.append(message)
-        if not valid:
-            return Aggregate(None, {}, rejected)
         if not shared:  # a round that averages no keys still reports its metrics
             metrics = self.inner.train_metrics_aggr_fn([m.content for m in valid], NUM_EXAMPLES)
             return Aggregate({}, {k: float(v) for k, v in metrics.items()}, rejected)

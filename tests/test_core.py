@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,21 @@ def test_strategy_averages_exactly_the_shared_keys() -> None:
     assert outcome.metrics["loss"] == pytest.approx(
         sum(c * (i + 1) for i, c in enumerate(counts)) / sum(counts)
     )
+
+
+def test_strategy_aggregates_replies_that_report_different_optional_metrics() -> None:
+    """At label fraction 0.02 a client may hold no labelled validation image and report no
+    val_score: the round still aggregates (Flower's FedAvg refuses metric records whose keys
+    differ), averaging the metrics every reply reports."""
+    reference = {"fe.a": np.zeros(2, np.float32)}
+    replies = {pid: _reply(pid, {"fe.a": np.full(2, pid, np.float32)}, 10) for pid in range(3)}
+    for pid in (0, 2):  # client 1 held no labelled validation image
+        message, reply = replies[pid]
+        replies[pid] = message, dataclasses.replace(reply, val_score=-0.5 - pid)
+    outcome = SharedKeyStrategy().aggregate(1, replies, ["fe.a"], reference)
+    assert not outcome.rejected
+    np.testing.assert_allclose(outcome.params["fe.a"], np.ones(2))
+    assert outcome.metrics["loss"] == pytest.approx(2.0) and "val_score" not in outcome.metrics
 
 
 def test_strategy_refuses_reply_missing_a_shared_key() -> None:
