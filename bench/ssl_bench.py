@@ -95,8 +95,9 @@ def job_dir(run_dir: Path, job: dict[str, Any]) -> Path:
 
 
 def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
-    """One `nmoe` run (skipped when its folder already holds completed results, so a second
-    call finishes an interrupted grid); returns wall seconds and exit status."""
+    """One `nmoe` run (skipped when its folder already holds completed results, resumed from
+    its checkpoint when it holds one: a second call finishes an interrupted grid); returns wall
+    seconds and exit status."""
     out = job_dir(run_dir, job)
     if load_job(run_dir, job) is not None:
         print(f"[ssl] {job}: completed before, kept", flush=True)
@@ -115,6 +116,8 @@ def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
         *args.per_dataset.get(job["dataset"], []),
         *benchlib.split_overrides(args.overrides),
     ]
+    if (out / "checkpoint" / "checkpoint.npz").is_file():
+        command.append(f"resume={out}")
     returncode, seconds = benchlib.run_logged(command, out, JOB_TIMEOUT_S)
     print(
         f"[ssl] {job['dataset']} f={job['fraction']} {job['method']} seed {job['seed']}: "
