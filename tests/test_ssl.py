@@ -195,11 +195,12 @@ def test_client_correlation_is_the_references_compcov() -> None:
         for _ in range(passes):
             for xb in x.split(batch):
                 v0, v1 = _noise_augment(xb, gen), _noise_augment(xb, gen)
-                for v in (v0, v1):
-                    for z in bundle.projector(bundle.fe(v)).double():
-                        norm = float(z.norm())
-                        z = z if norm < mu**0.5 else z / norm * mu**0.5
-                        expected += torch.outer(z, z)
+                # both views of a batch pass the projector together (its BatchNorm normalises
+                # over the batch at hand, in every mode)
+                for z in bundle.projector(bundle.fe(torch.cat([v0, v1]))).double():
+                    norm = float(z.norm())
+                    z = z if norm < mu**0.5 else z / norm * mu**0.5
+                    expected += torch.outer(z, z)
     expected /= passes * len(x) * 2
     assert torch.allclose(got.double(), expected, atol=1e-6)
     assert torch.allclose(got, got.T, atol=1e-7)
@@ -283,8 +284,8 @@ def test_one_fedsc_step_is_hand_written_sgd(shared: bool, mu: float) -> None:
     v0, v1 = _noise_augment(x[perm], gen), _noise_augment(x[perm], gen)
     params = [*expected.fe.parameters(), *expected.projector.parameters()]
 
-    def loss_fn() -> torch.Tensor:
-        z0, z1 = expected.projector(expected.fe(v0)), expected.projector(expected.fe(v1))
+    def loss_fn() -> torch.Tensor:  # both views through the projector's BatchNorm together
+        z0, z1 = expected.projector(expected.fe(torch.cat([v0, v1]))).chunk(2)
         return fedsc_loss(z0, z1, mu=mu, c_ext=c_ext, alpha=alpha)[0]
 
     assert result.ssl_loss == pytest.approx(float(loss_fn()), rel=1e-5)
