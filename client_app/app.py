@@ -185,6 +185,15 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
     x, y, mask, val_x, val_y, val_mask = node.stage1_data(method)
     augment = node.augmentation() if method != "fedce" else None
     mu = float(fe_cfg.mu)
+    head_on_fe = lambda inp: bundle.head(bundle.fe(inp))
+    # the validation score is the received (global) model's, before local training: the server
+    # keeps the aggregate that validates best, not one whose clients' local updates did
+    val_score = None
+    if method == "fedsc" and len(val_x) > 1:
+        assert augment is not None
+        val_score = -ssl_validation_loss(bundle, val_x, augment, mu=mu, seed=node.seed(12))
+    elif method != "fedsc" and bool(val_mask.any()):  # CE on the labelled validation images
+        val_score = -validation_loss(head_on_fe, val_x[val_mask], val_y[val_mask])
     result = train_extractor(
         bundle,
         x,
@@ -206,15 +215,9 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
     )
     trained = stage1_keys(bundle, method)
     params = {k: v for k, v in state_numpy(bundle).items() if k in trained}
-    head_on_fe = lambda inp: bundle.head(bundle.fe(inp))
-    test_acc, val_score = None, None
+    test_acc = None
     if method != "fedsc":
         test_acc = accuracy(forward_batched(head_on_fe, node.data.test_x), node.data.test_y)
-    if method == "fedsc" and len(val_x) > 1:
-        assert augment is not None
-        val_score = -ssl_validation_loss(bundle, val_x, augment, mu=mu, seed=node.seed(12))
-    elif method != "fedsc" and bool(val_mask.any()):  # CE on the labelled validation images
-        val_score = -validation_loss(head_on_fe, val_x[val_mask], val_y[val_mask])
     return wire.ExtractorReply(
         params=params,
         num_examples=len(x),
@@ -275,6 +278,8 @@ def train_shared_expert(node: Node, request: wire.SharedExpertRequest) -> wire.T
     ex = node.cfg.expert
     x, y, _, val_x, val_y, _ = node.stage1_data("fedce")  # labelled; validation with fe.patience
     fe = node.extractor()
+    val_features = forward_batched(fe, val_x)  # the received H_0's score, before local training
+    val_score = -validation_loss(expert, val_features, val_y) if len(val_y) else None
     loss = train_classifier(
         expert,
         forward_batched(fe, x),
@@ -284,7 +289,6 @@ def train_shared_expert(node: Node, request: wire.SharedExpertRequest) -> wire.T
         batch_size=int(ex.batch_size),
         seed=node.seed(5, request.server_round),
     )
-    val_score = -validation_loss(expert, forward_batched(fe, val_x), val_y) if len(val_y) else None
     return wire.TrainReply(
         params=state_numpy(expert), num_examples=len(y), loss=loss, val_score=val_score
     )

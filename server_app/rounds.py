@@ -75,7 +75,8 @@ class FederatedRounds:
         return {}
 
     def validation_score(self, replies: dict[int, TrainReply]) -> float | None:
-        """The round's validation score (higher is better) for early stopping; None: no rule."""
+        """The validation score (higher is better) of the parameters the round's clients
+        received, before their local update, for early stopping; None: no rule."""
         return None
 
     # ---------------------------------------------------------------- the loop
@@ -122,6 +123,7 @@ class FederatedRounds:
         first = self.first_round()
         rnd = first - 1
         for rnd in range(first, self.rounds + 1):
+            received = dict(self.params)  # what the clients start round `rnd` from
             replies = self.send_round(rnd)
             outcome = run.strategy.aggregate(
                 rnd, replies, self.shared_keys(rnd), self.params, max_examples
@@ -138,9 +140,11 @@ class FederatedRounds:
             row.update(self.after_round(rnd, valid))
             score = self.validation_score(valid)
             if score is not None:
+                # the clients score what they received, so round `rnd` scores the aggregate of
+                # round `rnd - 1` (the initial parameters of round 1 are not a candidate)
                 row["val-score"] = score  # the score the patience rule sees, not a re-average
-                if self.patience.update(rnd, score):
-                    self.best = dict(self.params)
+                if rnd > 1 and self.patience.update(rnd - 1, score):
+                    self.best = received
             run.results.log_round(stage=self.stage, round=rnd, replies=len(valid), **row)
             run.progress.round(self.stage, rnd, self.rounds, row)
             run.progress.clients(
@@ -162,7 +166,8 @@ class FederatedRounds:
         return self.result(rnd)
 
     def result(self, last_round: int) -> Params:
-        """The stage's parameters: the best round's under a patience rule, else the last."""
+        """The stage's parameters: the best scored aggregate under a patience rule (the last
+        round's aggregate is scored by no round after it), else the last."""
         if self.patience.best_step == 0:
             return self.params
         self.run.results.set_extra_item(

@@ -491,13 +491,14 @@ def test_a_resumed_stage_keeps_its_validation_history(tmp_path: Path) -> None:
     with pytest.raises(_ServerDied):
         run_job(RelayGrid(nodes, die_in_round_3), compose_config(job("first")))
     saved = checkpoint.load(tmp_path / "first")
-    assert saved.in_progress["round"] == 2 and len(saved.in_progress["patience"]["history"]) == 2
+    # round r scores round r-1's aggregate (what its clients received): rounds 2.. score 1..
+    assert saved.in_progress["round"] == 2 and len(saved.in_progress["patience"]["history"]) == 1
     results = run_job(
         RelayGrid(nodes), compose_config(job("second", f"resume={tmp_path / 'first'}"))
     )
     rows = [h for h in results["history"] if h["stage"] == "fe_ce"]
     assert [h["round"] for h in rows] == [1, 2, 3, 4]
     convergence = results["extra"]["convergence"]["fe_ce"]
-    assert convergence["validation"] == [h["val-score"] for h in rows]
-    best = max(range(4), key=lambda i: (rows[i]["val-score"], -i))
-    assert convergence["best_round"] == best + 1 and convergence["rounds_run"] == 4
+    assert convergence["validation"] == [h["val-score"] for h in rows[1:]]
+    best = max(range(1, 4), key=lambda i: (rows[i]["val-score"], -i))  # row i: aggregate i
+    assert convergence["best_round"] == best and convergence["rounds_run"] == 4

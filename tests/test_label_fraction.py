@@ -99,3 +99,33 @@ def _expert_params(node: LiveNode) -> dict[str, np.ndarray]:
     from nmoe.models import build_expert
 
     return state_numpy(build_expert(node.cfg.model, 10, 0))
+
+
+def test_the_validation_score_is_that_of_the_received_model(node: LiveNode) -> None:
+    """Early stopping keeps the aggregate that validates best, so a client scores the
+    parameters it received, before its local update: two rounds with the same parameters but a
+    different local update (the round seeds the batches) report the same score."""
+    for method in ("fedce", "fedsc"):
+        replies = [
+            _ok(
+                node,
+                wire.ExtractorRequest(
+                    method=method, server_round=rnd, params=_params(node, method)
+                ),
+                wire.ExtractorReply,
+            )
+            for rnd in (1, 2)
+        ]
+        assert replies[0].loss != replies[1].loss  # the local updates differ
+        assert replies[0].val_score == replies[1].val_score is not None
+    _ok(node, wire.InstallRequest(part="fe", params=_params(node, "fedce")), wire.Installed)
+    shared = [
+        _ok(
+            node,
+            wire.SharedExpertRequest(server_round=rnd, params=_expert_params(node)),
+            wire.TrainReply,
+        )
+        for rnd in (1, 2)
+    ]
+    assert shared[0].loss != shared[1].loss
+    assert shared[0].val_score == shared[1].val_score is not None

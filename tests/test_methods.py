@@ -525,14 +525,17 @@ def test_stage1_and_baselines_train_until_converged(rollgate_results):
     rounds = [h["round"] for h in rollgate_results["history"] if h["stage"] == "fe_ce"]
     assert rounds == list(range(1, stage1["rounds_run"] + 1))
     assert stage1["best_round"] <= stage1["rounds_run"] <= CONVERGENCE_CAP
+    # round r's clients score what they received, round r-1's aggregate: the last aggregate
+    # is scored by no round, and a stop comes PATIENCE scored aggregates after the best
     if stage1["stopped_early"]:
-        assert stage1["rounds_run"] - stage1["best_round"] >= PATIENCE
+        assert stage1["rounds_run"] - 1 - stage1["best_round"] == PATIENCE
     scores = [h["val-score"] for h in rollgate_results["history"] if h["stage"] == "fe_ce"]
+    assert stage1["validation"] == scores[1:]
     # the best round is the last gain above min_delta: later rounds may edge past it by less
     best = stage1["best_validation"]
-    assert scores[stage1["best_round"] - 1] == pytest.approx(best)
+    assert scores[stage1["best_round"]] == pytest.approx(best)
     min_delta = float(rollgate_results["config"]["fe"]["min_delta"])
-    assert max(scores) <= best + min_delta + 1e-9
+    assert max(scores[1:]) <= best + min_delta + 1e-9
     for baseline in ("centralized", "local_only"):
         assert rollgate_results["extra"]["convergence"][baseline]["cap"] == CONVERGENCE_CAP
 
