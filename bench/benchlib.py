@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import os
 import platform
@@ -438,3 +439,39 @@ def run_logged(command: list[str], out: Path, timeout_s: float) -> tuple[int, fl
             kill_tree(process.pid)
             returncode = process.wait()
     return returncode, time.monotonic() - started
+
+
+def completed_results(out: Path) -> dict[str, Any] | None:
+    """The results.json of a job folder if its run completed, else None."""
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("status") == "completed" else None
+
+
+def run_resumable(
+    command: list[str], out: Path, timeout_s: float, label: str, attempts: int = 1
+) -> dict[str, Any]:
+    """One `nmoe` job in `out`: kept when the folder already holds completed results, resumed
+    from its checkpoint when it holds one, tried up to `attempts` times while it leaves no
+    completed results (a retry resumes; under heavy load Ray's start can time out). Returns wall
+    seconds, exit status and the command of each attempt."""
+    if completed_results(out) is not None:
+        print(f"[{label}] completed before, kept", flush=True)
+        return {"seconds": 0.0, "exit": 0, "kept": True}
+    out.mkdir(parents=True, exist_ok=True)
+    tries = []
+    for attempt in range(1, attempts + 1):
+        resume = (out / "checkpoint" / "checkpoint.npz").is_file()
+        full = [*command, f"resume={out}"] if resume else list(command)
+        returncode, seconds = run_logged(full, out, timeout_s)
+        tries.append({"seconds": round(seconds, 1), "exit": returncode, "command": full})
+        print(f"[{label}] attempt {attempt}: exit {returncode} in {seconds:.0f}s", flush=True)
+        if completed_results(out) is not None:
+            break
+    return {
+        "seconds": round(sum(t["seconds"] for t in tries), 1),
+        "exit": tries[-1]["exit"],
+        "attempts": tries,
+    }

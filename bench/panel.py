@@ -26,7 +26,6 @@ README's tables (panel.md). The jobs' folders (results.json, logs) stay in
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import time
 from pathlib import Path
@@ -108,6 +107,12 @@ def parse_args() -> Any:
         help="jobs run at once (each a whole simulation)",
     )
     parser.add_argument("--overrides", default="", help="further Hydra overrides for every job")
+    parser.add_argument(
+        "--job-timeout",
+        type=float,
+        default=JOB_TIMEOUT_S,
+        help="seconds one attempt of a job may take (the 50-client setting needs more)",
+    )
     parser.add_argument("--skip-run", action="store_true", help="only re-analyse the run folder")
     parser.add_argument(
         "--note",
@@ -147,35 +152,26 @@ def job_dir(run_dir: Path, job: dict[str, Any]) -> Path:
 
 
 def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
-    """One `nmoe` run; returns wall seconds and status."""
-    out = job_dir(run_dir, job)
-    out.mkdir(parents=True, exist_ok=True)
+    """One `nmoe` run (kept if completed before, resumed from its checkpoint, retried while it
+    leaves no completed results); returns wall seconds and status."""
     command = [
         str(benchlib.NMOE_CLI),
         f"experiment={preset(job['dataset'])}",
         *SETTINGS[job["setting"]],
         f"seed={job['seed']}",
-        f"output_dir={out}",
+        f"output_dir={job_dir(run_dir, job)}",
         "log_level=quiet",
         *(TINY_OVERRIDES if args.tiny else []),
         *benchlib.split_overrides(args.overrides),
     ]
-    returncode, seconds = benchlib.run_logged(command, out, JOB_TIMEOUT_S)
-    print(
-        f"[panel] {job['dataset']} {job['setting']} seed {job['seed']}: exit {returncode} "
-        f"in {seconds:.0f}s",
-        flush=True,
-    )
-    return {**job, "seconds": round(seconds, 1), "exit": returncode, "command": command}
+    label = f"panel {job['dataset']} {job['setting']} seed {job['seed']}"
+    run = benchlib.run_resumable(command, job_dir(run_dir, job), args.job_timeout, label, 3)
+    return {**job, **run}
 
 
 # ---------------------------------------------------------------------------- analysis
 def load_job(run_dir: Path, job: dict[str, Any]) -> dict[str, Any] | None:
-    path = job_dir(run_dir, job) / "results.json"
-    if not path.is_file():
-        return None
-    results = json.loads(path.read_text())
-    return results if results.get("status") == "completed" else None
+    return benchlib.completed_results(job_dir(run_dir, job))
 
 
 def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -411,6 +407,7 @@ def main() -> None:
                 "settings": SETTINGS,
                 "dataset_settings": DATASET_SETTINGS,
                 "parallel": args.parallel,
+                "job_timeout_s": args.job_timeout,
                 "overrides": args.overrides,
                 "tiny": args.tiny,
             },

@@ -95,14 +95,8 @@ def job_dir(run_dir: Path, job: dict[str, Any]) -> Path:
 
 
 def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
-    """One `nmoe` run (skipped when its folder already holds completed results, resumed from
-    its checkpoint when it holds one: a second call finishes an interrupted grid); returns wall
-    seconds and exit status."""
-    out = job_dir(run_dir, job)
-    if load_job(run_dir, job) is not None:
-        print(f"[ssl] {job}: completed before, kept", flush=True)
-        return {**job, "seconds": 0.0, "exit": 0, "kept": True}
-    out.mkdir(parents=True, exist_ok=True)
+    """One `nmoe` run (kept if completed before, resumed from its checkpoint: a second call
+    finishes an interrupted grid); returns wall seconds and exit status."""
     command = [
         str(benchlib.NMOE_CLI),
         PRESET,
@@ -110,21 +104,14 @@ def run_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
         f"fe={job['method']}",
         f"dataset.label_fraction={job['fraction']}",
         f"seed={job['seed']}",
-        f"output_dir={out}",
+        f"output_dir={job_dir(run_dir, job)}",
         "log_level=quiet",
         *(TINY_OVERRIDES if args.tiny else []),
         *args.per_dataset.get(job["dataset"], []),
         *benchlib.split_overrides(args.overrides),
     ]
-    if (out / "checkpoint" / "checkpoint.npz").is_file():
-        command.append(f"resume={out}")
-    returncode, seconds = benchlib.run_logged(command, out, JOB_TIMEOUT_S)
-    print(
-        f"[ssl] {job['dataset']} f={job['fraction']} {job['method']} seed {job['seed']}: "
-        f"exit {returncode} in {seconds:.0f}s",
-        flush=True,
-    )
-    return {**job, "seconds": round(seconds, 1), "exit": returncode, "command": command}
+    label = f"ssl {job['dataset']} f={job['fraction']} {job['method']} seed {job['seed']}"
+    return {**job, **benchlib.run_resumable(command, job_dir(run_dir, job), JOB_TIMEOUT_S, label)}
 
 
 def probe_only_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, Any]:
@@ -226,11 +213,7 @@ def probe_only_job(job: dict[str, Any], run_dir: Path, args: Any) -> dict[str, A
 
 
 def load_job(run_dir: Path, job: dict[str, Any]) -> dict[str, Any] | None:
-    path = job_dir(run_dir, job) / "results.json"
-    if not path.is_file():
-        return None
-    results = json.loads(path.read_text())
-    return results if results.get("status") == "completed" else None
+    return benchlib.completed_results(job_dir(run_dir, job))
 
 
 def row_of(job: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:

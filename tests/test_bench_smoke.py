@@ -20,7 +20,13 @@ MACHINE_KEYS = {"cpu_count", "mem_total_bytes", "python", "torch", "flwr", "date
 PNG_MAGIC = b"\x89PNG"
 
 sys.path.insert(0, str(BENCH))
-from benchlib import BYTES_PER_FLOAT32, kill_tree, linear_fit, pareto_front  # noqa: E402
+from benchlib import (  # noqa: E402
+    BYTES_PER_FLOAT32,
+    kill_tree,
+    linear_fit,
+    pareto_front,
+    run_resumable,
+)
 
 from nmoe import gates  # noqa: E402
 from nmoe.datasets import DATASETS  # noqa: E402
@@ -69,6 +75,33 @@ def test_pareto_front_and_fit() -> None:
         and fit["intercept"] == pytest.approx(0.0)
         and fit["r2"] == pytest.approx(1.0)
     )
+
+
+# a stand-in job: the first attempt leaves a checkpoint and fails, one that resumes completes
+FLAKY_JOB = """
+import json, sys
+from pathlib import Path
+out = Path.cwd()
+if not any(a.startswith("resume=") for a in sys.argv[1:]):
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "checkpoint.npz").write_bytes(b"")
+    sys.exit(3)
+(out / "results.json").write_text(json.dumps({"status": "completed", "argv": sys.argv[1:]}))
+"""
+
+
+def test_a_bench_job_is_retried_from_its_checkpoint_and_kept_once_completed(tmp_path) -> None:
+    out = tmp_path / "job"
+    command = [sys.executable, "-c", FLAKY_JOB, "seed=0"]
+    once = run_resumable(command, out, 60, "test", attempts=1)
+    assert once["exit"] == 3 and len(once["attempts"]) == 1  # no retry asked for
+    run = run_resumable(command, tmp_path / "job2", 60, "test", attempts=3)
+    assert [a["exit"] for a in run["attempts"]] == [3, 0]
+    assert run["attempts"][1]["command"][-1] == f"resume={tmp_path / 'job2'}"
+    results = json.loads((tmp_path / "job2" / "results.json").read_text())
+    assert results["argv"] == ["seed=0", f"resume={tmp_path / 'job2'}"]
+    again = run_resumable(command, tmp_path / "job2", 60, "test", attempts=3)
+    assert again == {"seconds": 0.0, "exit": 0, "kept": True}  # completed: not run again
 
 
 def test_panel_and_comm(out_dir: Path) -> None:
