@@ -278,8 +278,9 @@ def train_shared_expert(node: Node, request: wire.SharedExpertRequest) -> wire.T
     ex = node.cfg.expert
     x, y, _, val_x, val_y, _ = node.stage1_data("fedce")  # labelled; validation with fe.patience
     fe = node.extractor()
-    val_features = forward_batched(fe, val_x)  # the received H_0's score, before local training
-    val_score = -validation_loss(expert, val_features, val_y) if len(val_y) else None
+    val_score = None  # the received H_0's score, before local training (with fe.patience)
+    if len(val_y):
+        val_score = -validation_loss(expert, forward_batched(fe, val_x), val_y)
     loss = train_classifier(
         expert,
         forward_batched(fe, x),

@@ -129,3 +129,24 @@ def test_the_validation_score_is_that_of_the_received_model(node: LiveNode) -> N
     ]
     assert shared[0].loss != shared[1].loss
     assert shared[0].val_score == shared[1].val_score is not None
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_without_a_patience_rule_no_validation_score_is_sent(tmp_path) -> None:
+    """`fe.patience=0` holds no validation part out: stage 1 and H_0 train and send no score."""
+    live = LiveNode(tmp_path, ["fe.patience=0", "fe.local_epochs=1", "expert.epochs=1"])
+    reply = live.send(wire.SetupRequest(config_json=live.cfg_json))
+    assert not reply.has_error(), reply.error.reason
+    stage1 = _ok(
+        live,
+        wire.ExtractorRequest(method="fedce", server_round=1, params=_params(live, "fedce")),
+        wire.ExtractorReply,
+    )
+    assert np.isfinite(stage1.loss) and stage1.val_score is None
+    _ok(live, wire.InstallRequest(part="fe", params=_params(live, "fedce")), wire.Installed)
+    shared = _ok(
+        live,
+        wire.SharedExpertRequest(server_round=1, params=_expert_params(live)),
+        wire.TrainReply,
+    )
+    assert np.isfinite(shared.loss) and shared.val_score is None
