@@ -457,13 +457,15 @@ def run_resumable(
     from its checkpoint when it holds one, tried up to `attempts` times while it leaves no
     completed results (a retry resumes; under heavy load Ray's start can time out). Returns wall
     seconds, exit status and the command of each attempt."""
+    from server_app.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE
+
     if completed_results(out) is not None:
         print(f"[{label}] completed before, kept", flush=True)
         return {"seconds": 0.0, "exit": 0, "kept": True}
     out.mkdir(parents=True, exist_ok=True)
     tries = []
     for attempt in range(1, attempts + 1):
-        resume = (out / "checkpoint" / "checkpoint.npz").is_file()
+        resume = (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
         full = [*command, f"resume={out}"] if resume else list(command)
         returncode, seconds = run_logged(full, out, timeout_s)
         tries.append({"seconds": round(seconds, 1), "exit": returncode, "command": full})
