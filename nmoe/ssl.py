@@ -221,16 +221,19 @@ def local_update(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def ssl_validation_loss(
     bundle: ExtractorBundle, x: torch.Tensor, augment: Augment, *, mu: float, seed: int
 ) -> float:
     """The local FedSC loss on two augmented views of `x` (views seeded: comparable across
-    rounds), in eval mode: FedSC's validation metric."""
+    rounds), in eval mode: FedSC's validation metric. Both views go through the projector in one
+    batch, as in training (its BatchNorm normalises by the batch at hand)."""
     was_training = bundle.training
     bundle.eval()
     generator = torch.Generator().manual_seed(seed)
-    v1, v2 = augment(x, generator), augment(x, generator)
-    loss, _ = fedsc_loss(bundle.projector(bundle.fe(v1)), bundle.projector(bundle.fe(v2)), mu=mu)
+    views = torch.cat([augment(x, generator), augment(x, generator)])
+    z = bundle.projector(bundle.fe(views))
+    loss, _ = fedsc_loss(z[: len(x)], z[len(x) :], mu=mu)
     bundle.train(was_training)
     return float(loss)
 

@@ -514,3 +514,26 @@ def test_batch_norm_projector_leaves_the_collapsed_plateau() -> None:
     assert losses["batch"] < -3.0  # well below it: the embeddings spread over many directions
     with pytest.raises(ValueError, match="projector norm"):
         Projector(8, 5, "layer")
+
+
+def test_the_validation_loss_normalises_both_views_in_one_batch_as_training_does() -> None:
+    """FedSC's validation score is the training loss's form: both views through the batch-norm
+    projector together (separately, each view would be normalised by its own statistics)."""
+    x, _ = _digits_pool()
+    x = x[:128]
+    augment = ssl_augmentation("digits", (1, 8, 8), float(x.min()))
+    torch.manual_seed(0)
+    bundle = ExtractorBundle(CNNExtractor(1, 32, 64), nn.Linear(64, 10), Projector(64, 64, "batch"))
+    generator = torch.Generator().manual_seed(5)
+    v1, v2 = augment(x, generator), augment(x, generator)
+    bundle.eval()
+    with torch.no_grad():
+        z = bundle.projector(bundle.fe(torch.cat([v1, v2])))
+        together, _ = fedsc_loss(z[:128], z[128:], mu=4.0)
+        apart, _ = fedsc_loss(bundle.projector(bundle.fe(v1)), bundle.projector(bundle.fe(v2)),
+                              mu=4.0)  # fmt: skip
+    bundle.train()
+    score = ssl_validation_loss(bundle, x, augment, mu=4.0, seed=5)
+    assert score == pytest.approx(float(together), abs=1e-6)
+    assert abs(float(apart) - float(together)) > 1e-4  # the two forms differ: the test can fail
+    assert bundle.training  # the bundle's mode is restored
