@@ -266,11 +266,13 @@ class LocalPipeline:
             self.fe.append(bundle.fe)
             trained = self.gate.trainable
             self.gate_params.append(state[gate_group(self.gate.name)] if trained else {})
-            local = {}
-            for eid, group in ((pid, EXPERT_GROUP), (self.shared_id, SHARED_EXPERT_GROUP)):
-                if eid is not None:
-                    local[eid] = build_expert(cfg.model, self.num_classes, 0)
-                    load_numpy(local[eid], state[group])
+            local = {pid: build_expert(cfg.model, self.num_classes, 0)}
+            load_numpy(local[pid], state[EXPERT_GROUP])
+            if self.shared_id is not None and cfg.expert.shared_model == "stage1":
+                local[self.shared_id] = bundle.head  # as `Node.local_experts`
+            elif self.shared_id is not None:
+                local[self.shared_id] = build_expert(cfg.model, self.num_classes, 0)
+                load_numpy(local[self.shared_id], state[SHARED_EXPERT_GROUP])
             self.experts.append(local)
             mask = torch.zeros(num_experts, dtype=torch.bool)
             mask[neighbours[pid]] = True

@@ -102,7 +102,9 @@ class Federation:
             expert = build_expert(cfg.model, 10, 0)
             load_numpy(expert, states[i]["model/expert"])
             experts.append(expert)
-        if self.shared is not None:
+        if self.shared is not None and cfg.expert.shared_model == "stage1":
+            experts.append(self.head)  # the shared slot as `Node.local_experts` fills it
+        elif self.shared is not None:
             expert = build_expert(cfg.model, 10, 0)
             load_numpy(expert, states[0]["model/shared_expert"])
             experts.append(expert)
@@ -137,6 +139,8 @@ class Federation:
             entry["reachable"] = reach
             self.data.append(entry)
         self.experts = experts
+        # (client, split, know_quantile) -> (B, E) familiarity ratios, shared by every rule
+        self.ratio_cache: dict[tuple[int, str, float], torch.Tensor] = {}
 
 
 Rule = Callable[[Federation, int, str], torch.Tensor]  # -> (B, C) probabilities
@@ -183,7 +187,7 @@ def rule_oracle(fed: Federation, i: int, split: str) -> torch.Tensor:
     return (w.unsqueeze(-1) * probs_of(fed, i, split)).sum(dim=1)
 
 
-def rule_gate(options: dict[str, float]) -> Rule:
+def rule_gate(options: dict[str, Any]) -> Rule:
     """The gate `options["method"]` (one that asks familiarity, e.g. knowgate) as the ClientApp
     runs it: local-first, every reachable expert's familiarity with the sample, the gate's
     `reweight`, the mixture of the experts' probabilities."""
@@ -194,10 +198,10 @@ def rule_gate(options: dict[str, float]) -> Rule:
 
     gate = gates.get(str(options["method"]))
     cfg = SimpleNamespace(**options)
-    cache: dict[tuple[int, int, str, float], torch.Tensor] = {}
 
     def ratios(fed: Federation, i: int, split: str) -> torch.Tensor:
-        key = (id(fed), i, split, float(cfg.know_quantile))  # one cache across federations
+        cache = fed.ratio_cache  # one cache for every rule scored on this federation
+        key = (i, split, float(cfg.know_quantile))
         if key not in cache:
             feats = fed.data[i][split]["feats"]
             r = torch.full((len(feats), fed.num_experts), float("inf"))
@@ -209,6 +213,10 @@ def rule_gate(options: dict[str, float]) -> Rule:
     def rule(fed: Federation, i: int, split: str) -> torch.Tensor:
         d = fed.data[i][split]
         answered = fed.data[i]["reachable"].expand(len(d["y"]), -1)
+        logits = d["logits"]
+        if options.get("shared_model") == "stage1":  # the shared slot: stage 1's F + head
+            logits = logits.clone()
+            logits[:, fed.shared] = d["fedavg"]
         weights = gate.reweight(ratios(fed, i, split), answered, i, fed.shared, int(cfg.k), cfg)
         if float(cfg.local_first_quantile) > 0:
             local = familiar(
@@ -216,7 +224,7 @@ def rule_gate(options: dict[str, float]) -> Rule:
             )
             weights[local] = 0.0
             weights[local, i] = 1.0
-        probs, _ = combine(weights, d["logits"], answered, fallback=i)
+        probs, _ = combine(weights, logits, answered, fallback=i)
         return probs
 
     return rule

@@ -141,10 +141,15 @@ class Node:
         return forward_batched(self.extractor(), x)
 
     def local_experts(self) -> dict[int, torch.nn.Module]:
-        """The experts this device holds: its own and, if any, the shared one."""
+        """The experts this device holds: its own and, if any, the shared one (H_0, or with
+        `expert.shared_model=stage1` the installed stage-1 head on F's features)."""
         local = {self.pid: self.expert()}
         if self.shared_expert_id is not None:
-            local[self.shared_expert_id] = self.expert(SHARED_EXPERT_GROUP)
+            local[self.shared_expert_id] = (
+                self.installed_bundle().head
+                if self.cfg.expert.shared_model == "stage1"
+                else self.expert(SHARED_EXPERT_GROUP)
+            )
         return local
 
     def familiarity(self, fe: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,9 @@ ALL_BASELINES = "all"  # `baselines=[all]`: every baseline above, the registry's
 LOG_LEVELS = ("quiet", "info", "verbose")
 MODES = ("train", "inference", "serve")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
+# what answers in the mixture's shared slot (`expert.shared_model`): H_0, a FedAvg expert on the
+# frozen F, or stage 1's own global model (F + its head: what `fedavg` is under FedCE)
+SHARED_MODELS = ("expert", "stage1")
 
 
 class ConfigError(ValueError):
@@ -140,6 +143,7 @@ class ExpertConfig:
     shared_rounds: int = 5  # at most (fe.patience stops earlier, on the stage-1 validation part)
     shared_local_epochs: int = 0  # epochs per FedAvg round of the shared expert (0 = epochs)
     init_from_shared: bool = False  # personal experts start from the trained shared expert
+    shared_model: str = "expert"  # the shared slot: "expert" (H_0) or "stage1" (F + its head)
 
 
 @dataclass
@@ -346,6 +350,17 @@ def validate(cfg: DictConfig) -> None:
         not cfg.expert.init_from_shared or bool(cfg.expert.shared_expert),
         "expert.init_from_shared",
         "needs the shared expert to start from: use expert=with_shared",
+    )
+    _choice(cfg.expert.shared_model, "expert.shared_model", SHARED_MODELS)
+    _require(
+        cfg.expert.shared_model != "stage1" or "head" in STAGE1_PARTS[cfg.fe.method],
+        "expert.shared_model",
+        f"'stage1' needs a stage 1 that trains a head (fedce, hybrid), not {cfg.fe.method}",
+    )
+    _require(
+        cfg.expert.shared_model != "stage1" or bool(cfg.expert.shared_expert),
+        "expert.shared_model",
+        "'stage1' fills the shared slot: use expert=with_shared",
     )
     _require(
         0 <= cfg.fe.alpha_min <= 1, "fe.alpha_min", f"must be in [0, 1], got {cfg.fe.alpha_min}"

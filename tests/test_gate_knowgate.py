@@ -87,3 +87,65 @@ def test_knowgate_without_a_shared_expert_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="expert.shared_expert"):
         compose_config(["experiment=smoke", "gate=knowgate"])
+
+
+@pytest.fixture(scope="module")
+def stage1_slot_results(tmp_path_factory) -> dict:
+    """A real run (3 simulated clients) whose shared slot is stage 1's model, with a gate that
+    finds every sample unknown: every sample goes to the shared slot alone."""
+    import json
+
+    from flwr.simulation import run_simulation
+
+    import client_app.app
+    import server_app.app
+
+    out = tmp_path_factory.mktemp("stage1_slot")
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            "gate=knowgate",
+            "expert=with_shared",
+            "expert.shared_model=stage1",
+            "gate.know_max_ratio=1e-9",  # nobody knows anything
+            "gate.local_first_quantile=0",
+            "simulation.num_clients=3",
+            "baselines=[fedavg]",
+            f"output_dir={out}",
+        ]
+    )
+    run_simulation(
+        server_app=server_app.app.make_server_app(cfg),
+        client_app=client_app.app.app,
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1.0}},
+    )
+    return json.loads((out / "results.json").read_text())
+
+
+def test_with_the_stage1_slot_unknown_samples_get_exactly_the_fedavg_model(
+    stage1_slot_results,
+) -> None:
+    """`expert.shared_model=stage1`: the shared slot is stage 1's F + head, which is the `fedavg`
+    model under FedCE: samples nobody knows get exactly its answers (per client, both splits),
+    and no H_0 is trained (nothing uses it)."""
+    results = stage1_slot_results
+    assert results["status"] == "completed"
+    for key in ("accuracy", "accuracy_global"):
+        nmoe, fedavg = results[key]["nmoe"]["per_client"], results[key]["fedavg"]["per_client"]
+        assert nmoe == fedavg, (key, nmoe, fedavg)
+        own = results[key]["local_expert"]["per_client"]
+        assert nmoe != own  # the test can fail: the own experts answer differently
+    assert not [row for row in results["history"] if row["stage"] == "shared_expert"]
+
+
+def test_the_stage1_slot_needs_a_stage1_head() -> None:
+    from nmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="expert.shared_model"):
+        compose_config(
+            ["experiment=smoke", "gate=knowgate", "expert=with_shared", "fe=fedsc",
+             "expert.shared_model=stage1"]
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="expert.shared_model"):
+        compose_config(["experiment=smoke", "expert.shared_model=stage1"])

@@ -1,7 +1,8 @@
 """Stage 2: every client installs the final F and trains its personal expert on its features (F
 frozen); experts never leave the clients. With `expert=with_shared` a shared expert H_0 is
-trained by FedAvg and installed everywhere; with `expert.init_from_shared` every personal
-expert starts from it."""
+trained by FedAvg and installed everywhere when something uses it: the mixture's shared slot
+(`expert.shared_model=expert`; with `stage1` stage 1's head fills it) or
+`expert.init_from_shared` (every personal expert starts from it)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def train_experts(run: Run, extractor: Params, trained_keys: list[str]) -> None:
     """Install F; train (and install) H_0 if configured; train every personal expert."""
     cfg = run.cfg
     install(run, "fe", {k: extractor[k] for k in trained_keys})
-    if cfg.expert.shared_expert:
+    if cfg.expert.shared_expert and (
+        cfg.expert.shared_model == "expert" or cfg.expert.init_from_shared
+    ):
         shared = SharedExpertRounds(run).run_rounds()
         install(run, "shared_expert", shared)
     init = "shared" if cfg.expert.init_from_shared else "scratch"
