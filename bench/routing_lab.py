@@ -240,14 +240,17 @@ KNOWGATE_DEFAULTS = {
     "know_max_ratio": 3.0,
     "know_shared_ratio": 0.0,
 }
-# the knowgate grid searched on the lab's (held-out) seeds: the first search chose the defaults
-# (know_quantile 0.5/0.7/0.9, own_bias 1.0-2.0, k 1-3, temperature 0.1/0.3); this one asks whether
-# the shared expert should compete (know_shared_ratio) and how local-first interacts
+# the knowgate grid searched on the lab's (held-out) seeds. A first search chose the defaults of
+# 2026-11-25 (know_quantile 0.5/0.7/0.9, own_bias 1.0-2.0, k 1-3, temperature 0.1/0.3); a second
+# asked whether H_0 should compete (know_shared_ratio); this one (2026-11-26) puts stage 1's own
+# model (F + head) in the shared slot and asks how strongly it competes against the own expert
 KNOWGATE_GRID = {
-    "know_own_bias": [1.0, 1.5],
+    "shared_model": ["stage1"],
+    "know_shared_ratio": [0.25, 0.5, 0.75, 1.0],
+    "know_own_bias": [1.5, 2.0, 3.0],
+    "know_temperature": [0.15, 0.3],
     "k": [2, 3],
-    "local_first_quantile": [0.0, 0.7],
-    "know_shared_ratio": [0.0, 0.5, 1.0, 1.5],
+    "local_first_quantile": [0.7, 0.8],
 }
 
 RULES: dict[str, Rule] = {

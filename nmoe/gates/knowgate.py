@@ -5,10 +5,11 @@ familiarity: the distance from the sample to its nearest own expert-training fea
 familiarity radius (the `know_quantile` of those features' leave-one-out nearest-neighbour
 distances), computed by the expert's owner on data that never leaves it. The requester mixes
 the `gate.k` experts most familiar with the sample (its own ratio divided by `know_own_bias`:
-its queries mostly come from where its own data does), weights softmax(-ratio / temperature).
-A sample that no reachable personal expert knows (every ratio, the own one unbiased, above
-`know_max_ratio`) goes to the shared expert H_0 alone: there the answer is exactly the shared
-model's. Nothing is trained
+its queries mostly come from where its own data does), weights softmax(-ratio / temperature);
+the shared expert (H_0, or stage 1's model with `expert.shared_model=stage1`) competes for every
+row as if at ratio `know_shared_ratio` (0: it does not). A sample that no reachable personal
+expert knows (every ratio, the own one unbiased, above `know_max_ratio`) goes to the shared
+expert alone: there the answer is exactly the shared model's. Nothing is trained
 and no statistics are published; each answer reveals one familiarity ratio per row.
 Chosen on held-out seeds with bench/routing_lab.py (see bench/README.md).
 """
@@ -25,11 +26,12 @@ from .base import Gate, Params
 
 @dataclass
 class KnowGateOptions:
+    # as conf/gate/knowgate.yaml (these apply where knowgate is a baseline of another gate)
     know_quantile: float = 0.7  # an expert's familiarity radius: this quantile of its NN distances
-    know_own_bias: float = 1.5  # the requester's own ratio is divided by this
+    know_own_bias: float = 3.0  # the requester's own ratio is divided by this
     know_temperature: float = 0.3  # softmax temperature over -ratio of the experts mixed
     know_max_ratio: float = 3.0  # beyond this ratio for every expert: the shared expert alone
-    know_shared_ratio: float = 0.0  # > 0: the shared expert competes as if this familiar (0: off)
+    know_shared_ratio: float = 0.25  # > 0: the shared expert competes as if this familiar
 
 
 class KnowGate(Gate):
