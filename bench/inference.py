@@ -232,7 +232,7 @@ class LocalPipeline:
     with the same seeds and data splits."""
 
     def __init__(self, cfg: Any, state_dir: Path, neighbours: list[list[int]]) -> None:
-        from client_app.node import EXPERT_GROUP, FE_GROUP, SHARED_EXPERT_GROUP, gate_group
+        from client_app.node import FE_GROUP, gate_group, held_experts
         from client_app.state import read_state_file
         from nmoe import gates
         from nmoe.data import (
@@ -244,7 +244,7 @@ class LocalPipeline:
             load_all_clients,
             num_classes,
         )
-        from nmoe.models import build_bundle, build_expert, load_numpy
+        from nmoe.models import build_bundle, load_numpy
 
         self.cfg = cfg
         self.n = int(cfg.simulation.num_clients)
@@ -266,14 +266,16 @@ class LocalPipeline:
             self.fe.append(bundle.fe)
             trained = self.gate.trainable
             self.gate_params.append(state[gate_group(self.gate.name)] if trained else {})
-            local = {pid: build_expert(cfg.model, self.num_classes, 0)}
-            load_numpy(local[pid], state[EXPERT_GROUP])
-            if self.shared_id is not None and cfg.expert.shared_model == "stage1":
-                local[self.shared_id] = bundle.head  # as `Node.local_experts`
-            elif self.shared_id is not None:
-                local[self.shared_id] = build_expert(cfg.model, self.num_classes, 0)
-                load_numpy(local[self.shared_id], state[SHARED_EXPERT_GROUP])
-            self.experts.append(local)
+            self.experts.append(
+                held_experts(
+                    cfg,
+                    self.num_classes,
+                    pid,
+                    self.shared_id,
+                    state.__getitem__,
+                    lambda head=bundle.head: head,
+                )
+            )
             mask = torch.zeros(num_experts, dtype=torch.bool)
             mask[neighbours[pid]] = True
             if self.shared_id is not None:

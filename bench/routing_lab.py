@@ -71,6 +71,7 @@ class Federation:
     """Everything a routing rule may use, as tensors (see the module docstring)."""
 
     def __init__(self, cfg: Any, run_dir: Path) -> None:
+        from client_app.node import held_experts
         from client_app.state import read_state_file
         from nmoe import topology
         from nmoe.config import to_dict
@@ -82,7 +83,7 @@ class Federation:
             labelled,
             load_all_clients,
         )
-        from nmoe.models import build_bundle, build_expert, load_numpy
+        from nmoe.models import build_bundle, load_numpy
         from nmoe.training import forward_batched
 
         self.n = n = int(cfg.simulation.num_clients)
@@ -97,17 +98,12 @@ class Federation:
         bundle = build_bundle(cfg.model, shape, 10, int(cfg.seed))
         load_numpy(bundle, states[0]["model/fe"], strict=False)
         self.fe, self.head = bundle.fe, bundle.head
-        experts = []
-        for i in range(n):
-            expert = build_expert(cfg.model, 10, 0)
-            load_numpy(expert, states[i]["model/expert"])
-            experts.append(expert)
-        if self.shared is not None and cfg.expert.shared_model == "stage1":
-            experts.append(self.head)  # the shared slot as `Node.local_experts` fills it
-        elif self.shared is not None:
-            expert = build_expert(cfg.model, 10, 0)
-            load_numpy(expert, states[0]["model/shared_expert"])
-            experts.append(expert)
+        # what each device holds, as the ClientApp builds it (the shared slot: client 0's copy)
+        held = [held_experts(cfg, 10, i, self.shared, states[i].__getitem__, lambda: self.head)
+                for i in range(n)]  # fmt: skip
+        experts = [held[i][i] for i in range(n)]
+        if self.shared is not None:
+            experts.append(held[0][self.shared])
         self.neighbours = topology.neighbour_sets(cfg.topology, n, int(cfg.seed))
         self.holdout = float(cfg.expert.gate_holdout_fraction)
         self.config = to_dict(cfg)

@@ -4,6 +4,7 @@ torch modules built from them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -141,16 +142,15 @@ class Node:
         return forward_batched(self.extractor(), x)
 
     def local_experts(self) -> dict[int, torch.nn.Module]:
-        """The experts this device holds: its own and, if any, the shared one (H_0, or with
-        `expert.shared_model=stage1` the installed stage-1 head on F's features)."""
-        local = {self.pid: self.expert()}
-        if self.shared_expert_id is not None:
-            local[self.shared_expert_id] = (
-                self.installed_bundle().head
-                if self.cfg.expert.shared_model == "stage1"
-                else self.expert(SHARED_EXPERT_GROUP)
-            )
-        return local
+        """The experts this device holds (see `held_experts`)."""
+        return held_experts(
+            self.cfg,
+            self.num_classes,
+            self.pid,
+            self.shared_expert_id,
+            self.state.get,
+            lambda: self.installed_bundle().head,
+        )
 
     def familiarity(self, fe: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
         """(B,) this node's familiarity with each feature row: the nearest feature of its
@@ -316,6 +316,28 @@ class Node:
         if self.shared_expert_id is not None:
             mask[self.shared_expert_id] = True
         return mask
+
+
+def held_experts(
+    cfg: DictConfig,
+    num_classes: int,
+    pid: int,
+    shared_id: int | None,
+    read_group: Callable[[str], dict[str, np.ndarray]],
+    stage1_head: Callable[[], torch.nn.Module],
+) -> dict[int, torch.nn.Module]:
+    """Expert id -> module for the experts a device holds, from its personal state groups: its
+    own expert and, if any, the shared slot (H_0, or with `expert.shared_model=stage1` the
+    installed stage-1 head on F's features). The ClientApp and the benchmarks build them here."""
+    own = build_expert(cfg.model, num_classes, 0)
+    load_numpy(own, read_group(EXPERT_GROUP))
+    local = {pid: own}
+    if shared_id is not None and cfg.expert.shared_model == "stage1":
+        local[shared_id] = stage1_head()
+    elif shared_id is not None:
+        local[shared_id] = build_expert(cfg.model, num_classes, 0)
+        load_numpy(local[shared_id], read_group(SHARED_EXPERT_GROUP))
+    return local
 
 
 def open_node(context: Context, config_json: str | None = None) -> Node:
