@@ -257,13 +257,15 @@ class LocalPipeline:
         self.data = load_all_clients(spec, self.n)
         shape = tuple(self.data[0].train_x.shape[1:])
         holdout = float(cfg.expert.gate_holdout_fraction)
-        self.fe, self.gate_params, self.experts, self.reachable = [], [], [], []
-        self.expert_x = []  # each owner's expert-training images (familiarity), as `Node.split`
+        self.fe, self.heads, self.gate_params, self.experts, self.reachable = [], [], [], [], []
+        # each owner's expert-training images (familiarity) and labels, as `Node.split`
+        self.expert_x, self.expert_y = [], []
         for pid in range(self.n):
             state = read_state_file(state_dir / f"partition-{pid}.safetensors")
             bundle = build_bundle(cfg.model, shape, self.num_classes, self.seed)
             load_numpy(bundle, state[FE_GROUP], strict=False)
             self.fe.append(bundle.fe)
+            self.heads.append(bundle.head)
             trained = self.gate.trainable
             self.gate_params.append(state[gate_group(self.gate.name)] if trained else {})
             self.experts.append(
@@ -283,7 +285,9 @@ class LocalPipeline:
             self.reachable.append(mask)
             x, y = labelled(self.data[pid])
             split_seed = client_seed(self.seed, pid, SEED_EXPERT_SPLIT)
-            self.expert_x.append(holdout_split(x, y, holdout, split_seed)[0][0])
+            (ex, ey), _ = holdout_split(x, y, holdout, split_seed)
+            self.expert_x.append(ex)
+            self.expert_y.append(ey)
         self.raw_bytes_per_sample = int(np.prod(shape)) * benchlib.BYTES_PER_FLOAT32
 
     def inputs(self, pid: int, splits: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,6 +296,18 @@ class LocalPipeline:
             {"test": (d.test_x, d.test_y), "global": (d.global_x, d.global_y)}[s] for s in splits
         ]
         return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+    def outside_own_classes(self, pid: int, feats: torch.Tensor) -> torch.Tensor | None:
+        """What `Node.outside_own_classes` computes on the requester."""
+        from nmoe.routing import outside_own_classes
+        from nmoe.training import forward_batched
+
+        g = self.cfg.gate
+        if float(g.local_first_class_confidence) <= 0:
+            return None
+        head_logits = forward_batched(self.heads[pid], feats)
+        confidence, least = float(g.local_first_class_confidence), int(g.local_first_class_min)
+        return outside_own_classes(head_logits, self.expert_y[pid], confidence, least)
 
     def familiarity(self, owner: int, feats: torch.Tensor) -> torch.Tensor:
         """What `Node.familiarity` computes on the owner: its familiarity with each row."""
@@ -328,7 +344,10 @@ class LocalPipeline:
             own_feats = (
                 forward_batched(self.fe[pid], self.data[pid].train_x) if quantile > 0 else None
             )
-            plan = plan_query(feats, weights, self.experts[pid], pid, own_feats, quantile)
+            not_local = self.outside_own_classes(pid, feats) if quantile > 0 else None
+            plan = plan_query(
+                feats, weights, self.experts[pid], pid, own_feats, quantile, not_local
+            )
             own_ratio = self.familiarity(pid, feats) if asks else None
             experts_start = time.perf_counter()
             remote = {

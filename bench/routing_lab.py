@@ -190,7 +190,7 @@ def rule_gate(options: dict[str, Any]) -> Rule:
     from types import SimpleNamespace
 
     from nmoe import gates
-    from nmoe.routing import combine, familiar, familiarity
+    from nmoe.routing import combine, familiar, familiarity, outside_own_classes
 
     gate = gates.get(str(options["method"]))
     cfg = SimpleNamespace(**options)
@@ -218,6 +218,12 @@ def rule_gate(options: dict[str, Any]) -> Rule:
             local = familiar(
                 d["feats"], fed.data[i]["train_feats"], float(cfg.local_first_quantile)
             )
+            confidence = float(options.get("local_first_class_confidence", 0.0))
+            if confidence > 0:  # as `Node.outside_own_classes`
+                least = int(options.get("local_first_class_min", 3))
+                local &= ~outside_own_classes(
+                    d["fedavg"], fed.data[i]["expert_y"], confidence, least
+                )
             weights[local] = 0.0
             weights[local, i] = 1.0
         probs, _ = combine(weights, logits, answered, fallback=i)
@@ -247,6 +253,7 @@ KNOWGATE_GRID = {
     "know_temperature": [0.15, 0.3],
     "k": [2, 3],
     "local_first_quantile": [0.7, 0.8],
+    "local_first_class_confidence": [0.0, 0.5],  # with local_first_class_min 3
 }
 
 RULES: dict[str, Rule] = {

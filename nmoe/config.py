@@ -160,6 +160,10 @@ class GateCommonConfig:
     # Local-first inference: a sample at least as close to the client's own training features as
     # this quantile of their nearest-neighbour distances goes to the own expert alone (0 = off).
     local_first_quantile: float = 0.0
+    # ... unless stage 1's head gives it more than this probability for a class of which the own
+    # expert trained on fewer than `local_first_class_min` images (0 = no such check)
+    local_first_class_confidence: float = 0.0
+    local_first_class_min: int = 3
 
 
 def _gate_config_class() -> type:
@@ -370,6 +374,17 @@ def validate(cfg: DictConfig) -> None:
         "gate.local_first_quantile",
         f"must be in [0, 1], got {cfg.gate.local_first_quantile}",
     )
+    _require(
+        0 <= cfg.gate.local_first_class_confidence < 1,
+        "gate.local_first_class_confidence",
+        f"must be in [0, 1), got {cfg.gate.local_first_class_confidence}",
+    )
+    _require(
+        cfg.gate.local_first_class_confidence == 0 or "head" in STAGE1_PARTS[cfg.fe.method],
+        "gate.local_first_class_confidence",
+        f"needs a stage 1 that trains a head (fedce, hybrid), not {cfg.fe.method}",
+    )
+    _require(cfg.gate.local_first_class_min >= 1, "gate.local_first_class_min", "must be >= 1")
     _require(
         0 <= cfg.expert.gate_holdout_fraction < 1,
         "expert.gate_holdout_fraction",

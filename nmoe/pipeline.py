@@ -110,14 +110,16 @@ def plan_query(
     own: int,
     own_train_feats: torch.Tensor | None = None,
     local_first_quantile: float = 0.0,
+    not_local: torch.Tensor | None = None,
 ) -> RoutePlan:
     """Wave 1 on the requester: the gate's `weights`, local-first routing (samples close to the
-    own training features go to the own expert alone), the local experts' logits, and the
-    samples each remote expert must see."""
+    own training features go to the own expert alone, except those in the bool (B,) mask
+    `not_local`), the local experts' logits, and the samples each remote expert must see."""
     if local_first_quantile > 0 and own_train_feats is not None:
-        weights = answer_locally(
-            weights, own, familiar(feats, own_train_feats, local_first_quantile)
-        )
+        local = familiar(feats, own_train_feats, local_first_quantile)
+        if not_local is not None:
+            local = local & ~not_local
+        weights = answer_locally(weights, own, local)
     return plan_route(weights, local_logits(feats, local_experts))
 
 

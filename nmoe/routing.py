@@ -132,6 +132,21 @@ def familiar(feats: torch.Tensor, own_feats: torch.Tensor, quantile: float) -> t
     return nearest_distances(feats, own_feats) <= radius
 
 
+def outside_own_classes(
+    head_logits: torch.Tensor,
+    own_labels: torch.Tensor,
+    confidence: float,
+    min_count: int,
+) -> torch.Tensor:
+    """bool (B,): rows that a shared classifier (stage 1's head) gives more than `confidence`
+    probability for a class of which the own expert trained on fewer than `min_count` images
+    (`own_labels`): local-first leaves them to the gate, whatever their familiarity."""
+    probs = torch.softmax(head_logits, dim=1)
+    counts = torch.bincount(own_labels, minlength=probs.shape[1])
+    top, cls = probs.max(dim=1)
+    return (top > confidence) & (counts[cls] < min_count)
+
+
 def answer_locally(weights: torch.Tensor, own: int, local: torch.Tensor) -> torch.Tensor:
     """Local-first routing: the samples in the bool (B,) mask `local` go to the own expert alone
     (weight 1); the others keep their gate weights."""

@@ -322,6 +322,26 @@ def test_local_first_samples_never_leave_the_device(tmp_path: Path, task_identit
     assert torch.equal(torch.tensor(report.predictions_of(0))[close], own_predictions)
 
 
+def test_the_class_check_sends_familiar_rows_of_classes_the_own_expert_lacks(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """gate.local_first_class_confidence on a real ClientApp: the own training rows, all familiar,
+    stay on the device without the check; with a check that every class fails (fewer than a
+    million own images of it) they go to the gate."""
+    overrides = ["gate.local_first_quantile=0.5"]
+    checked = ["gate.local_first_class_confidence=0.01", "gate.local_first_class_min=1000000"]
+    sent_rows = {}
+    for name, extra in {"plain": [], "checked": checked}.items():
+        live = LiveNode(tmp_path / name, overrides + extra)
+        live.set_up()
+        reply = live.send(route(query_id="own", splits=["train"]))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        features = wire.RouteReply.from_message(reply).features
+        sent_rows[name] = sum(len(v) for v in features.values())
+    assert sent_rows["plain"] == 0
+    assert sent_rows["checked"] > 0
+
+
 def test_personal_expert_starts_from_the_shared_expert(tmp_path: Path, task_identity: None) -> None:
     """init=shared: the personal expert is the installed shared expert, fine-tuned (with a
     vanishing learning rate it stays the shared expert)."""

@@ -161,3 +161,47 @@ def test_the_stage1_slot_needs_a_stage1_head() -> None:
         )  # fmt: skip
     with pytest.raises(ConfigError, match="expert.shared_model"):
         compose_config(["experiment=smoke", "expert.shared_model=stage1"])
+
+
+def test_local_first_leaves_rows_of_classes_the_own_expert_never_saw_to_the_gate() -> None:
+    """`gate.local_first_class_confidence`: a familiar row still goes to the gate when stage 1's
+    head is sure it belongs to a class the own expert trained on fewer than
+    `local_first_class_min` images; other familiar rows stay on the own expert."""
+    from nmoe.pipeline import plan_query
+    from nmoe.routing import outside_own_classes
+
+    own_labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])  # class 2: one image; class 3: none
+    head_logits = torch.log(
+        torch.tensor(
+            [
+                [0.90, 0.04, 0.03, 0.03],  # sure of class 0 (known): local
+                [0.03, 0.03, 0.03, 0.91],  # sure of class 3 (never seen): to the gate
+                [0.04, 0.03, 0.90, 0.03],  # sure of class 2 (one image < 3): to the gate
+                [0.30, 0.20, 0.20, 0.30],  # unsure: local
+            ]
+        )
+    )
+    outside = outside_own_classes(head_logits, own_labels, confidence=0.5, min_count=3)
+    assert outside.tolist() == [False, True, True, False]
+    assert outside_own_classes(head_logits, own_labels, 0.5, min_count=1).tolist() == [
+        False, True, False, False,
+    ]  # fmt: skip
+
+    feats = torch.zeros(4, 2)  # every row exactly on the own training features: all familiar
+    own_feats = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    gate_weights = torch.tensor([[0.0, 0.5, 0.5]]).expand(4, -1)  # the gate: experts 1 and 2
+    experts = {0: torch.nn.Linear(2, 4)}
+    plain = plan_query(feats, gate_weights, experts, 0, own_feats, 0.7)
+    assert bool((plain.weights[:, 0] == 1).all())  # local-first alone: every row stays home
+    checked = plan_query(feats, gate_weights, experts, 0, own_feats, 0.7, outside)
+    assert checked.weights[:, 0].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert torch.equal(checked.weights[1:3], gate_weights[1:3])
+
+
+def test_the_class_check_needs_a_stage1_head() -> None:
+    from nmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gate.local_first_class_confidence"):
+        compose_config(["experiment=smoke", "fe=fedsc", "gate.local_first_class_confidence=0.5"])
+    with pytest.raises(ConfigError, match="gate.local_first_class_confidence"):
+        compose_config(["experiment=smoke", "gate.local_first_class_confidence=1.0"])
