@@ -6,8 +6,9 @@
 It loads the personal state a training run saved under `state_key` once (the same node config
 as the device's SuperNode: its data, policy, inbox and outbox), then watches the inbox: a file
 familiar to the device's own training data (local-first: within the `gate.local_first_quantile`
-of its nearest-neighbour distances, or the node's `min-local-first`) is answered at once by the
-device's own expert, exactly as the routed query would answer it; the others are handed to the
+of its nearest-neighbour distances, or the node's `min-local-first`, and passing the class check
+`gate.local_first_class_confidence` if set) is answered at once by the device's own expert,
+exactly as the routed query would answer it; the others are handed to the
 federation (`<inbox>/federated/`), which answers them in its next serving waves (`mode=serve`).
 """
 
@@ -55,6 +56,9 @@ class DeviceService:
             local = torch.zeros(len(items), dtype=torch.bool)
         else:
             local = familiar(feats, self.own_feats, self.quantile)
+            outside = self.node.outside_own_classes(feats)  # the class check, as in wave 1
+            if outside is not None:
+                local &= ~outside
         chosen = [i for i, keep in zip(items, local.tolist(), strict=True) if keep]
         if chosen:
             probs = torch.softmax(forward_batched(self.expert, feats[local]), dim=1)

@@ -30,6 +30,11 @@ TRAIN = [
     "expert.shared_rounds=2",
     "gate=knowgate",
     "gate.local_first_quantile=0.5",
+    # the class check on both paths (device service and routed query): device 0 trained its
+    # expert on 24-29 images of classes 1, 7, 8 and 9 (30-37 of the others): rows the head is
+    # sure belong to those never stay on the device
+    "gate.local_first_class_confidence=0.3",
+    "gate.local_first_class_min=30",
     f"state_key={STATE_KEY}",
     "baselines=[]",
 ]
