@@ -541,7 +541,7 @@ def route_rows(
     configured = float(node.cfg.gate.local_first_quantile) if gated else 0.0
     quantile = node.policy.local_first(configured) if gated else 0.0
     own_feats = forward_batched(fe, node.data.train_x) if quantile > 0 else None
-    not_local = node.outside_own_classes(feats) if quantile > 0 else None
+    not_local = node.outside_own_classes(feats, own_feats) if own_feats is not None else None
     plan = plan_query(
         feats, weights, node.local_experts(), node.pid, own_feats, quantile, not_local
     )

@@ -56,7 +56,7 @@ class DeviceService:
             local = torch.zeros(len(items), dtype=torch.bool)
         else:
             local = familiar(feats, self.own_feats, self.quantile)
-            outside = self.node.outside_own_classes(feats)  # the class check, as in wave 1
+            outside = self.node.outside_own_classes(feats, self.own_feats)  # as in wave 1
             if outside is not None:
                 local &= ~outside
         chosen = [i for i, keep in zip(items, local.tolist(), strict=True) if keep]

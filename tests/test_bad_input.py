@@ -27,7 +27,12 @@ pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 class LiveNode(live.LiveNode):
     """A simulated node with plaintext peer payloads: the checks on the arrays themselves."""
 
-    def __init__(self, state_dir: Path, overrides: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        overrides: list[str] | None = None,
+        node_config: dict | None = None,
+    ) -> None:
         super().__init__(
             state_dir,
             [
@@ -36,6 +41,7 @@ class LiveNode(live.LiveNode):
                 "seal_payloads=false",
                 *(overrides or []),
             ],
+            node_config,
         )
 
 
@@ -327,12 +333,18 @@ def test_the_class_check_sends_familiar_rows_of_classes_the_own_expert_lacks(
 ) -> None:
     """gate.local_first_class_confidence on a real ClientApp: the own training rows, all familiar,
     stay on the device without the check; with a check that every class fails (fewer than a
-    million own images of it) they go to the gate."""
+    million own images of it) they go to the gate; a node whose owner sets `min-local-first`
+    keeps the rows within that floor, check or not (the node owns its privacy rule)."""
     overrides = ["gate.local_first_quantile=0.5"]
     checked = ["gate.local_first_class_confidence=0.01", "gate.local_first_class_min=1000000"]
     sent_rows = {}
-    for name, extra in {"plain": [], "checked": checked}.items():
-        live = LiveNode(tmp_path / name, overrides + extra)
+    cases = {
+        "plain": ([], {}),
+        "checked": (checked, {}),
+        "floor": (checked, {"min-local-first": 0.5}),
+    }
+    for name, (extra, node_config) in cases.items():
+        live = LiveNode(tmp_path / name, overrides + extra, node_config=node_config)
         live.set_up()
         reply = live.send(route(query_id="own", splits=["train"]))
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -340,6 +352,7 @@ def test_the_class_check_sends_familiar_rows_of_classes_the_own_expert_lacks(
         sent_rows[name] = sum(len(v) for v in features.values())
     assert sent_rows["plain"] == 0
     assert sent_rows["checked"] > 0
+    assert sent_rows["floor"] == 0
 
 
 def test_personal_expert_starts_from_the_shared_expert(tmp_path: Path, task_identity: None) -> None:
