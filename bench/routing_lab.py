@@ -98,9 +98,12 @@ class Federation:
         bundle = build_bundle(cfg.model, shape, 10, int(cfg.seed))
         load_numpy(bundle, states[0]["model/fe"], strict=False)
         self.fe, self.head = bundle.fe, bundle.head
-        # what each device holds, as the ClientApp builds it (the shared slot: client 0's copy)
-        held = [held_experts(cfg, 10, i, self.shared, states[i].__getitem__, lambda: self.head)
-                for i in range(n)]  # fmt: skip
+        # what each device holds, as the ClientApp builds it (the shared slot once: client 0's)
+        held = [
+            held_experts(cfg, 10, i, self.shared if i == 0 else None, states[i].__getitem__,
+                         lambda: self.head)
+            for i in range(n)
+        ]  # fmt: skip
         experts = [held[i][i] for i in range(n)]
         if self.shared is not None:
             experts.append(held[0][self.shared])
