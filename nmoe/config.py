@@ -71,6 +71,7 @@ class ModelConfig:
     extractor: str = "cnn"
     feature_dim: int = 64
     cnn_channels: int = 32
+    cnn_stride: int = 1  # the first conv layer's stride (2: a quarter of the cost on 28x28 images)
     resnet_width: int = 16
     resnet_blocks: int = 1
     expert_hidden: int = 64
@@ -307,6 +308,8 @@ def validate(cfg: DictConfig) -> None:
         "expert.batch_size",
         "gate.batch_size",
         "model.feature_dim",
+        "model.cnn_channels",
+        "model.cnn_stride",
         "model.expert_hidden",
         "model.gate_hidden",
         "model.projector_dim",

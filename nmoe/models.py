@@ -13,13 +13,14 @@ CNN_POOLED_SIDE = 2
 
 
 class CNNExtractor(nn.Module):
-    """Two conv layers, pooled to a 2x2 map, projected to `feature_dim` features."""
+    """Two conv layers, pooled to a 2x2 map, projected to `feature_dim` features; `stride` is
+    the first layer's (2 halves each side before the costly second layer: 28x28 images)."""
 
-    def __init__(self, in_channels: int, channels: int, feature_dim: int) -> None:
+    def __init__(self, in_channels: int, channels: int, feature_dim: int, stride: int = 1) -> None:
         super().__init__()
         half = max(1, channels // 2)
         self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, half, 3, padding=1),
+            nn.Conv2d(in_channels, half, 3, padding=1, stride=stride),
             nn.ReLU(),
             nn.Conv2d(half, channels, 3, padding=1),
             nn.ReLU(),
@@ -148,7 +149,12 @@ def build_extractor(model_cfg: Any, image_shape: tuple[int, ...]) -> nn.Module:
     """Feature extractor F for the configured architecture."""
     channels = image_shape[0]
     if model_cfg.extractor == "cnn":
-        return CNNExtractor(channels, int(model_cfg.cnn_channels), int(model_cfg.feature_dim))
+        return CNNExtractor(
+            channels,
+            int(model_cfg.cnn_channels),
+            int(model_cfg.feature_dim),
+            int(getattr(model_cfg, "cnn_stride", 1)),
+        )
     if model_cfg.extractor == "resnet":
         return ResNetExtractor(
             channels,

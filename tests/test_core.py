@@ -229,11 +229,32 @@ def test_partition_id_out_of_range() -> None:
         ("expert.epochs=0", "expert.epochs"),
         ("gate.local_first_quantile=1.5", "gate.local_first_quantile"),
         ("expert.init_from_shared=true", "expert.init_from_shared"),  # needs expert=with_shared
+        ("model.cnn_stride=0", "model.cnn_stride"),
     ],
 )
 def test_invalid_config_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         compose_config([override])
+
+
+def test_cnn_stride_downsamples_before_the_second_layer_and_keeps_the_parameters() -> None:
+    """The Fashion-MNIST panel's stride 2: the second conv sees a 14x14 map of a 28x28 image, the
+    features keep their size and the parameters their shapes (a shared F is the same keys)."""
+    from nmoe.models import build_extractor
+
+    plain_cfg = compose_config(["experiment=panel_digits"]).model
+    strided_cfg = compose_config(["experiment=panel_fashion_mnist"]).model
+    assert (plain_cfg.cnn_stride, strided_cfg.cnn_stride) == (1, 2)
+    plain, strided = (
+        build_extractor(plain_cfg, (1, 28, 28)),
+        build_extractor(strided_cfg, (1, 28, 28)),
+    )
+    x = torch.randn(3, 1, 28, 28)
+    assert strided.conv[:2](x).shape == (3, 16, 14, 14)
+    assert plain.conv[:2](x).shape == (3, 16, 28, 28)
+    assert strided(x).shape == plain(x).shape == (3, int(plain_cfg.feature_dim))
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}
+    assert shapes(strided) == shapes(plain)
 
 
 def test_gate_with_k1_still_learns() -> None:
