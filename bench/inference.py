@@ -298,7 +298,7 @@ class LocalPipeline:
         return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
     def outside_own_classes(self, pid: int, feats: torch.Tensor) -> torch.Tensor | None:
-        """What `Node.outside_own_classes` computes on the requester."""
+        """The class check of `Node.local_rows` on the requester (None: not configured)."""
         from nmoe.routing import outside_own_classes
         from nmoe.training import forward_batched
 
@@ -322,6 +322,7 @@ class LocalPipeline:
         and for the expert owners' part alone (forward passes and familiarity)."""
         from nmoe.data import client_seed
         from nmoe.pipeline import PendingQuery, answer, finish_query, plan_query
+        from nmoe.routing import local_first_mask
         from nmoe.training import forward_batched
 
         predictions, experts_s = {}, 0.0
@@ -344,10 +345,11 @@ class LocalPipeline:
             own_feats = (
                 forward_batched(self.fe[pid], self.data[pid].train_x) if quantile > 0 else None
             )
-            not_local = self.outside_own_classes(pid, feats) if quantile > 0 else None
-            plan = plan_query(
-                feats, weights, self.experts[pid], pid, own_feats, quantile, not_local
-            )
+            local = None
+            if own_feats is not None:  # as `Node.local_rows` (no owner floor in simulation)
+                not_local = self.outside_own_classes(pid, feats)
+                local = local_first_mask(feats, own_feats, quantile, not_local)
+            plan = plan_query(feats, weights, self.experts[pid], pid, local)
             own_ratio = self.familiarity(pid, feats) if asks else None
             experts_start = time.perf_counter()
             remote = {

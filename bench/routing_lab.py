@@ -222,7 +222,7 @@ def rule_gate(options: dict[str, Any]) -> Rule:
                 d["feats"], fed.data[i]["train_feats"], float(cfg.local_first_quantile)
             )
             confidence = float(options.get("local_first_class_confidence", 0.0))
-            if confidence > 0:  # as `Node.outside_own_classes`
+            if confidence > 0:  # as `Node.local_rows`
                 least = int(options.get("local_first_class_min", 3))
                 local &= ~outside_own_classes(
                     d["fedavg"], fed.data[i]["expert_y"], confidence, least

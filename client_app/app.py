@@ -541,10 +541,8 @@ def route_rows(
     configured = float(node.cfg.gate.local_first_quantile) if gated else 0.0
     quantile = node.policy.local_first(configured) if gated else 0.0
     own_feats = forward_batched(fe, node.data.train_x) if quantile > 0 else None
-    not_local = node.outside_own_classes(feats, own_feats) if own_feats is not None else None
-    plan = plan_query(
-        feats, weights, node.local_experts(), node.pid, own_feats, quantile, not_local
-    )
+    local = node.local_rows(feats, own_feats, quantile) if own_feats is not None else None
+    plan = plan_query(feats, weights, node.local_experts(), node.pid, local)
     own_ratio = None
     if gated and gates.get(request.gate).asks_familiarity:
         own_ratio = node.familiarity(fe, feats)

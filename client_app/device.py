@@ -26,7 +26,6 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.config import parse_config_args
 from safetensors import safe_open
 
-from nmoe.routing import familiar
 from nmoe.training import forward_batched
 
 from .node import Node, open_node
@@ -55,10 +54,7 @@ class DeviceService:
         if self.own_feats is None:
             local = torch.zeros(len(items), dtype=torch.bool)
         else:
-            local = familiar(feats, self.own_feats, self.quantile)
-            outside = self.node.outside_own_classes(feats, self.own_feats)  # as in wave 1
-            if outside is not None:
-                local &= ~outside
+            local = self.node.local_rows(feats, self.own_feats, self.quantile)  # as in wave 1
         chosen = [i for i, keep in zip(items, local.tolist(), strict=True) if keep]
         if chosen:
             probs = torch.softmax(forward_batched(self.expert, feats[local]), dim=1)

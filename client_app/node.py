@@ -31,7 +31,12 @@ from nmoe.datasets import DatasetInfo, dataset_info
 from nmoe.device_data import load_device_data
 from nmoe.inbox import Inbox
 from nmoe.models import ExtractorBundle, build_bundle, build_expert, load_numpy, stage1_keys
-from nmoe.routing import familiar, familiarity_radius, familiarity_ratios, outside_own_classes
+from nmoe.routing import (
+    familiarity_radius,
+    familiarity_ratios,
+    local_first_mask,
+    outside_own_classes,
+)
 from nmoe.training import forward_batched
 from nmoe_protocol import messages as wire
 from nmoe_protocol.sealing import (
@@ -152,25 +157,24 @@ class Node:
             lambda: self.installed_bundle().head,
         )
 
-    def outside_own_classes(
-        self, feats: torch.Tensor, own_feats: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Rows local-first must leave to the gate (`gate.local_first_class_confidence`: stage 1's
-        head is sure of a class the own expert barely trained on), or None (no such check).
-        Rows within the owner's `min-local-first` floor are never among them: they stay."""
+    def local_rows(
+        self, feats: torch.Tensor, own_feats: torch.Tensor, quantile: float
+    ) -> torch.Tensor:
+        """bool (B,): the rows local-first answers with the own expert alone (`quantile`, already
+        raised to the owner's `min-local-first` floor): familiar to the own training features and,
+        with `gate.local_first_class_confidence`, not of a class the own expert barely trained on
+        (stage 1's head is sure of it); rows within the floor always stay."""
         g = self.cfg.gate
-        if float(g.local_first_class_confidence) <= 0:
-            return None
-        outside = outside_own_classes(
-            forward_batched(self.installed_bundle().head, feats),
-            self.split("expert")[1],
-            float(g.local_first_class_confidence),
-            int(g.local_first_class_min),
-        )
+        outside = None
+        if float(g.local_first_class_confidence) > 0:
+            outside = outside_own_classes(
+                forward_batched(self.installed_bundle().head, feats),
+                self.split("expert")[1],
+                float(g.local_first_class_confidence),
+                int(g.local_first_class_min),
+            )
         floor = float(self.policy.min_local_first)
-        if floor > 0:
-            outside &= ~familiar(feats, own_feats, floor)
-        return outside
+        return local_first_mask(feats, own_feats, quantile, outside, floor)
 
     def familiarity(self, fe: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
         """(B,) this node's familiarity with each feature row: the nearest feature of its

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .routing import answer_locally, combine, familiar
+from .routing import answer_locally, combine
 from .training import accuracy, forward_batched
 
 ORACLE = "oracle"  # the query mode of the oracle router
@@ -108,17 +108,12 @@ def plan_query(
     weights: torch.Tensor,
     local_experts: dict[int, nn.Module],
     own: int,
-    own_train_feats: torch.Tensor | None = None,
-    local_first_quantile: float = 0.0,
-    not_local: torch.Tensor | None = None,
+    local: torch.Tensor | None = None,
 ) -> RoutePlan:
-    """Wave 1 on the requester: the gate's `weights`, local-first routing (samples close to the
-    own training features go to the own expert alone, except those in the bool (B,) mask
-    `not_local`), the local experts' logits, and the samples each remote expert must see."""
-    if local_first_quantile > 0 and own_train_feats is not None:
-        local = familiar(feats, own_train_feats, local_first_quantile)
-        if not_local is not None:
-            local = local & ~not_local
+    """Wave 1 on the requester: the gate's `weights`, local-first routing (the rows of the bool
+    (B,) mask `local`, see `nmoe.routing.local_first_mask`, go to the own expert alone), the
+    local experts' logits, and the samples each remote expert must see."""
+    if local is not None:
         weights = answer_locally(weights, own, local)
     return plan_route(weights, local_logits(feats, local_experts))
 

@@ -126,10 +126,29 @@ def familiarity_ratios(feats: torch.Tensor, own_feats: torch.Tensor, radius: flo
 def familiar(feats: torch.Tensor, own_feats: torch.Tensor, quantile: float) -> torch.Tensor:
     """bool (B,): samples whose nearest own training feature is no farther than the `quantile` of
     own training features' nearest-neighbour distances to each other (leave one out)."""
+    return local_first_mask(feats, own_feats, quantile)
+
+
+def local_first_mask(
+    feats: torch.Tensor,
+    own_feats: torch.Tensor,
+    quantile: float,
+    not_local: torch.Tensor | None = None,
+    floor: float = 0.0,
+) -> torch.Tensor:
+    """bool (B,): the rows local-first answers with the own expert alone: familiar at `quantile`
+    (see `familiar`) and not in the bool (B,) mask `not_local`, except that rows familiar at the
+    owner's `floor` quantile always stay (`floor` <= `quantile`). Distances computed once."""
     if len(own_feats) < 2:
         return torch.zeros(len(feats), dtype=torch.bool)
-    radius = torch.quantile(nearest_distances(own_feats, own_feats, exclude_self=True), quantile)
-    return nearest_distances(feats, own_feats) <= radius
+    nearest = nearest_distances(feats, own_feats)
+    spread = nearest_distances(own_feats, own_feats, exclude_self=True)
+    local = nearest <= torch.quantile(spread, quantile)
+    if not_local is not None:
+        local &= ~not_local
+        if floor > 0:
+            local |= nearest <= torch.quantile(spread, floor)
+    return local
 
 
 def outside_own_classes(

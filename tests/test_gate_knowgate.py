@@ -168,7 +168,7 @@ def test_local_first_leaves_rows_of_classes_the_own_expert_never_saw_to_the_gate
     head is sure it belongs to a class the own expert trained on fewer than
     `local_first_class_min` images; other familiar rows stay on the own expert."""
     from nmoe.pipeline import plan_query
-    from nmoe.routing import outside_own_classes
+    from nmoe.routing import local_first_mask, outside_own_classes
 
     own_labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])  # class 2: one image; class 3: none
     head_logits = torch.log(
@@ -191,9 +191,10 @@ def test_local_first_leaves_rows_of_classes_the_own_expert_never_saw_to_the_gate
     own_feats = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     gate_weights = torch.tensor([[0.0, 0.5, 0.5]]).expand(4, -1)  # the gate: experts 1 and 2
     experts = {0: torch.nn.Linear(2, 4)}
-    plain = plan_query(feats, gate_weights, experts, 0, own_feats, 0.7)
+    plain = plan_query(feats, gate_weights, experts, 0, local_first_mask(feats, own_feats, 0.7))
     assert bool((plain.weights[:, 0] == 1).all())  # local-first alone: every row stays home
-    checked = plan_query(feats, gate_weights, experts, 0, own_feats, 0.7, outside)
+    local = local_first_mask(feats, own_feats, 0.7, outside)
+    checked = plan_query(feats, gate_weights, experts, 0, local)
     assert checked.weights[:, 0].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert torch.equal(checked.weights[1:3], gate_weights[1:3])
 
@@ -205,3 +206,19 @@ def test_the_class_check_needs_a_stage1_head() -> None:
         compose_config(["experiment=smoke", "fe=fedsc", "gate.local_first_class_confidence=0.5"])
     with pytest.raises(ConfigError, match="gate.local_first_class_confidence"):
         compose_config(["experiment=smoke", "gate.local_first_class_confidence=1.0"])
+
+
+def test_the_owners_local_first_floor_keeps_its_rows_whatever_the_class_check_says() -> None:
+    """`local_first_mask`: rows familiar at the owner's floor quantile stay local even when the
+    class check would send them to the gate; rows familiar only at the (wider) configured
+    quantile do not; without a class check the floor changes nothing."""
+    from nmoe.routing import familiar, local_first_mask
+
+    own_feats = torch.tensor([[0.0], [1.0], [3.0], [6.0]])  # leave-one-out NN distances 1, 1, 2, 3
+    feats = torch.tensor([[0.5], [4.5], [9.5]])  # nearest distances 0.5, 1.5, 3.5
+    assert familiar(feats, own_feats, 0.9).tolist() == [True, True, False]
+    everything_outside = torch.ones(3, dtype=torch.bool)
+    assert local_first_mask(feats, own_feats, 0.9, everything_outside).tolist() == [False] * 3
+    kept = local_first_mask(feats, own_feats, 0.9, everything_outside, floor=0.1)  # radius 1
+    assert kept.tolist() == [True, False, False]
+    assert local_first_mask(feats, own_feats, 0.9, None, floor=0.1).tolist() == [True, True, False]
