@@ -32,10 +32,11 @@ from nmoe.pipeline import (
     outgoing_features,
     plan_query,
 )
-from nmoe.ssl import client_correlation, round_lr, ssl_validation_loss
+from nmoe.ssl import client_correlation, round_lr
 from nmoe.training import (
     accuracy,
     forward_batched,
+    stage1_validation_loss,
     train_classifier,
     train_extractor,
     train_supervised_until_converged,
@@ -185,15 +186,20 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
     x, y, mask, val_x, val_y, val_mask = node.stage1_data(method)
     augment = node.augmentation() if method != "fedce" else None
     mu = float(fe_cfg.mu)
-    head_on_fe = lambda inp: bundle.head(bundle.fe(inp))
     # the validation score is the received (global) model's, before local training: the server
     # keeps the aggregate that validates best, not one whose clients' local updates did
-    val_score = None
-    if method == "fedsc" and len(val_x) > 1:
-        assert augment is not None
-        val_score = -ssl_validation_loss(bundle, val_x, augment, mu=mu, seed=node.seed(12))
-    elif method != "fedsc" and bool(val_mask.any()):  # CE on the labelled validation images
-        val_score = -validation_loss(head_on_fe, val_x[val_mask], val_y[val_mask])
+    val_loss = stage1_validation_loss(
+        bundle,
+        method,
+        val_x,
+        val_y,
+        val_mask,
+        augment,
+        mu=mu,
+        ssl_weight=float(fe_cfg.ssl_weight),
+        seed=node.seed(12),
+    )
+    val_score = None if val_loss is None else -val_loss
     result = train_extractor(
         bundle,
         x,
@@ -217,7 +223,8 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
     params = {k: v for k, v in state_numpy(bundle).items() if k in trained}
     test_acc = None
     if method != "fedsc":
-        test_acc = accuracy(forward_batched(head_on_fe, node.data.test_x), node.data.test_y)
+        logits = forward_batched(lambda inp: bundle.head(bundle.fe(inp)), node.data.test_x)
+        test_acc = accuracy(logits, node.data.test_y)
     return wire.ExtractorReply(
         params=params,
         num_examples=len(x),

@@ -221,7 +221,6 @@ def local_update(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def ssl_validation_loss(
     bundle: ExtractorBundle, x: torch.Tensor, augment: Augment, *, mu: float, seed: int
 ) -> float:

@@ -11,7 +11,7 @@ from torch import nn
 from .convergence import Patience
 from .models import ExtractorBundle
 from .routing import topk_weights
-from .ssl import Augment, Stage1Result, Stage1Settings, local_update
+from .ssl import Augment, Stage1Result, Stage1Settings, local_update, ssl_validation_loss
 
 INFERENCE_BATCH = 512
 
@@ -39,6 +39,35 @@ def validation_loss(
     """Mean cross entropy of `model` on (x, y): the early-stopping metric of supervised training
     (smoother than accuracy on a few validation images, which saturates)."""
     return float(F.cross_entropy(forward_batched(model, x), y))
+
+
+def stage1_validation_loss(
+    bundle: ExtractorBundle,
+    method: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    labelled: torch.Tensor,
+    augment: Augment | None,
+    *,
+    mu: float,
+    ssl_weight: float,
+    seed: int,
+) -> float | None:
+    """Stage 1's validation loss: the objective the method trains, on held-out images. FedCE:
+    cross entropy of F + head on the `labelled` ones; FedSC: its SSL loss on all of them; hybrid:
+    CE + `ssl_weight` x SSL (validating hybrid on CE alone stopped it at its first rounds, while
+    the SSL part reshaped the features and CE had not started to fall). None: nothing to score."""
+    ce = ssl = None
+    if method != "fedsc" and bool(labelled.any()):
+        ce = validation_loss(lambda inp: bundle.head(bundle.fe(inp)), x[labelled], y[labelled])
+    if method != "fedce" and len(x) > 1:
+        assert augment is not None
+        ssl = ssl_validation_loss(bundle, x, augment, mu=mu, seed=seed)
+    if method == "fedce":
+        return ce
+    if method == "fedsc":
+        return ssl
+    return None if ce is None or ssl is None else ce + ssl_weight * ssl
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

@@ -537,3 +537,33 @@ def test_the_validation_loss_normalises_both_views_in_one_batch_as_training_does
     assert score == pytest.approx(float(together), abs=1e-6)
     assert abs(float(apart) - float(together)) > 1e-4  # the two forms differ: the test can fail
     assert bundle.training  # the bundle's mode is restored
+
+
+def test_stage1_validation_loss_is_the_objective_each_method_trains() -> None:
+    """FedCE: CE on the labelled held-out images; FedSC: its SSL loss on all of them; hybrid:
+    CE + ssl_weight x SSL (on CE alone, hybrid's patience kept its first round's F on digits:
+    CE sat at chance while the SSL part reshaped the features). None where nothing scores."""
+    from nmoe.training import stage1_validation_loss, validation_loss
+
+    x, y = _digits_pool()
+    x, y = x[:96], y[:96]
+    labelled = torch.arange(96) % 3 == 0
+    augment = ssl_augmentation("digits", (1, 8, 8), float(x.min()))
+    torch.manual_seed(0)
+    bundle = ExtractorBundle(CNNExtractor(1, 32, 64), nn.Linear(64, 10), Projector(64, 64, "batch"))
+    ce = validation_loss(lambda inp: bundle.head(bundle.fe(inp)), x[labelled], y[labelled])
+    ssl = ssl_validation_loss(bundle, x, augment, mu=4.0, seed=7)
+    assert ce > 0 > ssl  # the two parts differ in sign: a wrong sum cannot pass
+
+    def score(method: str, mask: torch.Tensor = labelled) -> float | None:
+        return stage1_validation_loss(
+            bundle, method, x, y, mask, augment, mu=4.0, ssl_weight=0.5, seed=7
+        )
+
+    assert score("fedce") == pytest.approx(ce)
+    assert score("fedsc") == pytest.approx(ssl)
+    assert score("hybrid") == pytest.approx(ce + 0.5 * ssl)
+    nothing_labelled = torch.zeros(96, dtype=torch.bool)
+    assert score("fedce", nothing_labelled) is None
+    assert score("hybrid", nothing_labelled) is None
+    assert score("fedsc", nothing_labelled) == pytest.approx(ssl)  # FedSC reads no label
