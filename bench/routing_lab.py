@@ -269,6 +269,13 @@ KNOWGATE_DEFAULTS = {  # as the panel runs it (conf/gate/knowgate.yaml with digi
     "know_max_ratio": 3.0,
     "know_shared_ratio": 0.25,
 }
+KNOWGATE_BEFORE = {  # the default of 2026-11-25: H_0 in the shared slot, for the unknown rows only
+    **KNOWGATE_DEFAULTS,
+    "shared_model": "expert",
+    "k": 2,
+    "know_own_bias": 1.5,
+    "know_shared_ratio": 0.0,
+}
 # the knowgate grid searched on the lab's (held-out) seeds. A first search chose the defaults of
 # 2026-11-25 (know_quantile 0.5/0.7/0.9, own_bias 1.0-2.0, k 1-3, temperature 0.1/0.3); a second
 # asked whether H_0 should compete (know_shared_ratio); this one (2026-11-26) puts stage 1's own
@@ -291,6 +298,7 @@ RULES: dict[str, Rule] = {
     "own_or_stage1_oracle": rule_own_or_stage1_oracle,
     "class_oracle": rule_class_oracle,
     "knowgate": rule_gate(KNOWGATE_DEFAULTS),
+    "knowgate_before": rule_gate(KNOWGATE_BEFORE),
 }
 
 
