@@ -269,7 +269,9 @@ KNOWGATE_DEFAULTS = {  # as the panel runs it (conf/gate/knowgate.yaml with digi
     "know_max_ratio": 3.0,
     "know_shared_ratio": 0.25,
 }
-KNOWGATE_BEFORE = {  # the default of 2026-11-25: H_0 in the shared slot, for the unknown rows only
+# the default of 2026-11-25, for the unknown rows only; its shared slot is the federation's own
+# (H_0 where it was trained with expert.shared_model=expert, as the lab's first federations)
+KNOWGATE_BEFORE = {
     **KNOWGATE_DEFAULTS,
     "shared_model": "expert",
     "k": 2,
