@@ -1,8 +1,7 @@
 """Self-supervision benchmark: what each stage-1 method gives F and NMoE, with few labels.
 
     python bench/ssl_bench.py                                   # the issue's grid (see GRID)
-    python bench/ssl_bench.py --cells fashion_mnist:1.0,fashion_mnist:0.1 --seeds 0 \\
-        --overrides "dataset.subsample=3000"              # a part of it, smaller
+    python bench/ssl_bench.py --cells fashion_mnist:1.0,fashion_mnist:0.1 --seeds 0  # a part
     python bench/ssl_bench.py --skip-run                        # re-analyse the run folder
     python bench/ssl_bench.py --tiny                            # smoke size (numbers meaningless)
     python bench/ssl_bench.py --probe-only ...  # stage 1 and its probe only, in-process
@@ -13,13 +12,14 @@ schedule, optimiser, augmentation and label mask), a fixed `fe.rounds` (no patie
 correlations), and the same probe every round (rows `probe_only`: no nmoe accuracies).
 
 One job is one `nmoe` run of conf/experiment/ssl_bench.yaml (the main job's NMoE on 10 clients,
-Dirichlet 0.3) with one stage-1 method (`fe=fedce|fedsc|hybrid`, each with its own conf/fe
-schedule), one `dataset.label_fraction` and one seed. Each job reports the linear probe of its
-final F (`extra.probe.<stage>`: nmoe/probe.py, pooled labelled training images -> global test
-set) and of the randomly initialised F (`extra.probe.random_init`, the reference row: the same
-seeded initialisation and probe data for every method of a cell), and nmoe's local and global
-accuracy. Writes bench/results/ssl.json (machine, load, commit, every job's config, the table,
-the issue's bars) and ssl.md (the README's table); job folders stay in <out-dir>/runs/ssl/.
+Dirichlet 0.3; Fashion-MNIST at the panel preset's 3,000-image subsample and CNN stride unless
+`--dataset-overrides` says otherwise) with one stage-1 method (`fe=fedce|fedsc|hybrid`, each with
+its own conf/fe schedule), one `dataset.label_fraction` and one seed. Each job reports the linear
+probe of its final F (`extra.probe.<stage>`: nmoe/probe.py, pooled labelled training images ->
+global test set) and of the randomly initialised F (`extra.probe.random_init`, the reference row:
+the same seeded initialisation and probe data for every method of a cell), and nmoe's local and
+global accuracy. Writes bench/results/ssl.json (machine, load, commit, every job's config, the
+table, the issue's bars) and ssl.md (the README's table); job folders stay in <out-dir>/runs/ssl/.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def parse_args() -> Any:
     parser.add_argument("--overrides", default="", help="further Hydra overrides for every job")
     parser.add_argument(
         "--dataset-overrides",
-        default="",
-        help="dataset:overrides;... e.g. 'fashion_mnist:dataset.subsample=3000'",
+        default=None,
+        help="dataset:overrides;... e.g. 'fashion_mnist:dataset.subsample=3000' (default: "
+        "Fashion-MNIST at the panel's sample size and CNN stride; '' for none)",
     )
     parser.add_argument("--skip-run", action="store_true", help="only re-analyse the run folder")
     parser.add_argument("--probe-only", action="store_true", help="stage 1 + probe, in-process")
@@ -69,11 +70,28 @@ def parse_args() -> Any:
     if args.tiny:
         args.cells, args.seeds = TINY["cells"], TINY["seeds"]
         args.methods = list(METHODS) if args.probe_only else TINY["methods"]  # in-process: cheap
+    if args.dataset_overrides is None:
+        args.per_dataset = panel_sizes()
+        return args
     args.per_dataset = {}
     for part in filter(None, args.dataset_overrides.split(";")):
         dataset, _, text = part.partition(":")
         args.per_dataset[dataset] = benchlib.split_overrides(text)
     return args
+
+
+def panel_sizes() -> dict[str, list[str]]:
+    """The default per-dataset overrides: Fashion-MNIST at the panel preset's sample size and CNN
+    stride (conf/experiment/panel_fashion_mnist.yaml holds them), the same for every method."""
+    from nmoe.config import compose_config
+
+    cfg = compose_config(["experiment=panel_fashion_mnist"])
+    return {
+        "fashion_mnist": [
+            f"dataset.subsample={cfg.dataset.subsample}",
+            f"model.cnn_stride={cfg.model.cnn_stride}",
+        ]
+    }
 
 
 def cell_of(text: str) -> tuple[str, float]:
