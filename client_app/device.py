@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.config import parse_config_args
 from safetensors import safe_open
 
+from nmoe.routing import own_spread_of
 from nmoe.training import forward_batched
 
 from .node import Node, open_node
@@ -44,6 +45,8 @@ class DeviceService:
         quantile = node.policy.local_first(float(node.cfg.gate.local_first_quantile))
         self.quantile = quantile
         self.own_feats = forward_batched(self.fe, node.data.train_x) if quantile > 0 else None
+        # the own features never change while the service runs: their spread is computed once
+        self.own_spread = own_spread_of(self.own_feats) if self.own_feats is not None else None
 
     def step(self) -> dict[str, int]:
         """Answer or hand over every file that landed since the last step."""
@@ -54,7 +57,7 @@ class DeviceService:
         if self.own_feats is None:
             local = torch.zeros(len(items), dtype=torch.bool)
         else:
-            local = self.node.local_rows(feats, self.own_feats, self.quantile)  # as in wave 1
+            local = self.node.local_rows(feats, self.own_feats, self.quantile, self.own_spread)
         chosen = [i for i, keep in zip(items, local.tolist(), strict=True) if keep]
         if chosen:
             probs = torch.softmax(forward_batched(self.expert, feats[local]), dim=1)

@@ -158,12 +158,17 @@ class Node:
         )
 
     def local_rows(
-        self, feats: torch.Tensor, own_feats: torch.Tensor, quantile: float
+        self,
+        feats: torch.Tensor,
+        own_feats: torch.Tensor,
+        quantile: float,
+        own_spread: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """bool (B,): the rows local-first answers with the own expert alone (`quantile`, already
         raised to the owner's `min-local-first` floor): familiar to the own training features and,
         with `gate.local_first_class_confidence`, not of a class the own expert barely trained on
-        (stage 1's head is sure of it); rows within the floor always stay."""
+        (stage 1's head is sure of it); rows within the floor always stay. `own_spread`: see
+        `local_first_mask`."""
         g = self.cfg.gate
         outside = None
         if float(g.local_first_class_confidence) > 0:
@@ -174,7 +179,7 @@ class Node:
                 int(g.local_first_class_min),
             )
         floor = float(self.policy.min_local_first)
-        return local_first_mask(feats, own_feats, quantile, outside, floor)
+        return local_first_mask(feats, own_feats, quantile, outside, floor, own_spread)
 
     def familiarity(self, fe: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
         """(B,) this node's familiarity with each feature row: the nearest feature of its

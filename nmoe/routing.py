@@ -100,14 +100,18 @@ def nearest_distances(
     return out
 
 
+def own_spread_of(own_feats: torch.Tensor) -> torch.Tensor:
+    """(n,) each own training feature's distance to its nearest other one (leave one out): what
+    familiarity and local-first radii are quantiles of."""
+    return nearest_distances(own_feats, own_feats, exclude_self=True)
+
+
 def familiarity_radius(own_feats: torch.Tensor, quantile: float) -> float:
     """The `quantile` of own training features' nearest-neighbour distances to each other (leave
     one out): the radius within which a sample counts as familiar (inf for fewer than 2)."""
     if len(own_feats) < 2:
         return float("inf")
-    return float(
-        torch.quantile(nearest_distances(own_feats, own_feats, exclude_self=True), quantile)
-    )
+    return float(torch.quantile(own_spread_of(own_feats), quantile))
 
 
 def familiarity(feats: torch.Tensor, own_feats: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -135,14 +139,16 @@ def local_first_mask(
     quantile: float,
     not_local: torch.Tensor | None = None,
     floor: float = 0.0,
+    own_spread: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """bool (B,): the rows local-first answers with the own expert alone: familiar at `quantile`
     (see `familiar`) and not in the bool (B,) mask `not_local`, except that rows familiar at the
-    owner's `floor` quantile always stay (`floor` <= `quantile`). Distances computed once."""
+    owner's `floor` quantile always stay (`floor` <= `quantile`). Distances computed once; pass
+    `own_spread` (`own_spread_of(own_feats)`) where the own features stay fixed across calls."""
     if len(own_feats) < 2:
         return torch.zeros(len(feats), dtype=torch.bool)
     nearest = nearest_distances(feats, own_feats)
-    spread = nearest_distances(own_feats, own_feats, exclude_self=True)
+    spread = own_spread if own_spread is not None else own_spread_of(own_feats)
     local = nearest <= torch.quantile(spread, quantile)
     if not_local is not None:
         local &= ~not_local

@@ -212,7 +212,7 @@ def test_the_owners_local_first_floor_keeps_its_rows_whatever_the_class_check_sa
     """`local_first_mask`: rows familiar at the owner's floor quantile stay local even when the
     class check would send them to the gate; rows familiar only at the (wider) configured
     quantile do not; without a class check the floor changes nothing."""
-    from nmoe.routing import familiar, local_first_mask
+    from nmoe.routing import familiar, local_first_mask, own_spread_of
 
     own_feats = torch.tensor([[0.0], [1.0], [3.0], [6.0]])  # leave-one-out NN distances 1, 1, 2, 3
     feats = torch.tensor([[0.5], [4.5], [9.5]])  # nearest distances 0.5, 1.5, 3.5
@@ -222,3 +222,8 @@ def test_the_owners_local_first_floor_keeps_its_rows_whatever_the_class_check_sa
     kept = local_first_mask(feats, own_feats, 0.9, everything_outside, floor=0.1)  # radius 1
     assert kept.tolist() == [True, False, False]
     assert local_first_mask(feats, own_feats, 0.9, None, floor=0.1).tolist() == [True, True, False]
+    spread = own_spread_of(own_feats)  # the device service computes it once: the same masks
+    assert spread.tolist() == [1.0, 1.0, 2.0, 3.0]
+    assert local_first_mask(feats, own_feats, 0.9, everything_outside, 0.1, spread).tolist() == [
+        True, False, False,
+    ]  # fmt: skip
