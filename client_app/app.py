@@ -223,8 +223,7 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
     params = {k: v for k, v in state_numpy(bundle).items() if k in trained}
     test_acc = None
     if method != "fedsc":
-        logits = forward_batched(lambda inp: bundle.head(bundle.fe(inp)), node.data.test_x)
-        test_acc = accuracy(logits, node.data.test_y)
+        test_acc = accuracy(forward_batched(bundle.classify, node.data.test_x), node.data.test_y)
     return wire.ExtractorReply(
         params=params,
         num_examples=len(x),
@@ -348,8 +347,7 @@ def train_own_head(node: Node, request: wire.OwnHeadRequest) -> wire.ExpertReply
     )
     node.state.put(OWN_HEAD_GROUP, state_numpy(bundle.head))
     node.state.persist()
-    model = lambda x: bundle.head(bundle.fe(x))
-    test_acc = accuracy(forward_batched(model, node.data.test_x), node.data.test_y)
+    test_acc = accuracy(forward_batched(bundle.classify, node.data.test_x), node.data.test_y)
     return wire.ExpertReply(num_examples=len(y), loss=loss, test_acc=test_acc)
 
 
@@ -440,7 +438,7 @@ def evaluate(node: Node, request: wire.EvaluateRequest) -> wire.Accuracies:
             fedavg = bundle
             if node.state.has(FEDAVG_GROUP):
                 fedavg = node.bundle(node.state.get(FEDAVG_GROUP), "fedce")
-            models.append(lambda x, b=fedavg: b.head(b.fe(x)))
+            models.append(fedavg.classify)
         else:
             head = node.bundle().head
             load_numpy(head, node.state.get(OWN_HEAD_GROUP))

@@ -144,6 +144,10 @@ class ExtractorBundle(nn.Module):
         self.head = head
         self.projector = projector
 
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of F + the CE head (the stage-1 / FedAvg model)."""
+        return self.head(self.fe(x))
+
 
 def build_extractor(model_cfg: Any, image_shape: tuple[int, ...]) -> nn.Module:
     """Feature extractor F for the configured architecture."""

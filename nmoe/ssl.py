@@ -199,9 +199,9 @@ def local_update(
                         logits = bundle.head(feats_view1[keep])
                     elif settings.ce_on_view:
                         assert augment is not None
-                        logits = bundle.head(bundle.fe(augment(xb[keep], generator)))
+                        logits = bundle.classify(augment(xb[keep], generator))
                     else:
-                        logits = bundle.head(bundle.fe(xb[keep]))
+                        logits = bundle.classify(xb[keep])
                     ce = F.cross_entropy(logits, y[batch][keep])
                     loss = loss + ce
                     sums["ce"] += float(ce.detach())

@@ -59,7 +59,7 @@ def stage1_validation_loss(
     the SSL part reshaped the features and CE had not started to fall). None: nothing to score."""
     ce = ssl = None
     if method != "fedsc" and bool(labelled.any()):
-        ce = validation_loss(lambda inp: bundle.head(bundle.fe(inp)), x[labelled], y[labelled])
+        ce = validation_loss(bundle.classify, x[labelled], y[labelled])
     if method != "fedce" and len(x) > 1:
         assert augment is not None
         ssl = ssl_validation_loss(bundle, x, augment, mu=mu, seed=seed)
@@ -159,7 +159,7 @@ def train_supervised_until_converged(
         )
         if not held:
             continue
-        score = -validation_loss(lambda inp: bundle.head(bundle.fe(inp)), x[val], y[val])
+        score = -validation_loss(bundle.classify, x[val], y[val])
         if rule.update(epoch, score):
             best = {k: v.clone() for k, v in bundle.state_dict().items()}
         if rule.stop:
