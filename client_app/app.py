@@ -23,6 +23,7 @@ from flwr.common.constant import ErrorCode
 
 from nmoe import gates
 from nmoe.gates import GateData
+from nmoe.losses import label_log_prior
 from nmoe.models import build_expert, load_numpy, stage1_keys, state_numpy
 from nmoe.pipeline import (
     PendingQuery,
@@ -186,6 +187,8 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
     x, y, mask, val_x, val_y, val_mask = node.stage1_data(method)
     augment = node.augmentation() if method != "fedce" else None
     mu = float(fe_cfg.mu)
+    tau = float(fe_cfg.logit_adjust) if request.schedule != "fedavg" and method != "fedsc" else 0.0
+    log_prior = label_log_prior(y[mask], node.num_classes) if tau > 0 and mask.any() else None
     # the validation score is the received (global) model's, before local training: the server
     # keeps the aggregate that validates best, not one whose clients' local updates did
     val_loss = stage1_validation_loss(
@@ -198,6 +201,8 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
         mu=mu,
         ssl_weight=float(fe_cfg.ssl_weight),
         seed=node.seed(12),
+        log_prior=log_prior,
+        logit_adjust=tau,
     )
     val_score = None if val_loss is None else -val_loss
     result = train_extractor(
@@ -218,6 +223,7 @@ def train_fe(node: Node, request: wire.ExtractorRequest) -> wire.ExtractorReply:
         augment=augment,
         c_ext=c_ext,
         alpha=float(request.alpha) if c_ext is not None else 1.0,
+        logit_adjust=tau,
     )
     trained = stage1_keys(bundle, method)
     params = {k: v for k, v in state_numpy(bundle).items() if k in trained}

@@ -95,6 +95,10 @@ class FEConfig:
     grad_clip: float = 0.0  # max global gradient norm per step (0 = off)
     cosine_lr: bool = False  # lr * (1 + cos(pi (round - 1) / rounds)) / 2, constant within a round
     ssl_weight: float = 1.0  # lambda in CE + lambda * SSL (hybrid)
+    # tau of a logit-adjusted CE (fedce, hybrid): each client trains on logits + tau log(its label
+    # prior), so skewed clients stop pulling the shared head to their classes (FedLC-style); 0 =
+    # plain CE. With it on, the `fedavg` baseline gets a plain FedCE run of its own.
+    logit_adjust: float = 0.0
     # FedSC (and hybrid's SSL part), in the reference's units: projector outputs are clipped to
     # squared norm `mu` (radius sqrt(mu)); with share_correlation each round starts with every
     # client's correlation of the fresh global model (eval mode, `correlation_passes` passes of
@@ -346,6 +350,7 @@ def validate(cfg: DictConfig) -> None:
         "feature_noise_std",
         "fe.correlation_noise",
         "fe.ssl_weight",
+        "fe.logit_adjust",
         "fe.weight_decay",
         "fe.grad_clip",
         "fe.augment_strength",

@@ -12,6 +12,30 @@ alpha = 1 (no sharing) the local loss -2/n tr(z1 z2^T) + ||R||_F^2.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+PRIOR_FLOOR = 1e-4  # the prior of a class a client holds no image of (log: -9.2, nearly excluded)
+
+
+def label_log_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log of the label frequencies in `y` (absent classes at `PRIOR_FLOOR`): the client's prior
+    that logit adjustment adds to its logits."""
+    if len(y) == 0:
+        raise ValueError("no labels to estimate a prior from")
+    counts = torch.bincount(y, minlength=num_classes).float()
+    return torch.log((counts / counts.sum()).clamp_min(PRIOR_FLOOR))
+
+
+def adjusted_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, log_prior: torch.Tensor | None, tau: float = 1.0
+) -> torch.Tensor:
+    """Logit-adjusted cross entropy (Menon et al., ICLR 2021; Balanced Softmax, Ren et al.,
+    NeurIPS 2020; in FL under label skew: FedLC, Zhang et al., ICML 2022): CE of
+    logits + tau * log prior, so the raw logits model the label-balanced posterior and a client
+    whose data holds few classes stops pulling the shared head towards them. None: plain CE."""
+    if log_prior is None or tau == 0.0:
+        return F.cross_entropy(logits, y)
+    return F.cross_entropy(logits + tau * log_prior.to(logits.dtype), y)
 
 
 def clip_embeddings(z: torch.Tensor, max_norm: float) -> torch.Tensor:

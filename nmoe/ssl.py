@@ -18,10 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .losses import clip_to_mu, fedsc_loss
+from .losses import adjusted_cross_entropy, clip_to_mu, fedsc_loss, label_log_prior
 from .models import STAGE1_PARTS, ExtractorBundle
 
 METHODS = ("fedce", "fedsc", "hybrid")
@@ -43,6 +42,9 @@ class Stage1Settings:
     mu: float = 4.0  # squared clip radius of the projector outputs
     ssl_weight: float = 1.0  # lambda of the hybrid CE + lambda * SSL
     ce_on_view: bool = False  # hybrid/fedce: CE on the first augmented view instead of the image
+    # tau of the logit-adjusted CE (`nmoe.losses.adjusted_cross_entropy`) with the client's label
+    # prior over its labelled images; 0 = plain CE
+    logit_adjust: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -50,8 +52,10 @@ class Stage1Settings:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.mu <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.ssl_weight < 0:
-            raise ValueError("mu must be > 0; weight_decay, grad_clip, ssl_weight >= 0")
+        if min(self.weight_decay, self.grad_clip, self.ssl_weight, self.logit_adjust) < 0:
+            raise ValueError("weight_decay, grad_clip, ssl_weight, logit_adjust must be >= 0")
+        if self.mu <= 0:
+            raise ValueError("mu must be > 0")
 
 
 @dataclass
@@ -165,6 +169,9 @@ def local_update(
         raise ValueError("c_ext holds non-finite values")
     generator = torch.Generator().manual_seed(seed)
     pool = torch.arange(len(x)) if use_ssl else torch.nonzero(mask).flatten()
+    log_prior = None
+    if use_ce and settings.logit_adjust > 0 and bool(mask.any()):
+        log_prior = label_log_prior(y[mask], bundle.head.out_features)
     params = trained_parameters(bundle, method)
     optimiser = torch.optim.SGD(
         params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -202,7 +209,9 @@ def local_update(
                         logits = bundle.classify(augment(xb[keep], generator))
                     else:
                         logits = bundle.classify(xb[keep])
-                    ce = F.cross_entropy(logits, y[batch][keep])
+                    ce = adjusted_cross_entropy(
+                        logits, y[batch][keep], log_prior, settings.logit_adjust
+                    )
                     loss = loss + ce
                     sums["ce"] += float(ce.detach())
             if not loss.requires_grad:

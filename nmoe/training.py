@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convergence import Patience
+from .losses import adjusted_cross_entropy
 from .models import ExtractorBundle
 from .routing import topk_weights
 from .ssl import Augment, Stage1Result, Stage1Settings, local_update, ssl_validation_loss
@@ -52,14 +53,19 @@ def stage1_validation_loss(
     mu: float,
     ssl_weight: float,
     seed: int,
+    log_prior: torch.Tensor | None = None,
+    logit_adjust: float = 0.0,
 ) -> float | None:
     """Stage 1's validation loss: the objective the method trains, on held-out images. FedCE:
-    cross entropy of F + head on the `labelled` ones; FedSC: its SSL loss on all of them; hybrid:
-    CE + `ssl_weight` x SSL (validating hybrid on CE alone stopped it at its first rounds, while
-    the SSL part reshaped the features and CE had not started to fall). None: nothing to score."""
+    cross entropy of F + head on the `labelled` ones (logit-adjusted by the client's
+    `log_prior` when `logit_adjust` > 0, as in training); FedSC: its SSL loss on all of them;
+    hybrid: CE + `ssl_weight` x SSL (validating hybrid on CE alone stopped it at its first rounds,
+    while the SSL part reshaped the features and CE had not started to fall). None: nothing to
+    score."""
     ce = ssl = None
     if method != "fedsc" and bool(labelled.any()):
-        ce = validation_loss(bundle.classify, x[labelled], y[labelled])
+        logits = forward_batched(bundle.classify, x[labelled])
+        ce = float(adjusted_cross_entropy(logits, y[labelled], log_prior, logit_adjust))
     if method != "fedce" and len(x) > 1:
         assert augment is not None
         ssl = ssl_validation_loss(bundle, x, augment, mu=mu, seed=seed)
@@ -94,9 +100,11 @@ def train_extractor(
     augment: Augment | None = None,
     c_ext: torch.Tensor | None = None,
     alpha: float = 1.0,
+    logit_adjust: float = 0.0,
 ) -> Stage1Result:
     """Stage 1 local update (`nmoe.ssl.local_update`): fedce (CE on the labelled images), fedsc
-    (the FedSC loss on every image), hybrid (both). `labelled`: bool mask over `x` (None: all)."""
+    (the FedSC loss on every image), hybrid (both); the CE logit-adjusted by the client's label
+    prior when `logit_adjust` > 0. `labelled`: bool mask over `x` (None: all)."""
     settings = Stage1Settings(
         method=method,
         epochs=epochs,
@@ -106,6 +114,7 @@ def train_extractor(
         grad_clip=grad_clip,
         mu=mu,
         ssl_weight=ssl_weight,
+        logit_adjust=logit_adjust,
     )
     return local_update(
         bundle,
