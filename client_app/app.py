@@ -326,6 +326,7 @@ def train_expert(node: Node, request: wire.ExpertRequest) -> wire.ExpertReply:
         lr=float(ex.lr),
         batch_size=int(ex.batch_size),
         seed=node.seed(3),
+        proximal=float(ex.proximal) if request.init == "shared" else 0.0,
     )
     node.state.put(EXPERT_GROUP, state_numpy(expert))
     node.state.persist()

@@ -148,6 +148,9 @@ class ExpertConfig:
     shared_rounds: int = 5  # at most (fe.patience stops earlier, on the stage-1 validation part)
     shared_local_epochs: int = 0  # epochs per FedAvg round of the shared expert (0 = epochs)
     init_from_shared: bool = False  # personal experts start from the trained shared expert
+    # with init_from_shared: weight of a proximal term ||w - w_shared||^2 / 2 that keeps each
+    # personal expert near the shared expert it starts from (Ditto-style; 0 = plain fine-tuning)
+    proximal: float = 0.0
     shared_model: str = "expert"  # the shared slot: "expert" (H_0) or "stage1" (F + its head)
 
 
@@ -351,6 +354,7 @@ def validate(cfg: DictConfig) -> None:
         "fe.correlation_noise",
         "fe.ssl_weight",
         "fe.logit_adjust",
+        "expert.proximal",
         "fe.weight_decay",
         "fe.grad_clip",
         "fe.augment_strength",
@@ -358,6 +362,12 @@ def validate(cfg: DictConfig) -> None:
     ):
         value = OmegaConf.select(cfg, key)
         _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(
+        cfg.expert.proximal == 0 or bool(cfg.expert.init_from_shared),
+        "expert.proximal",
+        "pulls a personal expert towards the shared expert it starts from: needs "
+        "expert.init_from_shared=true",
+    )
     _require(
         not cfg.expert.init_from_shared or bool(cfg.expert.shared_expert),
         "expert.init_from_shared",

@@ -216,12 +216,26 @@ def train_classifier(
     lr: float,
     batch_size: int,
     seed: int,
+    proximal: float = 0.0,
 ) -> float:
-    """Supervised training of a small module (expert, head, probe); returns last-epoch loss."""
+    """Supervised training of a small module (expert, head, probe); returns last-epoch loss.
+    `proximal` > 0 adds proximal/2 x ||w - w_start||^2, which keeps the module near the weights
+    it started from (Ditto's personal objective, Li et al., ICML 2021: a personal expert
+    fine-tuned from the shared one keeps what that one knows of classes its owner lacks)."""
+    start = [p.detach().clone() for p in module.parameters()] if proximal > 0 else []
+
+    def batch_loss(idx: torch.Tensor, _: torch.Generator) -> torch.Tensor:
+        loss = F.cross_entropy(module(x[idx]), y[idx])
+        if start:
+            params = module.parameters()
+            drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start, strict=True))
+            loss = loss + proximal / 2 * drift
+        return loss
+
     return fit(
         module,
         len(x),
-        lambda idx, _: F.cross_entropy(module(x[idx]), y[idx]),
+        batch_loss,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
