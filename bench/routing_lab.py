@@ -258,25 +258,32 @@ def rule_gate(options: dict[str, Any]) -> Rule:
     return rule
 
 
-KNOWGATE_DEFAULTS = {  # as the panel runs it (conf/gate/knowgate.yaml with digits_default)
-    "method": "knowgate",
-    "shared_model": "stage1",
-    "k": 3,
-    "local_first_quantile": 0.7,
-    "know_quantile": 0.7,
-    "know_own_bias": 3.0,
-    "know_temperature": 0.3,
-    "know_max_ratio": 3.0,
-    "know_shared_ratio": 0.25,
-}
-# the default of 2026-11-25, for the unknown rows only; its shared slot is the federation's own
-# (H_0 where it was trained with expert.shared_model=expert, as the lab's first federations)
+def preset_options(preset_name: str = "panel_digits") -> dict[str, Any]:
+    """The routing options the panel runs (the preset's gate and shared slot), read from the
+    composed config: the lab's `knowgate` row is the default gate, whatever the yaml says."""
+    from dataclasses import fields
+
+    from nmoe.config import compose_config
+    from nmoe.gates.knowgate import KnowGateOptions
+
+    cfg = compose_config([f"experiment={preset_name}"])
+    gate = cfg.gate
+    keys = [f.name for f in fields(KnowGateOptions)] + [
+        "k",
+        "local_first_quantile",
+        "local_first_class_confidence",
+        "local_first_class_min",
+    ]
+    options = {key: gate[key] for key in keys}
+    return {"method": str(gate.method), "shared_model": str(cfg.expert.shared_model), **options}
+
+
+KNOWGATE_DEFAULTS = preset_options()
+# the default of 2026-11-26 (before proximal experts; the experts are the federation's own)
 KNOWGATE_BEFORE = {
     **KNOWGATE_DEFAULTS,
-    "shared_model": "expert",
-    "k": 2,
-    "know_own_bias": 1.5,
-    "know_shared_ratio": 0.0,
+    "know_shared_ratio": 0.25,
+    "local_first_class_confidence": 0.0,
 }
 # the knowgate grid searched on the lab's (held-out) seeds. A first search chose the defaults of
 # 2026-11-25 (know_quantile 0.5/0.7/0.9, own_bias 1.0-2.0, k 1-3, temperature 0.1/0.3); a second

@@ -31,7 +31,7 @@ class KnowGateOptions:
     know_own_bias: float = 3.0  # the requester's own ratio is divided by this
     know_temperature: float = 0.3  # softmax temperature over -ratio of the experts mixed
     know_max_ratio: float = 3.0  # beyond this ratio for every expert: the shared expert alone
-    know_shared_ratio: float = 0.25  # > 0: the shared expert competes as if this familiar
+    know_shared_ratio: float = 0.5  # > 0: the shared expert competes as if this familiar
 
 
 class KnowGate(Gate):
