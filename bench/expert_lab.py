@@ -24,6 +24,7 @@ import torch
 from benchlib import base_parser, machine_info, write_result
 from panel import SETTINGS, preset
 from routing_lab import (
+    KNOWGATE_BEFORE,
     KNOWGATE_DEFAULTS,
     LAB_OVERRIDES,
     Federation,
@@ -115,6 +116,7 @@ def main() -> None:
     started = machine_info()
     options = grid(KNOWGATE_DEFAULTS, GRID)
     table: dict[float, list[list[tuple[float, float]]]] = {}
+    scores: dict[str, dict[float, dict[str, Any]]] = {}
     for name in args.federations.split(","):
         dataset, setting, seed = name.split("/")
         run_dir = args.runs / dataset / setting / seed
@@ -134,6 +136,18 @@ def main() -> None:
             torch.manual_seed(0)
             new = retrained(fed, run_dir, cfg, proximal)
             table.setdefault(proximal, []).append([gaps(new, run, o) for o in options])
+            scores.setdefault(name, {})[proximal] = {
+                "own_expert": score(new, rule_own),
+                "knowgate_default": score(new, rule_gate(KNOWGATE_DEFAULTS)),
+                "knowgate_before": score(new, rule_gate(KNOWGATE_BEFORE)),
+                "run": {
+                    m: {
+                        "test": run["accuracy"][m]["mean"],
+                        "global": run["accuracy_global"][m]["mean"],
+                    }
+                    for m in ("fedavg", "shared_fe_own_head", "local_only")
+                },
+            }
             print(f"[expert lab] {name} proximal {proximal}: scored", flush=True)
     ranked = sorted(
         (
@@ -156,6 +170,7 @@ def main() -> None:
     payload = {
         "federations": args.federations.split(","),
         "grid": GRID,
+        "scores": scores,
         "ranked": rows,
         "default_options": {k: KNOWGATE_DEFAULTS[k] for k in GRID},
         "default_options_per_proximal": {
