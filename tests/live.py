@@ -127,3 +127,22 @@ def route_request(**changes: Any) -> wire.RouteRequest:
         "seed": 0,
     }
     return wire.RouteRequest(**{**values, **changes})
+
+
+def simulate(out: Path, overrides: list[str]) -> dict[str, Any]:
+    """One in-process Flower simulation of the composed `overrides` (as many SuperNodes as
+    `simulation.num_clients`), written to `out`; returns its results.json."""
+    from flwr.simulation import run_simulation
+
+    from server_app.app import make_server_app
+
+    cfg = compose_config([*overrides, f"output_dir={out}"])
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=client_app,
+        num_supernodes=int(cfg.simulation.num_clients),
+        backend_config={"client_resources": {"num_cpus": 1.0}},
+    )
+    path = out / "results.json"
+    assert path.is_file(), "the simulation wrote no results.json"
+    return json.loads(path.read_text())

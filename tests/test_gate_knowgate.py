@@ -106,15 +106,10 @@ def test_knowgate_without_a_shared_expert_is_refused() -> None:
 def stage1_slot_results(tmp_path_factory) -> dict:
     """A real run (3 simulated clients) whose shared slot is stage 1's model, with a gate that
     finds every sample unknown: every sample goes to the shared slot alone."""
-    import json
+    from .live import simulate
 
-    from flwr.simulation import run_simulation
-
-    import client_app.app
-    import server_app.app
-
-    out = tmp_path_factory.mktemp("stage1_slot")
-    cfg = compose_config(
+    return simulate(
+        tmp_path_factory.mktemp("stage1_slot"),
         [
             "experiment=smoke",
             "gate=knowgate",
@@ -124,16 +119,8 @@ def stage1_slot_results(tmp_path_factory) -> dict:
             "gate.local_first_quantile=0",
             "simulation.num_clients=3",
             "baselines=[fedavg]",
-            f"output_dir={out}",
-        ]
+        ],
     )
-    run_simulation(
-        server_app=server_app.app.make_server_app(cfg),
-        client_app=client_app.app.app,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1.0}},
-    )
-    return json.loads((out / "results.json").read_text())
 
 
 def test_with_the_stage1_slot_unknown_samples_get_exactly_the_fedavg_model(

@@ -3,8 +3,6 @@ local update, the ClientApp's two schedules, and the `fedavg` baseline's plain r
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +16,7 @@ from nmoe.ssl import Stage1Settings, local_update
 from nmoe.training import stage1_validation_loss
 from nmoe_protocol import messages as wire
 
-from .live import LiveNode
+from .live import LiveNode, simulate
 
 
 def test_the_prior_is_the_label_frequency_with_absent_classes_at_the_floor() -> None:
@@ -120,12 +118,8 @@ def test_the_client_adjusts_stage_1_and_never_the_fedavg_baseline(tmp_path) -> N
 
 
 def test_under_adjustment_the_fedavg_baseline_is_a_plain_run_of_its_own(tmp_path) -> None:
-    from flwr.simulation import run_simulation
-
-    import client_app.app
-    import server_app.app
-
-    cfg = compose_config(
+    results = simulate(
+        tmp_path,
         [
             "experiment=smoke",
             "simulation.num_clients=2",
@@ -135,16 +129,8 @@ def test_under_adjustment_the_fedavg_baseline_is_a_plain_run_of_its_own(tmp_path
             "expert.epochs=1",
             "gate=rangate",
             "baselines=[fedavg]",
-            f"output_dir={tmp_path}",
-        ]
+        ],
     )
-    run_simulation(
-        server_app=server_app.app.make_server_app(cfg),
-        client_app=client_app.app.app,
-        num_supernodes=2,
-        backend_config={"client_resources": {"num_cpus": 1.0}},
-    )
-    results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "completed"
     stages = [h["stage"] for h in results["history"]]
     assert stages.count("fe_ce") == 2 and stages.count("baseline_fedavg") == 2

@@ -320,13 +320,10 @@ CONVERGENCE_CAP, PATIENCE = 40, 2
 
 @pytest.fixture(scope="module")
 def rollgate_results(tmp_path_factory):
-    from flwr.simulation import run_simulation
+    from .live import simulate
 
-    import client_app.app
-    import server_app.app
-
-    out = tmp_path_factory.mktemp("rollgate")
-    cfg = compose_config(
+    return simulate(
+        tmp_path_factory.mktemp("rollgate"),
         [
             "experiment=smoke",
             "gate=rollgate",
@@ -334,7 +331,6 @@ def rollgate_results(tmp_path_factory):
             "gate.rounds=2",
             "simulation.num_clients=3",
             "partition=iid",
-            f"output_dir={out}",
             f"fe.rounds={CONVERGENCE_CAP}",
             f"fe.patience={PATIENCE}",
             "fe.local_epochs=1",
@@ -342,17 +338,8 @@ def rollgate_results(tmp_path_factory):
             f"baseline.patience={PATIENCE}",
             "baselines=[fedavg,shared_fe_own_head,local_only,centralized,rangate,fedgate,"
             "oracle_router]",
-        ]
+        ],
     )
-    run_simulation(
-        server_app=server_app.app.make_server_app(cfg),
-        client_app=client_app.app.app,
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1.0}},
-    )
-    path = out / "results.json"
-    assert path.is_file(), "the simulation wrote no results.json"
-    return json.loads(path.read_text())
 
 
 def test_rollgate_visits_every_client_once_per_pass(rollgate_results):

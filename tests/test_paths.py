@@ -3,17 +3,13 @@ the ResNet extractor, FedSC with shared (noisy) correlation matrices, a shared e
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.simulation import run_simulation
 
-from client_app.app import app as client_app
-from nmoe.config import compose_config
-from server_app.app import make_server_app
+from .live import simulate
 
 NUM_CLIENTS = 4
 IMAGES_PER_BATCH = 60
@@ -39,8 +35,8 @@ def write_fake_cifar(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data_root = write_fake_cifar(tmp_path_factory.mktemp("cifar"))
-    out = tmp_path_factory.mktemp("out")
-    cfg = compose_config(
+    return simulate(
+        tmp_path_factory.mktemp("out"),
         [
             "experiment=smoke",
             "dataset=cifar10",
@@ -63,16 +59,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "gate.sync_head_every=1",
             "partition=iid",
             "baselines=[fedavg]",
-            f"output_dir={out}",
-        ]
+            f"simulation.num_clients={NUM_CLIENTS}",
+        ],
     )
-    run_simulation(
-        server_app=make_server_app(cfg),
-        client_app=client_app,
-        num_supernodes=NUM_CLIENTS,
-        backend_config={"client_resources": {"num_cpus": 1.0}},
-    )
-    return json.loads((out / "results.json").read_text())
 
 
 def test_run_completes_on_cifar_with_resnet_and_fedsc(results: dict) -> None:
