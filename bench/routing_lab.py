@@ -36,6 +36,7 @@ def parse_args() -> Any:
     parser.add_argument("--seeds", default="100,101")
     parser.add_argument("--overrides", default=LAB_OVERRIDES)
     parser.add_argument("--reuse", action="store_true", help="reuse saved runs in the run folder")
+    parser.add_argument("--no-grid", action="store_true", help="score the named rules only")
     return parser.parse_args()
 
 
@@ -83,7 +84,7 @@ class Federation:
             labelled,
             load_all_clients,
         )
-        from nmoe.models import build_bundle, load_numpy
+        from nmoe.models import build_bundle, build_expert, load_numpy
         from nmoe.training import forward_batched
 
         self.n = n = int(cfg.simulation.num_clients)
@@ -105,6 +106,11 @@ class Federation:
             for i in range(n)
         ]  # fmt: skip
         experts = [held[i][i] for i in range(n)]
+        local_heads = {}  # what answers a device's own local-first rows, where it is not the expert
+        for i in range(n):
+            if "model/local_head" in states[i]:
+                local_heads[i] = build_expert(cfg.model, 10, 0)
+                load_numpy(local_heads[i], states[i]["model/local_head"])
         if self.shared is not None:
             experts.append(held[0][self.shared])
         self.neighbours = topology.neighbour_sets(cfg.topology, n, int(cfg.seed))
@@ -131,6 +137,8 @@ class Federation:
                     "logits": torch.stack([forward_batched(e, feats) for e in experts], dim=1),
                     "fedavg": forward_batched(self.head, feats),
                 }
+                if i in local_heads:
+                    entry[split]["local_head"] = forward_batched(local_heads[i], feats)
             reach = torch.zeros(self.num_experts, dtype=torch.bool)
             reach[self.neighbours[i]] = True
             if self.shared is not None:
@@ -230,7 +238,19 @@ def rule_gate(options: dict[str, Any]) -> Rule:
             for j in fed.neighbours[i]:
                 r[:, j] = familiarity(feats, fed.data[j]["expert_feats"], float(cfg.know_quantile))
             cache[key] = r
-        return cache[key]
+        r = cache[key]
+        confidence = float(options.get("know_class_confidence", 0.0))
+        if confidence > 0:  # as the owner's answer: unfamiliar where its expert lacks the class
+            r = r.clone()
+            head = fed.data[i][split]["fedavg"]
+            least = int(options.get("local_first_class_min", 3))
+            peers_only = bool(options.get("know_class_peers_only", False))
+            for j in fed.neighbours[i]:
+                if peers_only and j == i:
+                    continue
+                lacks = outside_own_classes(head, fed.data[j]["expert_y"], confidence, least)
+                r[lacks, j] = float("inf")
+        return r
 
     def rule(fed: Federation, i: int, split: str) -> torch.Tensor:
         d = fed.data[i][split]
@@ -252,6 +272,9 @@ def rule_gate(options: dict[str, Any]) -> Rule:
                 )
             weights[local] = 0.0
             weights[local, i] = 1.0
+            if "local_head" in d:  # as `plan_query`: the device's local head answers them
+                logits = logits.clone()
+                logits[local, i] = d["local_head"][local]
         probs, _ = combine(weights, logits, answered, fallback=i)
         return probs
 
@@ -363,7 +386,7 @@ def main() -> None:
                 }
                 scores["grid"] = [
                     {"options": o, **score(fed, rule_gate(o))}
-                    for o in grid(KNOWGATE_DEFAULTS, KNOWGATE_GRID)
+                    for o in ([] if args.no_grid else grid(KNOWGATE_DEFAULTS, KNOWGATE_GRID))
                 ]
                 table.setdefault(f"{dataset}/{setting}", {})[seed] = scores
                 print(

@@ -52,6 +52,7 @@ from .node import (
     FE_GROUP,
     FEDAVG_GROUP,
     GATE_CACHE,
+    LOCAL_HEAD_GROUP,
     OWN_HEAD_GROUP,
     SHARED_EXPERT_GROUP,
     Node,
@@ -317,17 +318,16 @@ def train_expert(node: Node, request: wire.ExpertRequest) -> wire.ExpertReply:
     else:
         expert = build_expert(node.cfg.model, node.num_classes, node.seed())
     x, y = node.split("expert")
-    ex = node.cfg.expert
-    loss = train_classifier(
-        expert,
-        forward_batched(fe, x),
-        y,
-        epochs=int(ex.epochs),
-        lr=float(ex.lr),
-        batch_size=int(ex.batch_size),
-        seed=node.seed(3),
-        proximal=float(ex.proximal) if request.init == "shared" else 0.0,
-    )
+    feats, ex = forward_batched(fe, x), node.cfg.expert
+    proximal = float(ex.proximal) if request.init == "shared" else 0.0
+    schedule = dict(epochs=int(ex.epochs), lr=float(ex.lr), batch_size=int(ex.batch_size))
+    loss = train_classifier(expert, feats, y, **schedule, seed=node.seed(3), proximal=proximal)
+    if proximal > 0 and bool(ex.local_head):  # the same start and schedule, no pull
+        head = node.expert(SHARED_EXPERT_GROUP)
+        train_classifier(head, feats, y, **schedule, seed=node.seed(3))
+        node.state.put(LOCAL_HEAD_GROUP, state_numpy(head))
+    else:  # a head kept from an earlier training must not answer for this expert
+        node.state.drop(LOCAL_HEAD_GROUP)
     node.state.put(EXPERT_GROUP, state_numpy(expert))
     node.state.persist()
     test_acc = accuracy(
@@ -439,8 +439,9 @@ def evaluate(node: Node, request: wire.EvaluateRequest) -> wire.Accuracies:
     models: list[Callable] = []
     for method in request.methods:
         if method == "local_expert":
-            expert = node.expert()
-            models.append(lambda x, e=expert: e(bundle.fe(x)))
+            own = node.local_head()
+            own = own if own is not None else node.expert()
+            models.append(lambda x, e=own: e(bundle.fe(x)))
         elif method == "fedavg":  # the stage-1 model, or the separately trained FedCE model
             fedavg = bundle
             if node.state.has(FEDAVG_GROUP):
@@ -554,7 +555,7 @@ def route_rows(
     quantile = node.policy.local_first(configured) if gated else 0.0
     own_feats = forward_batched(fe, node.data.train_x) if quantile > 0 else None
     local = node.local_rows(feats, own_feats, quantile) if own_feats is not None else None
-    plan = plan_query(feats, weights, node.local_experts(), node.pid, local)
+    plan = plan_query(feats, weights, node.local_experts(), node.pid, local, node.local_head())
     own_ratio = None
     if gated and gates.get(request.gate).asks_familiarity:
         own_ratio = node.familiarity(fe, feats)

@@ -56,10 +56,11 @@ DATA_CACHE_DIR = (
     "data-cache"  # under the node's state-dir: this device's split, kept between messages
 )
 FE_GROUP, EXPERT_GROUP = wire.FE_STATE, wire.EXPERT_STATE
-SHARED_EXPERT_GROUP, OWN_HEAD_GROUP, FEDAVG_GROUP = (
+SHARED_EXPERT_GROUP, OWN_HEAD_GROUP, FEDAVG_GROUP, LOCAL_HEAD_GROUP = (
     "model/shared_expert",
     "model/own_head",
     "model/fedavg",
+    "model/local_head",
 )
 GATE_CACHE = "scratch/cache"
 PRIVATE_KEY_GROUP, PINS_GROUP = "keys/private", "keys/pins"
@@ -138,6 +139,11 @@ class Node:
         expert = build_expert(self.cfg.model, self.num_classes, self.seed())
         load_numpy(expert, self.state.get(group))
         return expert
+
+    def local_head(self) -> torch.nn.Module | None:
+        """The head that answers this device's own rows alone (local-first, `local_expert`)
+        where `expert.local_head` trained one, else None (its expert does)."""
+        return self.expert(LOCAL_HEAD_GROUP) if self.state.has(LOCAL_HEAD_GROUP) else None
 
     def extractor(self) -> torch.nn.Module:
         """The installed F, built once per call: reuse it for several batches."""

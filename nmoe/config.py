@@ -151,6 +151,9 @@ class ExpertConfig:
     # with init_from_shared: weight of a proximal term ||w - w_shared||^2 / 2 that keeps each
     # personal expert near the shared expert it starts from (Ditto-style; 0 = plain fine-tuning)
     proximal: float = 0.0
+    # with proximal > 0: also fine-tune a plain head from the shared expert (no pull) that answers
+    # the rows local-first keeps on the device; peers and the gate get the proximal expert
+    local_head: bool = False
     shared_model: str = "expert"  # the shared slot: "expert" (H_0) or "stage1" (F + its head)
 
 
@@ -367,6 +370,12 @@ def validate(cfg: DictConfig) -> None:
         "expert.proximal",
         "pulls a personal expert towards the shared expert it starts from: needs "
         "expert.init_from_shared=true",
+    )
+    _require(
+        not cfg.expert.local_head or cfg.expert.proximal > 0,
+        "expert.local_head",
+        "answers the device's own rows with a head fine-tuned without the proximal pull: needs "
+        "expert.proximal > 0 (without it the expert is that head)",
     )
     _require(
         not cfg.expert.init_from_shared or bool(cfg.expert.shared_expert),

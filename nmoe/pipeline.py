@@ -109,13 +109,18 @@ def plan_query(
     local_experts: dict[int, nn.Module],
     own: int,
     local: torch.Tensor | None = None,
+    own_model: nn.Module | None = None,
 ) -> RoutePlan:
     """Wave 1 on the requester: the gate's `weights`, local-first routing (the rows of the bool
-    (B,) mask `local`, see `nmoe.routing.local_first_mask`, go to the own expert alone), the
-    local experts' logits, and the samples each remote expert must see."""
+    (B,) mask `local`, see `nmoe.routing.local_first_mask`, go to the own slot alone, answered by
+    `own_model` where given, e.g. a local head, else by the own expert), the local experts'
+    logits, and the samples each remote expert must see."""
+    logits = local_logits(feats, local_experts)
     if local is not None:
         weights = answer_locally(weights, own, local)
-    return plan_route(weights, local_logits(feats, local_experts))
+        if own_model is not None and bool(local.any()):
+            logits[own][local] = forward_batched(own_model, feats[local])
+    return plan_route(weights, logits)
 
 
 def outgoing_features(

@@ -1,0 +1,154 @@
+"""The local head (`expert.local_head`): beside its proximal expert, a device fine-tunes a plain
+head from the same shared expert (no pull); that head answers the rows local-first keeps on the
+device and is what `local_expert` reports, while peers and the gate get the proximal expert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client_app.state import PersonalState, read_state_file
+from nmoe.models import build_expert, state_numpy
+from nmoe.pipeline import plan_query
+from nmoe_protocol import messages as wire
+
+from .live import LiveNode, route_request
+
+HEAD, EXPERT = "model/local_head", "model/expert"
+
+
+def _trained(tmp_path: Path, overrides: list[str]) -> LiveNode:
+    live = LiveNode(tmp_path, ["expert=with_shared", "expert.init_from_shared=true", *overrides])
+    shared = state_numpy(build_expert(live.cfg.model, 10, 321))
+    for request in (
+        wire.SetupRequest(config_json=live.cfg_json),
+        wire.InstallRequest(part="fe", params=live.params),
+        wire.InstallRequest(part="shared_expert", params=shared),
+        wire.ExpertRequest(init="shared"),
+    ):
+        reply = live.send(request)
+        assert not reply.has_error(), reply.error.reason
+    return live
+
+
+def _group(live: LiveNode, name: str) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in live.context.state[name].items()}
+
+
+def _local_expert_accuracy(live: LiveNode) -> tuple[list[float], list[float]]:
+    reply = live.send(wire.EvaluateRequest(methods=["local_expert"]))
+    assert not reply.has_error(), reply.error.reason
+    acc = wire.Accuracies.from_message(reply)
+    return acc.acc_local, acc.acc_global
+
+
+def test_the_local_head_is_the_plain_expert_and_answers_local_expert(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """Same data, same start, same schedule: the local head is exactly the expert a plain
+    (proximal 0) node trains, it is saved to disk with the proximal expert, and `local_expert`
+    reports it (here the pull is so strong that the expert stays the random shared one)."""
+    pulled = _trained(tmp_path / "pulled", ["expert.proximal=1000", "expert.local_head=true"])
+    plain = _trained(tmp_path / "plain", ["expert.proximal=0.0"])
+    head, expert, reference = _group(pulled, HEAD), _group(pulled, EXPERT), _group(plain, EXPERT)
+    assert head.keys() == reference.keys()
+    for key in head:
+        np.testing.assert_array_equal(head[key], reference[key])
+    assert max(float(np.abs(expert[k] - head[k]).max()) for k in head) > 1e-3
+    assert HEAD not in plain.context.state.array_records
+    (saved,) = (pulled.state_dir).rglob("*.safetensors")
+    assert set(read_state_file(saved)) >= {HEAD, EXPERT}
+    with_head = _local_expert_accuracy(pulled)
+    assert with_head == _local_expert_accuracy(plain)
+    del pulled.context.state[HEAD]
+    assert _local_expert_accuracy(pulled)[0][0] < with_head[0][0] - 0.1  # the expert alone
+
+
+def test_a_node_without_local_head_drops_one_kept_from_earlier(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """A head left by an earlier training must not answer for a new expert."""
+    live = LiveNode(tmp_path, ["expert=with_shared", "expert.init_from_shared=true"])
+    shared = state_numpy(build_expert(live.cfg.model, 10, 321))
+    replies = [
+        live.send(request)
+        for request in (
+            wire.SetupRequest(config_json=live.cfg_json),
+            wire.InstallRequest(part="fe", params=live.params),
+            wire.InstallRequest(part="shared_expert", params=shared),
+        )
+    ]
+    assert not any(r.has_error() for r in replies)
+    PersonalState(live.context).put(HEAD, shared)
+    reply = live.send(wire.ExpertRequest(init="shared"))
+    assert not reply.has_error(), reply.error.reason
+    assert HEAD not in live.context.state.array_records
+
+
+def test_local_first_rows_get_the_local_head_and_the_others_the_expert() -> None:
+    torch.manual_seed(0)
+    feats = torch.randn(8, 5)
+    expert, head, shared = (torch.nn.Linear(5, 3) for _ in range(3))
+    weights = torch.full((8, 3), 1 / 3)
+    local = torch.tensor([True, False] * 4)
+    plan = plan_query(feats, weights, {0: expert, 2: shared}, 0, local, head)
+    with torch.no_grad():
+        torch.testing.assert_close(plan.local_logits[0][local], head(feats[local]))
+        torch.testing.assert_close(plan.local_logits[0][~local], expert(feats[~local]))
+        torch.testing.assert_close(plan.local_logits[2], shared(feats))
+    assert torch.equal(plan.weights[local], torch.tensor([[1.0, 0.0, 0.0]]).expand(4, -1))
+    assert torch.equal(plan.weights[~local], weights[~local])
+    assert list(plan.remote_index) == [1]
+    assert torch.equal(plan.remote_index[1], torch.nonzero(~local).flatten())
+
+
+def test_the_local_head_needs_a_proximal_expert() -> None:
+    from nmoe.config import ConfigError, compose_config
+
+    with pytest.raises(ConfigError, match="'expert.local_head'"):
+        compose_config(["experiment=digits_default", "expert.proximal=0", "expert.local_head=true"])
+    assert bool(compose_config(["experiment=digits_default"]).expert.local_head)
+
+
+def test_wave_one_answers_the_rows_kept_on_the_device_with_the_local_head(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """A device routes its own training images (every one local-first): the logits it keeps for
+    its own slot are its local head's, not its proximal expert's."""
+    live = _trained(
+        tmp_path,
+        [
+            "expert.proximal=1000",
+            "expert.local_head=true",
+            "gate.local_first_quantile=1.0",
+            "gate.local_first_class_confidence=0",
+            "seal_payloads=false",
+        ],
+    )
+    reply = live.send(route_request(splits=["train"]))
+    assert not reply.has_error(), reply.error.reason
+    kept = _group(live, "scratch/pending.q")
+    node_feats = _features(live, "train")
+    with torch.no_grad():
+        head, expert = (_module(live, name)(node_feats).numpy() for name in (HEAD, EXPERT))
+    np.testing.assert_allclose(kept["local.0"], head, rtol=1e-5, atol=1e-5)
+    assert np.abs(kept["local.0"] - expert).max() > 1e-2
+    assert (kept["weights"][:, 0] == 1).all()
+
+
+def _module(live: LiveNode, group: str) -> torch.nn.Module:
+    from nmoe.models import load_numpy
+
+    module = build_expert(live.cfg.model, 10, 0)
+    load_numpy(module, _group(live, group))
+    return module
+
+
+def _features(live: LiveNode, split: str) -> torch.Tensor:
+    from client_app.node import open_node
+
+    node = open_node(live.context)
+    return node.features(node.split(split)[0])
