@@ -322,9 +322,11 @@ def train_expert(node: Node, request: wire.ExpertRequest) -> wire.ExpertReply:
     proximal = float(ex.proximal) if request.init == "shared" else 0.0
     schedule = dict(epochs=int(ex.epochs), lr=float(ex.lr), batch_size=int(ex.batch_size))
     loss = train_classifier(expert, feats, y, **schedule, seed=node.seed(3), proximal=proximal)
-    if proximal > 0 and bool(ex.local_head):  # the same start and schedule, no pull
+    if proximal > 0 and bool(ex.local_head):  # the same start and schedule, no pull, and every
+        # labelled image: no gate learns from this head's outputs, so none is held out for one
         head = node.expert(SHARED_EXPERT_GROUP)
-        train_classifier(head, feats, y, **schedule, seed=node.seed(3))
+        x_all, y_all = node.split("train")
+        train_classifier(head, forward_batched(fe, x_all), y_all, **schedule, seed=node.seed(3))
         node.state.put(LOCAL_HEAD_GROUP, state_numpy(head))
     else:  # a head kept from an earlier training must not answer for this expert
         node.state.drop(LOCAL_HEAD_GROUP)

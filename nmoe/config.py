@@ -151,8 +151,9 @@ class ExpertConfig:
     # with init_from_shared: weight of a proximal term ||w - w_shared||^2 / 2 that keeps each
     # personal expert near the shared expert it starts from (Ditto-style; 0 = plain fine-tuning)
     proximal: float = 0.0
-    # with proximal > 0: also fine-tune a plain head from the shared expert (no pull) that answers
-    # the rows local-first keeps on the device; peers and the gate get the proximal expert
+    # with proximal > 0: also fine-tune a plain head from the shared expert (no pull, every
+    # labelled image) that answers the rows local-first keeps on the device and is what
+    # local_expert reports; peers and the gates get the proximal expert
     local_head: bool = False
     shared_model: str = "expert"  # the shared slot: "expert" (H_0) or "stage1" (F + its head)
 

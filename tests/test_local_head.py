@@ -1,6 +1,7 @@
 """The local head (`expert.local_head`): beside its proximal expert, a device fine-tunes a plain
-head from the same shared expert (no pull); that head answers the rows local-first keeps on the
-device and is what `local_expert` reports, while peers and the gate get the proximal expert."""
+head from the same shared expert (no pull) on every labelled image (none held out for a gate);
+that head answers the rows local-first keeps on the device and is what `local_expert` reports,
+while peers and the gates get the proximal expert."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from client_app.node import open_node
 from client_app.state import PersonalState, read_state_file
-from nmoe.models import build_expert, state_numpy
+from nmoe.models import build_expert, load_numpy, state_numpy
 from nmoe.pipeline import plan_query
+from nmoe.training import train_classifier
 from nmoe_protocol import messages as wire
 
 from .live import LiveNode, route_request
@@ -45,26 +48,41 @@ def _local_expert_accuracy(live: LiveNode) -> tuple[list[float], list[float]]:
     return acc.acc_local, acc.acc_global
 
 
-def test_the_local_head_is_the_plain_expert_and_answers_local_expert(
+def test_the_local_head_is_a_plain_fine_tuning_on_every_labelled_image(
     tmp_path: Path, task_identity: None
 ) -> None:
-    """Same data, same start, same schedule: the local head is exactly the expert a plain
-    (proximal 0) node trains, it is saved to disk with the proximal expert, and `local_expert`
-    reports it (here the pull is so strong that the expert stays the random shared one)."""
-    pulled = _trained(tmp_path / "pulled", ["expert.proximal=1000", "expert.local_head=true"])
-    plain = _trained(tmp_path / "plain", ["expert.proximal=0.0"])
-    head, expert, reference = _group(pulled, HEAD), _group(pulled, EXPERT), _group(plain, EXPERT)
-    assert head.keys() == reference.keys()
-    for key in head:
-        np.testing.assert_array_equal(head[key], reference[key])
+    """The local head is exactly H_0 fine-tuned without pull on every labelled image with the
+    expert's schedule; it is saved to disk with the proximal expert, and `local_expert` reports
+    it (here the pull is so strong that the expert stays the random shared one)."""
+    live = _trained(tmp_path, ["expert.proximal=1000", "expert.local_head=true"])
+    assert float(live.cfg.expert.gate_holdout_fraction) > 0  # the expert holds images out
+    node = open_node(live.context)
+    x, y = node.split("train")
+    assert len(y) > len(node.split("expert")[1])
+    reference = _module(live, "model/shared_expert")
+    ex = live.cfg.expert
+    train_classifier(
+        reference,
+        node.features(x),
+        y,
+        epochs=int(ex.epochs),
+        lr=float(ex.lr),
+        batch_size=int(ex.batch_size),
+        seed=node.seed(3),
+    )
+    head, expert = _group(live, HEAD), _group(live, EXPERT)
+    for key, value in state_numpy(reference).items():
+        np.testing.assert_array_equal(head[key], value)
     assert max(float(np.abs(expert[k] - head[k]).max()) for k in head) > 1e-3
-    assert HEAD not in plain.context.state.array_records
-    (saved,) = (pulled.state_dir).rglob("*.safetensors")
+    (saved,) = live.state_dir.rglob("*.safetensors")
     assert set(read_state_file(saved)) >= {HEAD, EXPERT}
-    with_head = _local_expert_accuracy(pulled)
-    assert with_head == _local_expert_accuracy(plain)
-    del pulled.context.state[HEAD]
-    assert _local_expert_accuracy(pulled)[0][0] < with_head[0][0] - 0.1  # the expert alone
+    with_head = _local_expert_accuracy(live)
+    test_x, test_y = node.split("test")
+    with torch.no_grad():
+        by_hand = float((reference(node.features(test_x)).argmax(1) == test_y).float().mean())
+    assert with_head[0][0] == pytest.approx(by_hand)
+    del live.context.state[HEAD]
+    assert _local_expert_accuracy(live)[0][0] < with_head[0][0] - 0.1  # the expert alone
 
 
 def test_a_node_without_local_head_drops_one_kept_from_earlier(
@@ -140,15 +158,11 @@ def test_wave_one_answers_the_rows_kept_on_the_device_with_the_local_head(
 
 
 def _module(live: LiveNode, group: str) -> torch.nn.Module:
-    from nmoe.models import load_numpy
-
     module = build_expert(live.cfg.model, 10, 0)
     load_numpy(module, _group(live, group))
     return module
 
 
 def _features(live: LiveNode, split: str) -> torch.Tensor:
-    from client_app.node import open_node
-
     node = open_node(live.context)
     return node.features(node.split(split)[0])
