@@ -232,7 +232,7 @@ class LocalPipeline:
     with the same seeds and data splits."""
 
     def __init__(self, cfg: Any, state_dir: Path, neighbours: list[list[int]]) -> None:
-        from client_app.node import FE_GROUP, gate_group, held_experts
+        from client_app.node import FE_GROUP, LOCAL_HEAD_GROUP, gate_group, held_experts
         from client_app.state import read_state_file
         from nmoe import gates
         from nmoe.data import (
@@ -244,7 +244,7 @@ class LocalPipeline:
             load_all_clients,
             num_classes,
         )
-        from nmoe.models import build_bundle, load_numpy
+        from nmoe.models import build_bundle, build_expert, load_numpy
 
         self.cfg = cfg
         self.n = int(cfg.simulation.num_clients)
@@ -258,6 +258,7 @@ class LocalPipeline:
         shape = tuple(self.data[0].train_x.shape[1:])
         holdout = float(cfg.expert.gate_holdout_fraction)
         self.fe, self.heads, self.gate_params, self.experts, self.reachable = [], [], [], [], []
+        self.local_heads: list[torch.nn.Module | None] = []  # as `Node.local_head`
         # each owner's expert-training images (familiarity) and labels, as `Node.split`
         self.expert_x, self.expert_y = [], []
         for pid in range(self.n):
@@ -278,6 +279,11 @@ class LocalPipeline:
                     lambda head=bundle.head: head,
                 )
             )
+            local_head = None
+            if LOCAL_HEAD_GROUP in state:
+                local_head = build_expert(cfg.model, self.num_classes, 0)
+                load_numpy(local_head, state[LOCAL_HEAD_GROUP])
+            self.local_heads.append(local_head)
             mask = torch.zeros(num_experts, dtype=torch.bool)
             mask[neighbours[pid]] = True
             if self.shared_id is not None:
@@ -349,7 +355,7 @@ class LocalPipeline:
             if own_feats is not None:  # as `Node.local_rows` (no owner floor in simulation)
                 not_local = self.outside_own_classes(pid, feats)
                 local = local_first_mask(feats, own_feats, quantile, not_local)
-            plan = plan_query(feats, weights, self.experts[pid], pid, local)
+            plan = plan_query(feats, weights, self.experts[pid], pid, local, self.local_heads[pid])
             own_ratio = self.familiarity(pid, feats) if asks else None
             experts_start = time.perf_counter()
             remote = {
