@@ -37,6 +37,9 @@ def parse_args() -> Any:
     parser.add_argument("--overrides", default=LAB_OVERRIDES)
     parser.add_argument("--reuse", action="store_true", help="reuse saved runs in the run folder")
     parser.add_argument("--no-grid", action="store_true", help="score the named rules only")
+    parser.add_argument(
+        "--federations", default="", help="dataset/setting/seedN, comma-sep. (instead of the three)"
+    )
     return parser.parse_args()
 
 
@@ -272,7 +275,7 @@ def rule_gate(options: dict[str, Any]) -> Rule:
                 )
             weights[local] = 0.0
             weights[local, i] = 1.0
-            if "local_head" in d:  # as `plan_query`: the device's local head answers them
+            if "local_head" in d and options.get("local_head", True):  # as `plan_query`
                 logits = logits.clone()
                 logits[local, i] = d["local_head"][local]
         probs, _ = combine(weights, logits, answered, fallback=i)
@@ -331,6 +334,8 @@ RULES: dict[str, Rule] = {
     "class_oracle": rule_class_oracle,
     "knowgate": rule_gate(KNOWGATE_DEFAULTS),
     "knowgate_before": rule_gate(KNOWGATE_BEFORE),
+    # where the devices hold a local head (`expert.local_head`): their own expert answers instead
+    "knowgate_without_local_head": rule_gate({**KNOWGATE_DEFAULTS, "local_head": False}),
 }
 
 
@@ -350,52 +355,57 @@ def main() -> None:
     started = machine_info()
     run_root = args.out_dir / "runs" / NAME
     table: dict[str, Any] = {}
-    for dataset in args.datasets.split(","):
-        for setting in args.settings.split(","):
-            if setting not in DATASET_SETTINGS[dataset]:
-                continue
-            for seed in args.seeds.split(","):
-                run_dir = run_root / dataset / setting / f"seed{seed}"
-                overrides = [
-                    f"experiment={preset(dataset)}",
-                    *SETTINGS[setting],
-                    f"seed={seed}",
-                    f"output_dir={run_dir}",
-                    "state_key=lab",
-                    "log_level=quiet",
-                    *split_overrides(args.overrides),
-                ]
-                cfg = compose_config(overrides)
-                if not (args.reuse and (run_dir / "results.json").is_file()):
-                    t0 = time.monotonic()
-                    simulate(cfg, run_dir)
-                    print(
-                        f"[lab] {dataset} {setting} seed {seed}: trained in "
-                        f"{time.monotonic() - t0:.0f}s",
-                        flush=True,
-                    )
-                fed = Federation(cfg, run_dir)
-                scores = {name: score(fed, rule) for name, rule in RULES.items()}
-                baselines = json.loads((run_dir / "results.json").read_text())
-                scores["run"] = {
-                    m: {
-                        "test": baselines["accuracy"][m]["mean"],
-                        "global": baselines["accuracy_global"][m]["mean"],
-                    }
-                    for m in baselines["accuracy"]
-                }
-                scores["grid"] = [
-                    {"options": o, **score(fed, rule_gate(o))}
-                    for o in ([] if args.no_grid else grid(KNOWGATE_DEFAULTS, KNOWGATE_GRID))
-                ]
-                table.setdefault(f"{dataset}/{setting}", {})[seed] = scores
-                print(
-                    f"[lab] {dataset} {setting} seed {seed}: "
-                    + ", ".join(
-                        f"{k} {scores[k]['test']:.3f}/{scores[k]['global']:.3f}" for k in RULES
-                    ),
-                    flush=True,
-                )
+    named = (
+        [tuple(f.split("/")) for f in args.federations.split(",")]
+        if args.federations
+        else [
+            (d, s, f"seed{seed}")
+            for d in args.datasets.split(",")
+            for s in args.settings.split(",")
+            if s in DATASET_SETTINGS[d]
+            for seed in args.seeds.split(",")
+        ]
+    )
+    for dataset, setting, seed_name in named:
+        seed = seed_name.removeprefix("seed")
+        run_dir = run_root / dataset / setting / f"seed{seed}"
+        overrides = [
+            f"experiment={preset(dataset)}",
+            *SETTINGS[setting],
+            f"seed={seed}",
+            f"output_dir={run_dir}",
+            "state_key=lab",
+            "log_level=quiet",
+            *split_overrides(args.overrides),
+        ]
+        cfg = compose_config(overrides)
+        if not (args.reuse and (run_dir / "results.json").is_file()):
+            t0 = time.monotonic()
+            simulate(cfg, run_dir)
+            print(
+                f"[lab] {dataset} {setting} seed {seed}: trained in {time.monotonic() - t0:.0f}s",
+                flush=True,
+            )
+        fed = Federation(cfg, run_dir)
+        scores = {name: score(fed, rule) for name, rule in RULES.items()}
+        baselines = json.loads((run_dir / "results.json").read_text())
+        scores["run"] = {
+            m: {
+                "test": baselines["accuracy"][m]["mean"],
+                "global": baselines["accuracy_global"][m]["mean"],
+            }
+            for m in baselines["accuracy"]
+        }
+        scores["grid"] = [
+            {"options": o, **score(fed, rule_gate(o))}
+            for o in ([] if args.no_grid else grid(KNOWGATE_DEFAULTS, KNOWGATE_GRID))
+        ]
+        table.setdefault(f"{dataset}/{setting}", {})[seed] = scores
+        print(
+            f"[lab] {dataset} {setting} seed {seed}: "
+            + ", ".join(f"{k} {scores[k]['test']:.3f}/{scores[k]['global']:.3f}" for k in RULES),
+            flush=True,
+        )
     write_result(args.out_dir, NAME, {"scores": table, "rules": list(RULES)}, started)
     print(json.dumps(table, indent=1)[:2000])
 
