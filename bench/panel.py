@@ -70,10 +70,11 @@ DATASET_SETTINGS = {
     for name in DATASETS
     if (CONF_DIR / "experiment" / f"{preset(name)}.yaml").is_file()
 }
-PERSONAL = ("local_expert", "shared_fe_own_head", "local_only")
+PERSONAL_BASELINES = ("shared_fe_own_head", "local_only")
+PERSONAL = ("local_expert", "local_head", *PERSONAL_BASELINES)  # local_head: expert.local_head
 ORACLE, FEDAVG, NMOE, CENTRALIZED = "oracle_router", "fedavg", "nmoe", "centralized"
 REFERENCES = (ORACLE, CENTRALIZED)  # not deployable methods: left out of the Pareto front
-if not {FEDAVG, *PERSONAL[1:], *REFERENCES} <= set(MODEL_BASELINES):
+if not {FEDAVG, *PERSONAL_BASELINES, *REFERENCES} <= set(MODEL_BASELINES):
     raise ImportError(f"panel.py names baselines that nmoe.config lacks: {MODEL_BASELINES}")
 HEADROOM_MIN = 0.02  # the headroom bar applies where oracle - fedavg >= 2 points
 BAR_GLOBAL_MARGIN, BAR_LOCAL_MARGIN, BAR_HEADROOM = 0.01, 0.01, 0.5

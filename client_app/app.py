@@ -440,9 +440,10 @@ def evaluate(node: Node, request: wire.EvaluateRequest) -> wire.Accuracies:
     bundle = node.installed_bundle()
     models: list[Callable] = []
     for method in request.methods:
-        if method == "local_expert":
-            own = node.local_head()
-            own = own if own is not None else node.expert()
+        if method in ("local_expert", "local_head"):
+            own = node.expert() if method == "local_expert" else node.local_head()
+            if own is None:
+                raise ValueError("this node holds no local head (expert.local_head)")
             models.append(lambda x, e=own: e(bundle.fe(x)))
         elif method == "fedavg":  # the stage-1 model, or the separately trained FedCE model
             fedavg = bundle

@@ -141,8 +141,8 @@ class Node:
         return expert
 
     def local_head(self) -> torch.nn.Module | None:
-        """The head that answers this device's own rows alone (local-first, `local_expert`)
-        where `expert.local_head` trained one, else None (its expert does)."""
+        """The head that answers this device's own local-first rows where `expert.local_head`
+        trained one, else None (its expert does)."""
         return self.expert(LOCAL_HEAD_GROUP) if self.state.has(LOCAL_HEAD_GROUP) else None
 
     def extractor(self) -> torch.nn.Module:

@@ -152,8 +152,8 @@ class ExpertConfig:
     # personal expert near the shared expert it starts from (Ditto-style; 0 = plain fine-tuning)
     proximal: float = 0.0
     # with proximal > 0: also fine-tune a plain head from the shared expert (no pull, every
-    # labelled image) that answers the rows local-first keeps on the device and is what
-    # local_expert reports; peers and the gates get the proximal expert
+    # labelled image) that answers the rows local-first keeps on the device (reported alone as
+    # `local_head`); peers and the gates get the proximal expert
     local_head: bool = False
     shared_model: str = "expert"  # the shared slot: "expert" (H_0) or "stage1" (F + its head)
 

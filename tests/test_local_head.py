@@ -18,7 +18,7 @@ from nmoe.pipeline import plan_query
 from nmoe.training import train_classifier
 from nmoe_protocol import messages as wire
 
-from .live import LiveNode, route_request
+from .live import LiveNode, route_request, simulate
 
 HEAD, EXPERT = "model/local_head", "model/expert"
 
@@ -41,19 +41,19 @@ def _group(live: LiveNode, name: str) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in live.context.state[name].items()}
 
 
-def _local_expert_accuracy(live: LiveNode) -> tuple[list[float], list[float]]:
-    reply = live.send(wire.EvaluateRequest(methods=["local_expert"]))
+def _local_accuracies(live: LiveNode, methods: list[str]) -> list[float]:
+    reply = live.send(wire.EvaluateRequest(methods=methods))
     assert not reply.has_error(), reply.error.reason
-    acc = wire.Accuracies.from_message(reply)
-    return acc.acc_local, acc.acc_global
+    return wire.Accuracies.from_message(reply).acc_local
 
 
 def test_the_local_head_is_a_plain_fine_tuning_on_every_labelled_image(
     tmp_path: Path, task_identity: None
 ) -> None:
     """The local head is exactly H_0 fine-tuned without pull on every labelled image with the
-    expert's schedule; it is saved to disk with the proximal expert, and `local_expert` reports
-    it (here the pull is so strong that the expert stays the random shared one)."""
+    expert's schedule; it is saved to disk with the proximal expert, and the evaluation reports
+    it as `local_head` beside the expert's `local_expert` (here the pull is so strong that the
+    expert stays the random shared one)."""
     live = _trained(tmp_path, ["expert.proximal=1000", "expert.local_head=true"])
     assert float(live.cfg.expert.gate_holdout_fraction) > 0  # the expert holds images out
     node = open_node(live.context)
@@ -76,13 +76,15 @@ def test_the_local_head_is_a_plain_fine_tuning_on_every_labelled_image(
     assert max(float(np.abs(expert[k] - head[k]).max()) for k in head) > 1e-3
     (saved,) = live.state_dir.rglob("*.safetensors")
     assert set(read_state_file(saved)) >= {HEAD, EXPERT}
-    with_head = _local_expert_accuracy(live)
+    expert_acc, head_acc = _local_accuracies(live, ["local_expert", "local_head"])
     test_x, test_y = node.split("test")
     with torch.no_grad():
         by_hand = float((reference(node.features(test_x)).argmax(1) == test_y).float().mean())
-    assert with_head[0][0] == pytest.approx(by_hand)
+    assert head_acc == pytest.approx(by_hand)
+    assert expert_acc < head_acc - 0.1
     del live.context.state[HEAD]
-    assert _local_expert_accuracy(live)[0][0] < with_head[0][0] - 0.1  # the expert alone
+    reply = live.send(wire.EvaluateRequest(methods=["local_head"]))
+    assert reply.has_error() and "no local head" in reply.error.reason
 
 
 def test_a_node_without_local_head_drops_one_kept_from_earlier(
@@ -166,3 +168,24 @@ def _module(live: LiveNode, group: str) -> torch.nn.Module:
 def _features(live: LiveNode, split: str) -> torch.Tensor:
     node = open_node(live.context)
     return node.features(node.split(split)[0])
+
+
+def test_a_run_reports_the_local_head_beside_the_expert(tmp_path: Path) -> None:
+    """With `expert.local_head`, results.json has `local_head` per client beside `local_expert`,
+    and both differ; without it, no `local_head`."""
+    common = [
+        "experiment=smoke",
+        "simulation.num_clients=2",
+        "fe.rounds=2",
+        "expert=with_shared",
+        "expert.init_from_shared=true",
+        "expert.shared_rounds=1",
+        "gate=rangate",
+        "baselines=[]",
+    ]
+    on = simulate(tmp_path / "on", [*common, "expert.proximal=1000", "expert.local_head=true"])
+    off = simulate(tmp_path / "off", [*common, "expert.proximal=1000"])
+    head, expert = on["accuracy"]["local_head"], on["accuracy"]["local_expert"]
+    assert len(head["per_client"]) == 2 and head["per_client"] != expert["per_client"]
+    assert expert == off["accuracy"]["local_expert"]  # the expert is the same with or without
+    assert "local_head" not in off["accuracy"]
