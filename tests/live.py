@@ -11,7 +11,7 @@ from flwr.app import Context, Message, RecordDict
 
 from client_app.app import app as client_app
 from nmoe.config import compose_config, to_dict
-from nmoe.models import build_bundle, stage1_keys, state_numpy
+from nmoe.models import build_bundle, build_expert, stage1_keys, state_numpy
 from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import WireMessage
 
@@ -81,6 +81,23 @@ class LiveNode:
             if path.is_file():
                 out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
         return out
+
+
+def fine_tuned_from_shared(state_dir: Path, overrides: list[str]) -> LiveNode:
+    """A LiveNode set up with F and a random shared expert (seed 321) installed, whose personal
+    expert was then fine-tuned from it (`expert=with_shared expert.init_from_shared=true` and
+    `overrides`)."""
+    live = LiveNode(state_dir, ["expert=with_shared", "expert.init_from_shared=true", *overrides])
+    shared = state_numpy(build_expert(live.cfg.model, 10, 321))
+    for request in (
+        wire.SetupRequest(config_json=live.cfg_json),
+        wire.InstallRequest(part="fe", params=live.params),
+        wire.InstallRequest(part="shared_expert", params=shared),
+        wire.ExpertRequest(init="shared"),
+    ):
+        reply = live.send(request)
+        assert not reply.has_error(), reply.error.reason
+    return live
 
 
 class RelayGrid:

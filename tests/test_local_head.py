@@ -18,23 +18,9 @@ from nmoe.pipeline import plan_query
 from nmoe.training import train_classifier
 from nmoe_protocol import messages as wire
 
-from .live import LiveNode, route_request, simulate
+from .live import LiveNode, fine_tuned_from_shared, route_request, simulate
 
 HEAD, EXPERT = "model/local_head", "model/expert"
-
-
-def _trained(tmp_path: Path, overrides: list[str]) -> LiveNode:
-    live = LiveNode(tmp_path, ["expert=with_shared", "expert.init_from_shared=true", *overrides])
-    shared = state_numpy(build_expert(live.cfg.model, 10, 321))
-    for request in (
-        wire.SetupRequest(config_json=live.cfg_json),
-        wire.InstallRequest(part="fe", params=live.params),
-        wire.InstallRequest(part="shared_expert", params=shared),
-        wire.ExpertRequest(init="shared"),
-    ):
-        reply = live.send(request)
-        assert not reply.has_error(), reply.error.reason
-    return live
 
 
 def _group(live: LiveNode, name: str) -> dict[str, np.ndarray]:
@@ -54,7 +40,7 @@ def test_the_local_head_is_a_plain_fine_tuning_on_every_labelled_image(
     expert's schedule; it is saved to disk with the proximal expert, and the evaluation reports
     it as `local_head` beside the expert's `local_expert` (here the pull is so strong that the
     expert stays the random shared one)."""
-    live = _trained(tmp_path, ["expert.proximal=1000", "expert.local_head=true"])
+    live = fine_tuned_from_shared(tmp_path, ["expert.proximal=1000", "expert.local_head=true"])
     assert float(live.cfg.expert.gate_holdout_fraction) > 0  # the expert holds images out
     node = open_node(live.context)
     x, y = node.split("train")
@@ -138,7 +124,7 @@ def test_wave_one_answers_the_rows_kept_on_the_device_with_the_local_head(
 ) -> None:
     """A device routes its own training images (every one local-first): the logits it keeps for
     its own slot are its local head's, not its proximal expert's."""
-    live = _trained(
+    live = fine_tuned_from_shared(
         tmp_path,
         [
             "expert.proximal=1000",

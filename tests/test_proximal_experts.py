@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from nmoe.models import Expert, build_expert, state_numpy
+from nmoe.models import Expert
 from nmoe.training import train_classifier
-from nmoe_protocol import messages as wire
 
-from .live import LiveNode
+from .live import fine_tuned_from_shared
 
 DIM, CLASSES = 16, 6
 
@@ -63,19 +62,8 @@ def test_the_proximal_pull_needs_a_shared_start() -> None:
 
 
 def _personal_after(tmp_path: Path, proximal: float) -> dict[str, np.ndarray]:
-    live = LiveNode(
-        tmp_path,
-        ["expert=with_shared", "expert.init_from_shared=true", f"expert.proximal={proximal}"],
-    )
-    shared = state_numpy(build_expert(live.cfg.model, 10, 321))
-    for request in (
-        wire.SetupRequest(config_json=live.cfg_json),
-        wire.InstallRequest(part="fe", params=live.params),
-        wire.InstallRequest(part="shared_expert", params=shared),
-        wire.ExpertRequest(init="shared"),
-    ):
-        reply = live.send(request)
-        assert not reply.has_error(), reply.error.reason
+    live = fine_tuned_from_shared(tmp_path, [f"expert.proximal={proximal}"])
+    shared = {k: v.numpy() for k, v in live.context.state["model/shared_expert"].items()}
     personal = {k: v.numpy() for k, v in live.context.state["model/expert"].items()}
     return {k: personal[k] - shared[k] for k in shared}
 
