@@ -55,12 +55,11 @@ from .state import PersonalState
 DATA_CACHE_DIR = (
     "data-cache"  # under the node's state-dir: this device's split, kept between messages
 )
-FE_GROUP, EXPERT_GROUP = wire.FE_STATE, wire.EXPERT_STATE
-SHARED_EXPERT_GROUP, OWN_HEAD_GROUP, FEDAVG_GROUP, LOCAL_HEAD_GROUP = (
+FE_GROUP, EXPERT_GROUP, LOCAL_HEAD_GROUP = wire.FE_STATE, wire.EXPERT_STATE, wire.LOCAL_HEAD_STATE
+SHARED_EXPERT_GROUP, OWN_HEAD_GROUP, FEDAVG_GROUP = (
     "model/shared_expert",
     "model/own_head",
     "model/fedavg",
-    "model/local_head",
 )
 GATE_CACHE = "scratch/cache"
 PRIVATE_KEY_GROUP, PINS_GROUP = "keys/private", "keys/pins"

@@ -76,7 +76,7 @@ LOCAL_EVAL_METHODS = ("local_expert", "local_head", "fedavg", "shared_fe_own_hea
 
 # Personal state groups a node reports holding (`NodeInfo.holds`): a resumed run skips a
 # client-side stage whose result every node still holds.
-FE_STATE, EXPERT_STATE = "model/fe", "model/expert"
+FE_STATE, EXPERT_STATE, LOCAL_HEAD_STATE = "model/fe", "model/expert", "model/local_head"
 
 
 def gate_state(gate: str) -> str:

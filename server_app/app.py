@@ -52,7 +52,8 @@ def run_stages(run: Run) -> None:
             keep=True,
         )
 
-    if not resumed_on_clients(run, "expert", wire.EXPERT_STATE):
+    heads = [wire.LOCAL_HEAD_STATE] if cfg.expert.local_head else []
+    if not all(resumed_on_clients(run, "expert", g) for g in [wire.EXPERT_STATE, *heads]):
         trained = extractor.initial_bundle(run, method)[1]
         run.stage("expert", lambda: experts.train_experts(run, fe, trained))
     if "shared_fe_own_head" in cfg.baselines:

@@ -175,3 +175,47 @@ def test_a_run_reports_the_local_head_beside_the_expert(tmp_path: Path) -> None:
     assert len(head["per_client"]) == 2 and head["per_client"] != expert["per_client"]
     assert expert == off["accuracy"]["local_expert"]  # the expert is the same with or without
     assert "local_head" not in off["accuracy"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_resumed_run_trains_the_heads_its_nodes_lack(tmp_path: Path) -> None:
+    """A run resumed on nodes that hold their experts but no local head (state saved without
+    one) trains stage 2 again instead of skipping it, so the heads it is configured with exist."""
+    from nmoe.config import compose_config
+    from server_app.app import run_job
+
+    from .live import NUM_PARTITIONS, RelayGrid
+
+    overrides = [
+        "seal_payloads=false",
+        "expert=with_shared",
+        "expert.init_from_shared=true",
+        "expert.proximal=1.0",
+        "expert.local_head=true",
+    ]
+    nodes = {
+        10 + p: LiveNode(tmp_path / f"node{p}", overrides, partition_id=p)
+        for p in range(NUM_PARTITIONS)
+    }
+
+    def job(name: str, *extra: str) -> list[str]:
+        base = ["experiment=smoke", "gate=rangate", "partition=iid", "baselines=[]", "fe.rounds=1"]
+        return [
+            *base,
+            *overrides,
+            "expert.shared_rounds=1",
+            f"output_dir={tmp_path / name}",
+            *extra,
+        ]
+
+    first = run_job(RelayGrid(nodes), compose_config(job("first")))
+    assert "local_head" in first["accuracy"]
+    for live in nodes.values():  # as if saved by a version without local heads
+        del live.context.state[HEAD]
+        PersonalState(live.context).persist()
+    second = run_job(
+        RelayGrid(nodes), compose_config(job("second", f"resume={tmp_path / 'first'}"))
+    )
+    assert "expert" in second["wall_time_s"]  # stage 2 ran again
+    assert second["accuracy"]["local_head"] == first["accuracy"]["local_head"]
+    assert all(HEAD in live.context.state.array_records for live in nodes.values())
