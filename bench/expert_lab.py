@@ -79,6 +79,7 @@ def retrained(fed: Federation, run_dir: Path, cfg: Any, proximal: float) -> Fede
         )
         experts.append(expert)
     new = copy.copy(fed)
+    new.experts = [*experts, *fed.experts[fed.n :]]  # the shared slot stays
     new.data = []
     for entry in fed.data:
         entry = dict(entry)

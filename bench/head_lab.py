@@ -40,6 +40,11 @@ def parse_args() -> Any:
     parser.add_argument("--holdouts", default="0.4", help="the experts' gate holdout fractions")
     parser.add_argument("--overrides", default=LAB_OVERRIDES, help="as the lab trained them")
     parser.add_argument("--name", default=NAME, help="result file name")
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="also: each client uses its head only where it validates better on its gate split",
+    )
     return parser.parse_args()
 
 
@@ -59,13 +64,33 @@ def without_heads(fed: Federation) -> Federation:
     return new
 
 
-def with_heads(fed: Federation, heads: Federation) -> Federation:
-    """`fed` whose clients answer their local-first rows with the own experts of `heads`."""
+def with_heads(fed: Federation, heads: Federation, who: list[bool] | None = None) -> Federation:
+    """`fed` whose clients (those `who` marks; all by default) answer their local-first rows
+    with the own experts of `heads`."""
     new = without_heads(fed)
     for i, entry in enumerate(new.data):
-        for split in ("test", "global"):
-            entry[split]["local_head"] = heads.data[i][split]["logits"][:, i]
+        if who is None or who[i]:
+            for split in ("test", "global"):
+                entry[split]["local_head"] = heads.data[i][split]["logits"][:, i]
     return new
+
+
+def heads_that_validate(
+    fed_all: Federation, probes: Federation, experts: Federation, holdout: float
+) -> list[bool]:
+    """Per client: whether a plain head fine-tuned on its expert split (`probes`) beats its
+    proximal expert on the images held out from both (the gate split): a choice each device
+    could make on its own data. The gate split is the first `holdout` part of the permutation
+    `nmoe.data.holdout_split` draws, i.e. of `fed_all`'s expert features (holdout 0)."""
+    from nmoe.training import accuracy, forward_batched
+
+    chosen = []
+    for i, entry in enumerate(fed_all.data):
+        held = int(len(entry["expert_y"]) * holdout)
+        x, y = entry["expert_feats"][:held], entry["expert_y"][:held]
+        own = [forward_batched(m.experts[i], x) for m in (probes, experts)]
+        chosen.append(held > 0 and accuracy(own[0], y) > accuracy(own[1], y))
+    return chosen
 
 
 def federation(args: Any, name: str, holdout: float) -> tuple[Any, Federation]:
@@ -97,6 +122,7 @@ def main() -> None:
     holdouts = [float(h) for h in args.holdouts.split(",")]
     gaps: dict[str, dict[str, list[float]]] = {}
     own: dict[str, dict[str, dict[str, float]]] = {}
+    chosen_heads: dict[str, dict[str, list[bool]]] = {}
     for name in args.federations.split(","):
         run_dir = args.runs / name
         run = json.loads((run_dir / "results.json").read_text())
@@ -105,17 +131,29 @@ def main() -> None:
         heads = retrained(fed_all, run_dir, cfg_all, 0.0)  # H_0, no pull, every labelled image
         variants: dict[str, Federation] = {}
         models = {"local_head": heads}
+        picks: dict[str, list[bool]] = {}
         for holdout in holdouts:
             cfg, fed = federation(args, name, holdout)
             for proximal in proximals:
                 torch.manual_seed(0)
                 experts = retrained(fed, run_dir, cfg, proximal)
                 models[f"expert holdout {holdout} proximal {proximal}"] = experts
+                chosen = None
+                if args.select and holdout > 0:
+                    torch.manual_seed(0)
+                    probes = retrained(fed, run_dir, cfg, 0.0)
+                    chosen = heads_that_validate(fed_all, probes, experts, holdout)
+                    picks[f"holdout {holdout} proximal {proximal}"] = chosen
                 for ratio in ratios:
                     key = f"holdout {holdout} proximal {proximal} ratio {ratio}"
                     variants[f"{key} own expert"] = experts
                     variants[f"{key} local head"] = with_heads(experts, heads)
+                    if chosen is not None:
+                        variants[f"{key} local head where it validates"] = with_heads(
+                            experts, heads, chosen
+                        )
         own[name] = {k: score(m, rule_own) for k, m in models.items()}
+        chosen_heads[name] = picks
         best = max(
             [s["test"] for s in own[name].values()]
             + [run["accuracy"][m]["mean"] for m in ("shared_fe_own_head", "local_only")]
@@ -142,6 +180,7 @@ def main() -> None:
         "knowgate_options": KNOWGATE_DEFAULTS,
         "ranked": ranked,
         "own_models": own,
+        "clients_choosing_the_head": chosen_heads,
     }
     write_result(args.out_dir, args.name, payload, started)
     for row in ranked:
