@@ -129,7 +129,7 @@ def main() -> None:
         cfg_all, fed_all = federation(args, name, 0.0)
         torch.manual_seed(0)
         heads = retrained(fed_all, run_dir, cfg_all, 0.0)  # H_0, no pull, every labelled image
-        variants: dict[str, Federation] = {}
+        variants: dict[str, tuple[Federation, float]] = {}  # name -> (federation, shared ratio)
         models = {"local_head": heads}
         picks: dict[str, list[bool]] = {}
         for holdout in holdouts:
@@ -146,11 +146,12 @@ def main() -> None:
                     picks[f"holdout {holdout} proximal {proximal}"] = chosen
                 for ratio in ratios:
                     key = f"holdout {holdout} proximal {proximal} ratio {ratio}"
-                    variants[f"{key} own expert"] = experts
-                    variants[f"{key} local head"] = with_heads(experts, heads)
+                    variants[f"{key} own expert"] = (experts, ratio)
+                    variants[f"{key} local head"] = (with_heads(experts, heads), ratio)
                     if chosen is not None:
-                        variants[f"{key} local head where it validates"] = with_heads(
-                            experts, heads, chosen
+                        variants[f"{key} local head where it validates"] = (
+                            with_heads(experts, heads, chosen),
+                            ratio,
                         )
         own[name] = {k: score(m, rule_own) for k, m in models.items()}
         chosen_heads[name] = picks
@@ -159,8 +160,7 @@ def main() -> None:
             + [run["accuracy"][m]["mean"] for m in ("shared_fe_own_head", "local_only")]
         )
         fedavg = run["accuracy_global"]["fedavg"]["mean"]
-        for key, fed in variants.items():
-            ratio = float(key.split("ratio ")[1].split()[0])
+        for key, (fed, ratio) in variants.items():
             s = score(fed, rule_gate({**KNOWGATE_DEFAULTS, "know_shared_ratio": ratio}))
             gaps.setdefault(key, {})[name] = [
                 round(s["test"] - best, 4),

@@ -232,7 +232,13 @@ class LocalPipeline:
     with the same seeds and data splits."""
 
     def __init__(self, cfg: Any, state_dir: Path, neighbours: list[list[int]]) -> None:
-        from client_app.node import FE_GROUP, LOCAL_HEAD_GROUP, gate_group, held_experts
+        from client_app.node import (
+            FE_GROUP,
+            LOCAL_HEAD_GROUP,
+            gate_group,
+            held_experts,
+            held_local_head,
+        )
         from client_app.state import read_state_file
         from nmoe import gates
         from nmoe.data import (
@@ -244,7 +250,7 @@ class LocalPipeline:
             load_all_clients,
             num_classes,
         )
-        from nmoe.models import build_bundle, build_expert, load_numpy
+        from nmoe.models import build_bundle, load_numpy
 
         self.cfg = cfg
         self.n = int(cfg.simulation.num_clients)
@@ -279,11 +285,9 @@ class LocalPipeline:
                     lambda head=bundle.head: head,
                 )
             )
-            local_head = None
-            if LOCAL_HEAD_GROUP in state:
-                local_head = build_expert(cfg.model, self.num_classes, 0)
-                load_numpy(local_head, state[LOCAL_HEAD_GROUP])
-            self.local_heads.append(local_head)
+            self.local_heads.append(
+                held_local_head(cfg, self.num_classes, state.get(LOCAL_HEAD_GROUP))
+            )
             mask = torch.zeros(num_experts, dtype=torch.bool)
             mask[neighbours[pid]] = True
             if self.shared_id is not None:

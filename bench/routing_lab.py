@@ -75,7 +75,7 @@ class Federation:
     """Everything a routing rule may use, as tensors (see the module docstring)."""
 
     def __init__(self, cfg: Any, run_dir: Path) -> None:
-        from client_app.node import held_experts
+        from client_app.node import LOCAL_HEAD_GROUP, held_experts, held_local_head
         from client_app.state import read_state_file
         from nmoe import topology
         from nmoe.config import to_dict
@@ -87,7 +87,7 @@ class Federation:
             labelled,
             load_all_clients,
         )
-        from nmoe.models import build_bundle, build_expert, load_numpy
+        from nmoe.models import build_bundle, load_numpy
         from nmoe.training import forward_batched
 
         self.n = n = int(cfg.simulation.num_clients)
@@ -109,11 +109,8 @@ class Federation:
             for i in range(n)
         ]  # fmt: skip
         experts = [held[i][i] for i in range(n)]
-        local_heads = {}  # what answers a device's own local-first rows, where it is not the expert
-        for i in range(n):
-            if "model/local_head" in states[i]:
-                local_heads[i] = build_expert(cfg.model, 10, 0)
-                load_numpy(local_heads[i], states[i]["model/local_head"])
+        # what answers a device's own local-first rows, where it is not the expert
+        local_heads = [held_local_head(cfg, 10, s.get(LOCAL_HEAD_GROUP)) for s in states]
         if self.shared is not None:
             experts.append(held[0][self.shared])
         self.neighbours = topology.neighbour_sets(cfg.topology, n, int(cfg.seed))
@@ -140,7 +137,7 @@ class Federation:
                     "logits": torch.stack([forward_batched(e, feats) for e in experts], dim=1),
                     "fedavg": forward_batched(self.head, feats),
                 }
-                if i in local_heads:
+                if local_heads[i] is not None:
                     entry[split]["local_head"] = forward_batched(local_heads[i], feats)
             reach = torch.zeros(self.num_experts, dtype=torch.bool)
             reach[self.neighbours[i]] = True
@@ -241,19 +238,7 @@ def rule_gate(options: dict[str, Any]) -> Rule:
             for j in fed.neighbours[i]:
                 r[:, j] = familiarity(feats, fed.data[j]["expert_feats"], float(cfg.know_quantile))
             cache[key] = r
-        r = cache[key]
-        confidence = float(options.get("know_class_confidence", 0.0))
-        if confidence > 0:  # as the owner's answer: unfamiliar where its expert lacks the class
-            r = r.clone()
-            head = fed.data[i][split]["fedavg"]
-            least = int(options.get("local_first_class_min", 3))
-            peers_only = bool(options.get("know_class_peers_only", False))
-            for j in fed.neighbours[i]:
-                if peers_only and j == i:
-                    continue
-                lacks = outside_own_classes(head, fed.data[j]["expert_y"], confidence, least)
-                r[lacks, j] = float("inf")
-        return r
+        return cache[key]
 
     def rule(fed: Federation, i: int, split: str) -> torch.Tensor:
         d = fed.data[i][split]

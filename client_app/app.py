@@ -558,7 +558,8 @@ def route_rows(
     quantile = node.policy.local_first(configured) if gated else 0.0
     own_feats = forward_batched(fe, node.data.train_x) if quantile > 0 else None
     local = node.local_rows(feats, own_feats, quantile) if own_feats is not None else None
-    plan = plan_query(feats, weights, node.local_experts(), node.pid, local, node.local_head())
+    own_model = node.local_head() if local is not None else None
+    plan = plan_query(feats, weights, node.local_experts(), node.pid, local, own_model)
     own_ratio = None
     if gated and gates.get(request.gate).asks_familiarity:
         own_ratio = node.familiarity(fe, feats)

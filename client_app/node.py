@@ -142,7 +142,8 @@ class Node:
     def local_head(self) -> torch.nn.Module | None:
         """The head that answers this device's own local-first rows where `expert.local_head`
         trained one, else None (its expert does)."""
-        return self.expert(LOCAL_HEAD_GROUP) if self.state.has(LOCAL_HEAD_GROUP) else None
+        held = self.state.get(LOCAL_HEAD_GROUP) if self.state.has(LOCAL_HEAD_GROUP) else None
+        return held_local_head(self.cfg, self.num_classes, held)
 
     def extractor(self) -> torch.nn.Module:
         """The installed F, built once per call: reuse it for several batches."""
@@ -372,6 +373,19 @@ def held_experts(
         local[shared_id] = build_expert(cfg.model, num_classes, 0)
         load_numpy(local[shared_id], read_group(SHARED_EXPERT_GROUP))
     return local
+
+
+def held_local_head(
+    cfg: DictConfig, num_classes: int, arrays: dict[str, np.ndarray] | None
+) -> torch.nn.Module | None:
+    """The local head (`expert.local_head`) a device holds, from its `LOCAL_HEAD_GROUP` arrays
+    (None where it holds none: its expert answers its local-first rows). The ClientApp and the
+    benchmarks build it here."""
+    if arrays is None:
+        return None
+    head = build_expert(cfg.model, num_classes, 0)
+    load_numpy(head, arrays)
+    return head
 
 
 def open_node(context: Context, config_json: str | None = None) -> Node:
