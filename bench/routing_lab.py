@@ -120,11 +120,13 @@ class Federation:
         for i, c in enumerate(clients):
             x, y = labelled(c)
             seed = client_seed(int(cfg.seed), i, SEED_EXPERT_SPLIT)
-            (ex, ey), _ = holdout_split(x, y, self.holdout, seed)
+            (ex, ey), (gx, gy) = holdout_split(x, y, self.holdout, seed)
             entry: dict[str, Any] = {
                 "train_feats": forward_batched(self.fe, c.train_x),
                 "expert_feats": forward_batched(self.fe, ex),
                 "expert_y": ey,
+                "gate_feats": forward_batched(self.fe, gx),  # the split the paper's gates learn on
+                "gate_y": gy,
             }
             for split, (sx, sy) in {
                 "test": (c.test_x, c.test_y),
@@ -217,6 +219,19 @@ def rule_class_oracle(fed: Federation, i: int, split: str) -> torch.Tensor:
     return torch.where(better[y].unsqueeze(1), own, stage1)
 
 
+def local_first_rows(fed: Federation, i: int, split: str, options: dict[str, Any]) -> torch.Tensor:
+    """bool (B,): the rows device i answers alone under gate `options` (as `Node.local_rows`)."""
+    from nmoe.routing import familiar, outside_own_classes
+
+    d = fed.data[i][split]
+    local = familiar(d["feats"], fed.data[i]["train_feats"], float(options["local_first_quantile"]))
+    confidence = float(options.get("local_first_class_confidence", 0.0))
+    if confidence > 0:
+        least = int(options.get("local_first_class_min", 3))
+        local &= ~outside_own_classes(d["fedavg"], fed.data[i]["expert_y"], confidence, least)
+    return local
+
+
 def rule_gate(options: dict[str, Any]) -> Rule:
     """The gate `options["method"]` (one that asks familiarity, e.g. knowgate) as the ClientApp
     runs it: local-first, every reachable expert's familiarity with the sample, the gate's
@@ -224,7 +239,7 @@ def rule_gate(options: dict[str, Any]) -> Rule:
     from types import SimpleNamespace
 
     from nmoe import gates
-    from nmoe.routing import combine, familiar, familiarity, outside_own_classes
+    from nmoe.routing import combine, familiarity
 
     gate = gates.get(str(options["method"]))
     cfg = SimpleNamespace(**options)
@@ -249,15 +264,7 @@ def rule_gate(options: dict[str, Any]) -> Rule:
             logits[:, fed.shared] = d["fedavg"]
         weights = gate.reweight(ratios(fed, i, split), answered, i, fed.shared, int(cfg.k), cfg)
         if float(cfg.local_first_quantile) > 0:
-            local = familiar(
-                d["feats"], fed.data[i]["train_feats"], float(cfg.local_first_quantile)
-            )
-            confidence = float(options.get("local_first_class_confidence", 0.0))
-            if confidence > 0:  # as `Node.local_rows`
-                least = int(options.get("local_first_class_min", 3))
-                local &= ~outside_own_classes(
-                    d["fedavg"], fed.data[i]["expert_y"], confidence, least
-                )
+            local = local_first_rows(fed, i, split, options)
             weights[local] = 0.0
             weights[local, i] = 1.0
             if "local_head" in d and options.get("local_head", True):  # as `plan_query`
@@ -331,11 +338,30 @@ def grid(base: dict[str, Any], axes: dict[str, list[Any]]) -> list[dict[str, Any
     return combos
 
 
-def main() -> None:
+def lab_config(
+    run_root: Path, dataset: str, setting: str, seed: str, overrides: str = LAB_OVERRIDES
+) -> tuple[Any, Path]:
+    """The composed config of one lab federation and its run folder under `run_root`."""
     from benchlib import split_overrides
 
     from nmoe.config import compose_config
 
+    run_dir = run_root / dataset / setting / f"seed{seed}"
+    cfg = compose_config(
+        [
+            f"experiment={preset(dataset)}",
+            *SETTINGS[setting],
+            f"seed={seed}",
+            f"output_dir={run_dir}",
+            "state_key=lab",
+            "log_level=quiet",
+            *split_overrides(overrides),
+        ]
+    )
+    return cfg, run_dir
+
+
+def main() -> None:
     args = parse_args()
     started = machine_info()
     run_root = args.out_dir / "runs" / NAME
@@ -353,17 +379,7 @@ def main() -> None:
     )
     for dataset, setting, seed_name in named:
         seed = seed_name.removeprefix("seed")
-        run_dir = run_root / dataset / setting / f"seed{seed}"
-        overrides = [
-            f"experiment={preset(dataset)}",
-            *SETTINGS[setting],
-            f"seed={seed}",
-            f"output_dir={run_dir}",
-            "state_key=lab",
-            "log_level=quiet",
-            *split_overrides(args.overrides),
-        ]
-        cfg = compose_config(overrides)
+        cfg, run_dir = lab_config(run_root, dataset, setting, seed, args.overrides)
         if not (args.reuse and (run_dir / "results.json").is_file()):
             t0 = time.monotonic()
             simulate(cfg, run_dir)
