@@ -99,6 +99,10 @@ class FEConfig:
     # prior), so skewed clients stop pulling the shared head to their classes (FedLC-style); 0 =
     # plain CE. With it on, the `fedavg` baseline gets a plain FedCE run of its own.
     logit_adjust: float = 0.0
+    # server momentum of stage 1 (Flower's FedAvgM, Hsu et al. 2019): the server steps along
+    # beta * previous step + (current - average) instead of taking the average; 0 = FedAvg. With
+    # it on, the `fedavg` baseline gets a plain FedCE run of its own. Needs aggregation=fedavg.
+    server_momentum: float = 0.0
     # FedSC (and hybrid's SSL part), in the reference's units: projector outputs are clipped to
     # squared norm `mu` (radius sqrt(mu)); with share_correlation each round starts with every
     # client's correlation of the fresh global model (eval mode, `correlation_passes` passes of
@@ -366,6 +370,16 @@ def validate(cfg: DictConfig) -> None:
     ):
         value = OmegaConf.select(cfg, key)
         _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(
+        0 <= cfg.fe.server_momentum < 1,
+        "fe.server_momentum",
+        f"must be in [0, 1), got {cfg.fe.server_momentum}",
+    )
+    _require(
+        cfg.fe.server_momentum == 0 or cfg.aggregation == "fedavg",
+        "fe.server_momentum",
+        f"steps along the average's direction: needs aggregation=fedavg, got {cfg.aggregation}",
+    )
     _require(
         cfg.expert.proximal == 0 or bool(cfg.expert.init_from_shared),
         "expert.proximal",

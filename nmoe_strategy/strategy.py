@@ -18,7 +18,7 @@ from logging import WARNING
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Strategy
 
 from nmoe.config import AGGREGATIONS
 from nmoe_protocol.messages import TrainReply
@@ -28,10 +28,15 @@ METRICS = "metrics"
 NUM_EXAMPLES = "num_examples"
 
 
-def flower_strategy(aggregation: str, trim_fraction: float = 0.2) -> Strategy:
-    """The Flower strategy that averages the validated shared keys."""
+def flower_strategy(
+    aggregation: str, trim_fraction: float = 0.2, server_momentum: float = 0.0
+) -> Strategy:
+    """The Flower strategy that averages the validated shared keys (FedAvgM where FedAvg is
+    given a server momentum)."""
     common = {"weighted_by_key": NUM_EXAMPLES, "arrayrecord_key": PARAMS}
     if aggregation == "fedavg":
+        if server_momentum > 0:
+            return FedAvgM(server_momentum=server_momentum, **common)
         return FedAvg(**common)
     if aggregation == "median":
         return FedMedian(**common)
@@ -65,6 +70,19 @@ class SharedKeyStrategy:
     def __init__(self, inner: Strategy | None = None, min_reply_fraction: float = 1.0) -> None:
         self.inner = inner or flower_strategy("fedavg")
         self.min_reply_fraction = min_reply_fraction
+
+    def momentum(self) -> dict[str, np.ndarray]:
+        """The server momentum by key (FedAvgM after its first round; else nothing), for a
+        checkpoint."""
+        vector = getattr(self.inner, "momentum_vector", None)
+        if vector is None or self.inner.current_arrays is None:
+            return {}
+        return dict(zip(self.inner.current_arrays.keys(), vector, strict=True))
+
+    def restore_momentum(self, momentum: dict[str, np.ndarray]) -> None:
+        """Continue with a checkpointed server momentum (keys in the order rounds aggregate)."""
+        if momentum and isinstance(self.inner, FedAvgM):
+            self.inner.momentum_vector = [momentum[k] for k in sorted(momentum)]
 
     def enough_replies(self, num_valid: int, num_sent: int) -> bool:
         """Whether a round got the configured fraction of replies."""
@@ -146,6 +164,8 @@ class SharedKeyStrategy:
         if not shared:  # a round that averages no keys still reports its metrics
             metrics = self.inner.train_metrics_aggr_fn([m.content for m in valid], NUM_EXAMPLES)
             return Aggregate({}, {k: float(v) for k, v in metrics.items()}, rejected)
+        if isinstance(self.inner, FedAvgM):  # it steps from the server's copy, whatever happened
+            self.inner.current_arrays = ArrayRecord({k: Array(reference[k]) for k in shared})
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         params = {k: v.numpy() for k, v in (arrays or ArrayRecord()).items()}
         return Aggregate(params, {k: float(v) for k, v in (metrics or {}).items()}, rejected)

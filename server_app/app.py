@@ -44,7 +44,9 @@ def run_stages(run: Run) -> None:
     method, stage1 = str(cfg.fe.method), STAGE1_NAMES[str(cfg.fe.method)]
     fe = run.resumable(stage1, lambda: extractor.train_extractor(run, method, stage1), keep=True)
     fedavg = None
-    plain_fedce = method == "fedce" and float(cfg.fe.logit_adjust) == 0.0
+    plain_fedce = (
+        method == "fedce" and float(cfg.fe.logit_adjust) == 0 and float(cfg.fe.server_momentum) == 0
+    )
     if "fedavg" in cfg.baselines and not plain_fedce:  # FedAvg: a plain FedCE run of its own
         fedavg = run.resumable(
             "baseline_fedavg",

@@ -60,6 +60,7 @@ class FederatedRounds:
         self.rounds = rounds
         self.patience = Patience(patience, min_delta)
         self.best = dict(params)  # the parameters of the best round so far
+        self.strategy = run.strategy  # a stage may aggregate with its own (see ExtractorRounds)
 
     # ---------------------------------------------------------------- hooks
     def configure(self, rnd: int) -> dict[int, WireMessage]:
@@ -86,6 +87,8 @@ class FederatedRounds:
             arrays = self.run.checkpoint.arrays
             self.params = {k: v.numpy() for k, v in arrays[f"{self.stage}:partial"].items()}
             self.best = {k: v.numpy() for k, v in arrays.get(f"{self.stage}:best", {}).items()}
+            momentum = arrays.get(f"{self.stage}:momentum", {})
+            self.strategy.restore_momentum({k: v.numpy() for k, v in momentum.items()})
             saved = self.run.checkpoint.in_progress.get("patience")
             if saved:
                 self.patience = Patience.restore(
@@ -96,7 +99,7 @@ class FederatedRounds:
 
     def send_round(self, rnd: int) -> dict[int, Any]:
         """Send round `rnd`, retrying up to `round_retries` times while too few clients answer."""
-        cfg, strategy = self.run.cfg, self.run.strategy
+        cfg, strategy = self.run.cfg, self.strategy
         for attempt in range(int(cfg.round_retries) + 1):
             requests = self.configure(rnd)
             replies = self.run.wave_messages(requests, self.reply_type, rnd)
@@ -125,7 +128,7 @@ class FederatedRounds:
         for rnd in range(first, self.rounds + 1):
             received = dict(self.params)  # what the clients start round `rnd` from
             replies = self.send_round(rnd)
-            outcome = run.strategy.aggregate(
+            outcome = self.strategy.aggregate(
                 rnd, replies, self.shared_keys(rnd), self.params, max_examples
             )
             if outcome.rejected:
@@ -185,14 +188,16 @@ class FederatedRounds:
         return self.best
 
     def save(self, rnd: int) -> None:
-        """Checkpoint the round: current and best parameters, patience state."""
+        """Checkpoint the round: current and best parameters, server momentum, patience state."""
         run = self.run
         run.checkpoint.in_progress = {
             "stage": self.stage,
             "round": rnd,
             "patience": self.patience.as_dict(),
         }
-        for name, params in (("partial", self.params), ("best", self.best)):
+        states = [("partial", self.params), ("best", self.best)]
+        momentum = self.strategy.momentum()
+        for name, params in states + ([("momentum", momentum)] if momentum else []):
             run.checkpoint.arrays[f"{self.stage}:{name}"] = ArrayRecord(
                 {k: Array(np.asarray(v)) for k, v in params.items()}
             )

@@ -160,7 +160,7 @@ class Run:
         if name not in self.checkpoint.completed:
             self.checkpoint.completed.append(name)
         self.checkpoint.in_progress = {}
-        for suffix in ("partial", "best"):
+        for suffix in ("partial", "best", "momentum"):
             self.checkpoint.arrays.pop(f"{name}:{suffix}", None)
         if keep:
             self.checkpoint.arrays[name] = ArrayRecord({k: Array(v) for k, v in out.items()})

@@ -27,6 +27,7 @@ from nmoe.probe import PROBE_C, PROBE_MAX_ITER, PROBE_TOL, linear_probe
 from nmoe.ssl import shared_alpha
 from nmoe.training import forward_batched
 from nmoe_protocol import messages as wire
+from nmoe_strategy.strategy import SharedKeyStrategy, flower_strategy
 
 from ..rounds import FederatedRounds, weighted_score
 from ..run import Run
@@ -89,6 +90,9 @@ class ExtractorRounds(FederatedRounds):
         fe = run.cfg.fe
         rounds = int(fe.rounds) if schedule == "fe" else int(run.cfg.baseline.fedavg_rounds)
         super().__init__(run, stage, params, rounds, int(fe.patience), float(fe.min_delta))
+        if schedule == "fe" and float(fe.server_momentum) > 0:  # FedAvgM for stage 1 only
+            inner = flower_strategy("fedavg", server_momentum=float(fe.server_momentum))
+            self.strategy = SharedKeyStrategy(inner, run.strategy.min_reply_fraction)
         self.method = method
         self.schedule = schedule
         self.share_correlation = bool(fe.share_correlation) and method != "fedce"
