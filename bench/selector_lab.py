@@ -53,15 +53,24 @@ def parse_args() -> Any:
     parser.add_argument("--federations", required=True, help="dataset/setting/seedN, comma-sep.")
     parser.add_argument("--local-weights", default="0.5,1,2,4")
     parser.add_argument("--steps", type=int, default=400, help="full-batch Adam steps")
+    parser.add_argument(
+        "--with-prior",
+        action="store_true",
+        help="two more signals: the expert's label prior at each model's predicted class",
+    )
     return parser.parse_args()
 
 
 def signals(
-    ratio: torch.Tensor, own_logits: torch.Tensor, shared_logits: torch.Tensor
+    ratio: torch.Tensor,
+    own_logits: torch.Tensor,
+    shared_logits: torch.Tensor,
+    log_prior: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, 7) what a requester knows of a row: the own expert's familiarity ratio (log), both
-    models' top probabilities, each one's probability of the other's class, both entropies;
-    and the two models' predicted classes."""
+    models' top probabilities, each one's probability of the other's class, both entropies
+    (with `log_prior`, the expert's (C,) log label prior, two more columns: its value at each
+    model's predicted class); and the two models' predicted classes."""
     own, shared = torch.softmax(own_logits, 1), torch.softmax(shared_logits, 1)
     p_own, c_own = own.max(1)
     p_shared, c_shared = shared.max(1)
@@ -77,6 +86,8 @@ def signals(
         ],
         dim=1,
     )
+    if log_prior is not None:
+        x = torch.cat([x, log_prior[c_own].view(-1, 1), log_prior[c_shared].view(-1, 1)], dim=1)
     return x, c_own, c_shared
 
 
@@ -126,12 +137,17 @@ class _Standardise(torch.nn.Module):
 class Lab:
     """One federation's tensors for the selectors: evaluation rows and gate-split rows."""
 
-    def __init__(self, fed: Federation) -> None:
+    def __init__(self, fed: Federation, with_prior: bool = False) -> None:
+        from nmoe.losses import label_log_prior
         from nmoe.routing import familiarity, familiarity_radius, familiarity_ratios
         from nmoe.training import forward_batched
 
         q = float(KNOWGATE_DEFAULTS["know_quantile"])
         self.fed = fed
+        priors = [
+            label_log_prior(fed.data[i]["expert_y"], 10) if with_prior else None
+            for i in range(fed.n)
+        ]
         knowgate = rule_gate(KNOWGATE_DEFAULTS)
         self.eval: dict[tuple[int, str], dict[str, Any]] = {}
         for i in range(fed.n):
@@ -139,7 +155,7 @@ class Lab:
                 d = fed.data[i][split]
                 own_logits = d["logits"][:, i]
                 ratio = familiarity(d["feats"], fed.data[i]["expert_feats"], q)
-                x, c_own, c_shared = signals(ratio, own_logits, d["fedavg"])
+                x, c_own, c_shared = signals(ratio, own_logits, d["fedavg"], priors[i])
                 self.eval[(i, split)] = {
                     "x": x,
                     "y": d["y"],
@@ -157,7 +173,7 @@ class Lab:
             for i in [j, *(i for i in fed.neighbours[j] if i != j)]:
                 ratio = familiarity_ratios(feats, fed.data[i]["expert_feats"], radius[i])
                 own_logits = forward_batched(fed.experts[i], feats)
-                x, c_own, c_shared = signals(ratio, own_logits, shared_logits)
+                x, c_own, c_shared = signals(ratio, own_logits, shared_logits, priors[i])
                 self.gate_rows.append((i == j, x, c_own == y, c_shared == y))
 
     def answer(self, selector: torch.nn.Module | None, i: int, split: str) -> float:
@@ -231,7 +247,7 @@ def main() -> None:
         dataset, setting, seed_name = name.split("/")
         cfg, run_dir = lab_config(args.root, dataset, setting, seed_name.removeprefix("seed"))
         run = json.loads((run_dir / "results.json").read_text())
-        lab = Lab(Federation(cfg, run_dir))
+        lab = Lab(Federation(cfg, run_dir), args.with_prior)
         bar = bars(run)
         rows = {"knowgate": lab.scores(dict.fromkeys(range(lab.fed.n)))}
         for w in weights:
@@ -248,7 +264,8 @@ def main() -> None:
         )
     totals = {k: round(v, 2) for k, v in totals.items()}
     print("summed shortfall (points):", totals)
-    write_result(args.out_dir, NAME, {"federations": table, "summed_shortfall": totals}, started)
+    payload = {"with_prior": args.with_prior, "federations": table, "summed_shortfall": totals}
+    write_result(args.out_dir, NAME + ("_with_prior" if args.with_prior else ""), payload, started)
 
 
 if __name__ == "__main__":
