@@ -100,6 +100,25 @@ def fine_tuned_from_shared(state_dir: Path, overrides: list[str]) -> LiveNode:
     return live
 
 
+class ServerDied(Exception):
+    """Raised by a relay's tamper hook to stop the ServerApp in the middle of a run."""
+
+
+def dies_in_stage1_round(rnd: int) -> Any:
+    """A `RelayGrid` tamper hook that kills the ServerApp as it sends stage-1 round `rnd` (after
+    round `rnd - 1`'s checkpoint)."""
+    sent: list[str] = []
+
+    def tamper(request: Message, reply: Message) -> Message:
+        if request.metadata.message_type == wire.TRAIN_EXTRACTOR:
+            sent.append(request.metadata.message_id)
+            if len(sent) > (rnd - 1) * NUM_PARTITIONS:
+                raise ServerDied(f"killed in stage-1 round {rnd}")
+        return reply
+
+    return tamper
+
+
 class RelayGrid:
     """A Grid that relays every message to LiveNodes in-process (node id -> node), the way the
     SuperLink would, with a `tamper(request, reply) -> reply | None` hook playing a hostile relay

@@ -455,41 +455,28 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path) -> None:
 
 
 # --- a resumed stage keeps its patience rule whole ------------------------------------------------
-class _ServerDied(Exception):
-    """Raised by the relay to stop the ServerApp in the middle of a stage."""
-
-
 @pytest.mark.usefixtures("task_identity")
 def test_a_resumed_stage_keeps_its_validation_history(tmp_path: Path) -> None:
     """The ServerApp dies in stage-1 round 3 (after round 2's checkpoint); the resumed run's
     patience rule holds the validation scores of every round, the ones before the crash
     included, so `extra.convergence` reports all of them and the best round among them."""
     from nmoe.config import compose_config
-    from nmoe_protocol import messages as wire
     from server_app.app import run_job
 
-    from .live import NUM_PARTITIONS, LiveNode, RelayGrid
+    from .live import NUM_PARTITIONS, LiveNode, RelayGrid, ServerDied, dies_in_stage1_round
 
     overrides = ["seal_payloads=false", "fe.rounds=4", "fe.patience=10", "fe.min_delta=0"]
     nodes = {
         10 + p: LiveNode(tmp_path / f"node{p}", overrides, partition_id=p)
         for p in range(NUM_PARTITIONS)
     }
-    sent: list[str] = []
-
-    def die_in_round_3(request: Any, reply: Any) -> Any:
-        if request.metadata.message_type == wire.TRAIN_EXTRACTOR:
-            sent.append(request.metadata.message_id)
-            if len(sent) > 2 * NUM_PARTITIONS:
-                raise _ServerDied("killed in round 3")
-        return reply
 
     def job(name: str, *extra: str) -> list[str]:
         base = ["experiment=smoke", "gate=rangate", "partition=iid", "baselines=[]"]
         return [*base, *overrides, f"output_dir={tmp_path / name}", *extra]
 
-    with pytest.raises(_ServerDied):
-        run_job(RelayGrid(nodes, die_in_round_3), compose_config(job("first")))
+    with pytest.raises(ServerDied):
+        run_job(RelayGrid(nodes, dies_in_stage1_round(3)), compose_config(job("first")))
     saved = checkpoint.load(tmp_path / "first")
     # round r scores round r-1's aggregate (what its clients received): rounds 2.. score 1..
     assert saved.in_progress["round"] == 2 and len(saved.in_progress["patience"]["history"]) == 1

@@ -11,13 +11,12 @@ import pytest
 from flwr.app import Message, RecordDict
 
 from nmoe.config import ConfigError, compose_config
-from nmoe_protocol import messages as wire
 from nmoe_protocol.messages import TrainReply
 from nmoe_strategy.strategy import SharedKeyStrategy, flower_strategy
 from server_app import checkpoint
 from server_app.app import run_job
 
-from .live import NUM_PARTITIONS, LiveNode, RelayGrid
+from .live import NUM_PARTITIONS, LiveNode, RelayGrid, ServerDied, dies_in_stage1_round
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 BETA = 0.5
@@ -89,10 +88,6 @@ LIVE = [
 ]
 
 
-class _ServerDied(Exception):
-    """Raised by the relay to stop the ServerApp in the middle of stage 1."""
-
-
 def _nodes(tmp_path: Path, name: str) -> dict[int, LiveNode]:
     return {
         10 + p: LiveNode(tmp_path / name / f"node{p}", LIVE, partition_id=p)
@@ -115,18 +110,9 @@ def test_a_run_killed_in_stage_1_resumes_with_its_momentum(tmp_path: Path) -> No
     momentum = "fe.server_momentum=0.9"
     whole = run_job(RelayGrid(_nodes(tmp_path, "whole")), _job(tmp_path, "whole", momentum))
     plain = run_job(RelayGrid(_nodes(tmp_path, "plain")), _job(tmp_path, "plain"))
-    sent: list[str] = []
-
-    def die_in_round_3(request: Any, reply: Any) -> Any:
-        if request.metadata.message_type == wire.TRAIN_EXTRACTOR:
-            sent.append(request.metadata.message_id)
-            if len(sent) > 2 * NUM_PARTITIONS:
-                raise _ServerDied("killed in round 3")
-        return reply
-
     nodes = _nodes(tmp_path, "crash")
-    with pytest.raises(_ServerDied):
-        run_job(RelayGrid(nodes, die_in_round_3), _job(tmp_path, "first", momentum))
+    with pytest.raises(ServerDied):
+        run_job(RelayGrid(nodes, dies_in_stage1_round(3)), _job(tmp_path, "first", momentum))
     saved = checkpoint.load(tmp_path / "first")
     assert saved.in_progress["round"] == 2 and "fe_ce:momentum" in saved.arrays
     resumed = run_job(
