@@ -100,6 +100,17 @@ def fine_tuned_from_shared(state_dir: Path, overrides: list[str]) -> LiveNode:
     return live
 
 
+def live_fleet(
+    root: Path, overrides: list[str] | None = None, node_config: dict[str, Any] | None = None
+) -> dict[int, LiveNode]:
+    """One LiveNode per partition under `root/node<p>`, by the node ids a `RelayGrid` relays to
+    (10 + partition id)."""
+    return {
+        10 + p: LiveNode(root / f"node{p}", overrides, node_config, partition_id=p)
+        for p in range(NUM_PARTITIONS)
+    }
+
+
 class ServerDied(Exception):
     """Raised by a relay's tamper hook to stop the ServerApp in the middle of a run."""
 

@@ -463,13 +463,10 @@ def test_a_resumed_stage_keeps_its_validation_history(tmp_path: Path) -> None:
     from nmoe.config import compose_config
     from server_app.app import run_job
 
-    from .live import NUM_PARTITIONS, LiveNode, RelayGrid, ServerDied, dies_in_stage1_round
+    from .live import RelayGrid, ServerDied, dies_in_stage1_round, live_fleet
 
     overrides = ["seal_payloads=false", "fe.rounds=4", "fe.patience=10", "fe.min_delta=0"]
-    nodes = {
-        10 + p: LiveNode(tmp_path / f"node{p}", overrides, partition_id=p)
-        for p in range(NUM_PARTITIONS)
-    }
+    nodes = live_fleet(tmp_path, overrides)
 
     def job(name: str, *extra: str) -> list[str]:
         base = ["experiment=smoke", "gate=rangate", "partition=iid", "baselines=[]"]

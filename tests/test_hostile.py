@@ -27,7 +27,7 @@ from nmoe_protocol import messages as wire
 from nmoe_protocol.codec import WireMessage
 from nmoe_protocol.sealing import WAVE_FEATURES, generate_keypair, open_sealed, payload_aad
 
-from .live import NUM_PARTITIONS, LiveNode, RelayGrid, route_request
+from .live import NUM_PARTITIONS, LiveNode, RelayGrid, live_fleet, route_request
 
 PEER = 1  # the partition id the test plays
 
@@ -367,10 +367,7 @@ def tiny_run(
             *(overrides or []),
         ]
     )
-    nodes = {
-        10 + p: LiveNode(tmp_path / f"node{p}", overrides, node_config, partition_id=p)
-        for p in range(NUM_PARTITIONS)
-    }
+    nodes = live_fleet(tmp_path, overrides, node_config)
     if prepare is not None:
         prepare(nodes)
     run_job(RelayGrid(nodes, tamper), cfg)

@@ -184,7 +184,7 @@ def test_a_resumed_run_trains_the_heads_its_nodes_lack(tmp_path: Path) -> None:
     from nmoe.config import compose_config
     from server_app.app import run_job
 
-    from .live import NUM_PARTITIONS, RelayGrid
+    from .live import RelayGrid, live_fleet
 
     overrides = [
         "seal_payloads=false",
@@ -193,10 +193,7 @@ def test_a_resumed_run_trains_the_heads_its_nodes_lack(tmp_path: Path) -> None:
         "expert.proximal=1.0",
         "expert.local_head=true",
     ]
-    nodes = {
-        10 + p: LiveNode(tmp_path / f"node{p}", overrides, partition_id=p)
-        for p in range(NUM_PARTITIONS)
-    }
+    nodes = live_fleet(tmp_path, overrides)
 
     def job(name: str, *extra: str) -> list[str]:
         base = ["experiment=smoke", "gate=rangate", "partition=iid", "baselines=[]", "fe.rounds=1"]

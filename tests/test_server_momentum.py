@@ -16,7 +16,7 @@ from nmoe_strategy.strategy import SharedKeyStrategy, flower_strategy
 from server_app import checkpoint
 from server_app.app import run_job
 
-from .live import NUM_PARTITIONS, LiveNode, RelayGrid, ServerDied, dies_in_stage1_round
+from .live import LiveNode, RelayGrid, ServerDied, dies_in_stage1_round, live_fleet
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 BETA = 0.5
@@ -89,10 +89,7 @@ LIVE = [
 
 
 def _nodes(tmp_path: Path, name: str) -> dict[int, LiveNode]:
-    return {
-        10 + p: LiveNode(tmp_path / name / f"node{p}", LIVE, partition_id=p)
-        for p in range(NUM_PARTITIONS)
-    }
+    return live_fleet(tmp_path / name, LIVE)
 
 
 def _job(tmp_path: Path, name: str, *extra: str) -> Any:

@@ -19,7 +19,7 @@ from client_app.device import DeviceService
 from nmoe.inbox import read_outbox
 from server_app.app import run_job
 
-from .live import NUM_PARTITIONS, LiveNode, RelayGrid
+from .live import NUM_PARTITIONS, LiveNode, RelayGrid, live_fleet
 
 STATE_KEY = "serving"
 TRAIN = [
@@ -84,9 +84,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, module_task_identity: None)
     from nmoe.data import federation_spec, load_client_data
 
     tmp = tmp_path_factory.mktemp("serving")
-    nodes = {
-        10 + p: LiveNode(tmp / f"node{p}", TRAIN, partition_id=p) for p in range(NUM_PARTITIONS)
-    }
+    nodes = live_fleet(tmp, TRAIN)
     trained = run(tmp, nodes, "train", [])
     reference = run(tmp, nodes, "reference", ["mode=inference", "record_predictions=true"])
     # the device's local test images, as raw pixel files, land in its inbox
