@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from benchlib import base_parser, machine_info, write_result
-from panel import DATASET_SETTINGS, SETTINGS, preset
+from panel import BAR_GLOBAL_MARGIN, BAR_LOCAL_MARGIN, DATASET_SETTINGS, PERSONAL, SETTINGS, preset
 
 NAME = "routing_lab"
 # what the rules need: F, experts, H_0 and the baselines they are compared with (no trained gate)
@@ -148,8 +148,8 @@ class Federation:
             entry["reachable"] = reach
             self.data.append(entry)
         self.experts = experts
-        # (client, split, know_quantile) -> (B, E) familiarity ratios, shared by every rule
-        self.ratio_cache: dict[tuple[int, str, float], torch.Tensor] = {}
+        # familiarity ratios and local-first rows by (client, split, options), for every rule
+        self.ratio_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
 Rule = Callable[[Federation, int, str], torch.Tensor]  # -> (B, C) probabilities
@@ -224,12 +224,16 @@ def local_first_rows(fed: Federation, i: int, split: str, options: dict[str, Any
     from nmoe.routing import familiar, outside_own_classes
 
     d = fed.data[i][split]
-    local = familiar(d["feats"], fed.data[i]["train_feats"], float(options["local_first_quantile"]))
+    quantile = float(options["local_first_quantile"])
     confidence = float(options.get("local_first_class_confidence", 0.0))
-    if confidence > 0:
-        least = int(options.get("local_first_class_min", 3))
-        local &= ~outside_own_classes(d["fedavg"], fed.data[i]["expert_y"], confidence, least)
-    return local
+    least = int(options.get("local_first_class_min", 3))
+    key = ("local_first", i, split, quantile, confidence, least)
+    if key not in fed.ratio_cache:  # the same rows for every rule with these options
+        local = familiar(d["feats"], fed.data[i]["train_feats"], quantile)
+        if confidence > 0:
+            local &= ~outside_own_classes(d["fedavg"], fed.data[i]["expert_y"], confidence, least)
+        fed.ratio_cache[key] = local
+    return fed.ratio_cache[key]
 
 
 def rule_gate(options: dict[str, Any]) -> Rule:
@@ -305,15 +309,16 @@ KNOWGATE_BEFORE = {
 }
 # the knowgate grid searched on the lab's (held-out) seeds. A first search chose the defaults of
 # 2026-11-25 (know_quantile 0.5/0.7/0.9, own_bias 1.0-2.0, k 1-3, temperature 0.1/0.3); a second
-# asked whether H_0 should compete (know_shared_ratio); this one (2026-11-26) puts stage 1's own
-# model (F + head) in the shared slot and asks how strongly it competes against the own expert
+# asked whether H_0 should compete (know_shared_ratio); a third (2026-11-26) put stage 1's own
+# model (F + head) in the shared slot and asked how strongly it competes against the own expert
+# (know_shared_ratio 0.25-1.0, own_bias 1.5-3, temperature 0.15/0.3, k 2/3, local-first quantile
+# 0.7/0.8, class confidence 0/0.5). This one (2026-11-27) asks the same of converged F (stage 1
+# with the panel's patience of 30) and whether the local head should answer local-first rows
 KNOWGATE_GRID = {
-    "shared_model": ["stage1"],
+    "local_head": [True, False],
     "know_shared_ratio": [0.25, 0.5, 0.75, 1.0],
     "know_own_bias": [1.5, 2.0, 3.0],
-    "know_temperature": [0.15, 0.3],
-    "k": [2, 3],
-    "local_first_quantile": [0.7, 0.8],
+    "local_first_quantile": [0.6, 0.7, 0.8],
     "local_first_class_confidence": [0.0, 0.5],  # with local_first_class_min 3
 }
 
@@ -329,6 +334,45 @@ RULES: dict[str, Rule] = {
     # where the devices hold a local head (`expert.local_head`): their own expert answers instead
     "knowgate_without_local_head": rule_gate({**KNOWGATE_DEFAULTS, "local_head": False}),
 }
+
+
+def bars(run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The issue's two bars on one federation, as the panel reads them (`panel.bars`), from the
+    run's `{method: {"test", "global"}}`: the best personal model and fedavg's global accuracy,
+    each less its margin."""
+    return {
+        "test": max(run[m]["test"] for m in PERSONAL if m in run) - BAR_LOCAL_MARGIN,
+        "global": run["fedavg"]["global"] - BAR_GLOBAL_MARGIN,
+    }
+
+
+def shortfall(scores: dict[str, float], bar: dict[str, float]) -> float:
+    """Points below the two bars, summed (0 where both are met)."""
+    return float(sum(100 * max(0.0, bar[s] - scores[s]) for s in ("test", "global")))
+
+
+def changed(options: dict[str, Any]) -> str:
+    """A grid option by what it changes from the lab's `knowgate` rule (the panel's gate)."""
+    base = {"local_head": True, **KNOWGATE_DEFAULTS}
+    return (
+        ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if base.get(k) != v) or "knowgate"
+    )
+
+
+def ranking(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every grid option and the named rules, by summed shortfall over the lab's federations."""
+    totals: dict[str, dict[str, Any]] = {}
+    for seeds in table.values():
+        for scores in seeds.values():
+            bar = bars(scores["run"])
+            named = [(name, scores[name]) for name in RULES] + [
+                (changed(g["options"]), g) for g in scores["grid"]
+            ]
+            for key, s in named:
+                row = totals.setdefault(key, {"rule": key, "shortfall": 0.0, "met": 0})
+                row["shortfall"] += shortfall(s, bar)
+                row["met"] += sum(s[k] >= bar[k] for k in ("test", "global"))
+    return sorted(totals.values(), key=lambda row: row["shortfall"])
 
 
 def grid(base: dict[str, Any], axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -407,7 +451,11 @@ def main() -> None:
             + ", ".join(f"{k} {scores[k]['test']:.3f}/{scores[k]['global']:.3f}" for k in RULES),
             flush=True,
         )
-    write_result(args.out_dir, NAME, {"scores": table, "rules": list(RULES)}, started)
+    ranked = ranking(table)
+    for row in ranked[:10]:
+        print(f"[lab] shortfall {row['shortfall']:.1f}, bars met {row['met']}: {row['rule']}")
+    payload = {"scores": table, "rules": list(RULES), "ranking": ranked}
+    write_result(args.out_dir, NAME, payload, started)
     print(json.dumps(table, indent=1)[:2000])
 
 
