@@ -354,9 +354,8 @@ def shortfall(scores: dict[str, float], bar: dict[str, float]) -> float:
 def changed(options: dict[str, Any]) -> str:
     """A grid option by what it changes from the lab's `knowgate` rule (the panel's gate)."""
     base = {"local_head": True, **KNOWGATE_DEFAULTS}
-    return (
-        ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if base.get(k) != v) or "knowgate"
-    )
+    diff = ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if base.get(k) != v)
+    return f"grid: {diff or 'as knowgate'}"  # not a named rule's key: each row is scored once
 
 
 def ranking(table: dict[str, Any]) -> list[dict[str, Any]]:
