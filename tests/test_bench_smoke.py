@@ -77,6 +77,40 @@ def test_pareto_front_and_fit() -> None:
     )
 
 
+def test_the_routing_lab_ranks_each_rule_and_grid_point_once_against_the_panels_bars() -> None:
+    import routing_lab
+
+    def federation(own: float, knowgate: tuple[float, float]) -> dict[str, Any]:
+        """Scores of one federation: the personal bar `own`, fedavg 0.8 global, every named rule
+        at the bars but `knowgate`, and one grid row with the default options, scored apart."""
+        at_bars = {"test": own - 0.01, "global": 0.79}
+        scores: dict[str, Any] = {name: dict(at_bars) for name in routing_lab.RULES}
+        scores["knowgate"] = {"test": knowgate[0], "global": knowgate[1]}
+        scores["run"] = {
+            "local_expert": {"test": own, "global": 0.3},
+            "local_only": {"test": own - 0.05, "global": 0.2},
+            "fedavg": {"test": 0.7, "global": 0.8},
+        }
+        default = {"local_head": True, **routing_lab.KNOWGATE_DEFAULTS}
+        scores["grid"] = [
+            {"options": default, "test": own - 0.03, "global": 0.79},
+            {"options": {**default, "local_head": False}, "test": own, "global": 0.7},
+        ]
+        return scores
+
+    table = {"a/x": {"1": federation(0.9, (0.87, 0.78))}, "b/y": {"1": federation(0.95, (1, 1))}}
+    rows = {row["rule"]: row for row in routing_lab.ranking(table)}
+    # 0.9 - 0.01 - 0.87 = 2 points local, 0.79 - 0.78 = 1 point global; nothing on b/y
+    assert rows["knowgate"]["shortfall"] == pytest.approx(3.0)
+    assert rows["knowgate"]["met"] == 2  # b/y, both bars
+    # the grid row with knowgate's options is a row of its own, not summed into `knowgate`
+    assert rows["grid: as knowgate"]["shortfall"] == pytest.approx(2.0 + 2.0)
+    assert rows["grid: local_head=False"]["shortfall"] == pytest.approx(9.0 + 9.0)
+    assert rows["fedavg"]["shortfall"] == pytest.approx(0.0) and rows["fedavg"]["met"] == 4
+    ranked = [row["shortfall"] for row in routing_lab.ranking(table)]
+    assert ranked == sorted(ranked) and len(ranked) == len(routing_lab.RULES) + 2
+
+
 # a stand-in job: the first attempt leaves a checkpoint and fails, one that resumes completes
 FLAKY_JOB = """
 import json, sys
