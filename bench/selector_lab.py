@@ -33,18 +33,18 @@ from typing import Any
 import numpy as np
 import torch
 from benchlib import base_parser, machine_info, write_result
+from panel import PERSONAL  # the panel's personal baselines: the local bar is the best of them
 from routing_lab import (
     KNOWGATE_DEFAULTS,
     Federation,
     lab_config,
     local_first_rows,
     rule_gate,
+    shortfall,
 )
 
 NAME = "selector_lab"
 SPLITS = ("test", "global")
-# the panel's personal baselines: the local bar is the best of them
-PERSONAL = ("local_expert", "local_head", "shared_fe_own_head", "local_only")
 
 
 def parse_args() -> Any:
@@ -228,11 +228,6 @@ def bars(run: dict[str, Any]) -> dict[str, Any]:
         "test": local[best] - 0.01,
         "global": run["accuracy_global"]["fedavg"]["mean"] - 0.01,
     }
-
-
-def shortfall(result: dict[str, float], bar: dict[str, Any]) -> float:
-    """Points below the two bars, summed (0 where both are met)."""
-    return float(sum(100 * max(0.0, bar[s] - result[s]) for s in SPLITS))
 
 
 def main() -> None:
