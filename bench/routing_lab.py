@@ -336,6 +336,14 @@ RULES: dict[str, Rule] = {
 }
 
 
+def run_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A run's results.json as `{method: {"test", "global"}}` mean accuracies."""
+    return {
+        m: {"test": results["accuracy"][m]["mean"], "global": results["accuracy_global"][m]["mean"]}
+        for m in results["accuracy"]
+    }
+
+
 def bars(run: dict[str, dict[str, float]]) -> dict[str, float]:
     """The issue's two bars on one federation, as the panel reads them (`panel.bars`), from the
     run's `{method: {"test", "global"}}`: the best personal model and fedavg's global accuracy,
@@ -433,13 +441,7 @@ def main() -> None:
         fed = Federation(cfg, run_dir)
         scores = {name: score(fed, rule) for name, rule in RULES.items()}
         baselines = json.loads((run_dir / "results.json").read_text())
-        scores["run"] = {
-            m: {
-                "test": baselines["accuracy"][m]["mean"],
-                "global": baselines["accuracy_global"][m]["mean"],
-            }
-            for m in baselines["accuracy"]
-        }
+        scores["run"] = run_scores(baselines)
         scores["grid"] = [
             {"options": o, **score(fed, rule_gate(o))}
             for o in ([] if args.no_grid else grid(KNOWGATE_DEFAULTS, KNOWGATE_GRID))

@@ -40,8 +40,10 @@ from routing_lab import (
     lab_config,
     local_first_rows,
     rule_gate,
+    run_scores,
     shortfall,
 )
+from routing_lab import bars as routing_bars
 
 NAME = "selector_lab"
 SPLITS = ("test", "global")
@@ -220,14 +222,11 @@ class Lab:
 
 
 def bars(run: dict[str, Any]) -> dict[str, Any]:
-    """The panel's two accuracy bars for this federation, from its own run's baselines."""
-    local = {m: run["accuracy"][m]["mean"] for m in PERSONAL if m in run["accuracy"]}
-    best = max(local, key=local.__getitem__)
-    return {
-        "best_personal": best,
-        "test": local[best] - 0.01,
-        "global": run["accuracy_global"]["fedavg"]["mean"] - 0.01,
-    }
+    """The panel's two accuracy bars for this federation (`routing_lab.bars`), from its own
+    run's baselines, and which personal baseline sets the local one."""
+    scores = run_scores(run)
+    best = max((m for m in PERSONAL if m in scores), key=lambda m: scores[m]["test"])
+    return {"best_personal": best, **routing_bars(scores)}
 
 
 def main() -> None:

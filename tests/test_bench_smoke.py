@@ -99,7 +99,8 @@ def test_the_routing_lab_ranks_each_rule_and_grid_point_once_against_the_panels_
         return scores
 
     table = {"a/x": {"1": federation(0.9, (0.87, 0.78))}, "b/y": {"1": federation(0.95, (1, 1))}}
-    rows = {row["rule"]: row for row in routing_lab.ranking(table)}
+    ranked = routing_lab.ranking(table)
+    rows = {row["rule"]: row for row in ranked}
     # 0.9 - 0.01 - 0.87 = 2 points local, 0.79 - 0.78 = 1 point global; nothing on b/y
     assert rows["knowgate"]["shortfall"] == pytest.approx(3.0)
     assert rows["knowgate"]["met"] == 2  # b/y, both bars
@@ -107,8 +108,8 @@ def test_the_routing_lab_ranks_each_rule_and_grid_point_once_against_the_panels_
     assert rows["grid: as knowgate"]["shortfall"] == pytest.approx(2.0 + 2.0)
     assert rows["grid: local_head=False"]["shortfall"] == pytest.approx(9.0 + 9.0)
     assert rows["fedavg"]["shortfall"] == pytest.approx(0.0) and rows["fedavg"]["met"] == 4
-    ranked = [row["shortfall"] for row in routing_lab.ranking(table)]
-    assert ranked == sorted(ranked) and len(ranked) == len(routing_lab.RULES) + 2
+    totals = [row["shortfall"] for row in ranked]
+    assert totals == sorted(totals) and len(totals) == len(routing_lab.RULES) + 2
 
 
 # a stand-in job: the first attempt leaves a checkpoint and fails, one that resumes completes
