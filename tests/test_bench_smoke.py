@@ -153,6 +153,8 @@ def test_panel_and_comm(out_dir: Path) -> None:
     assert {"on_pareto_front", "gap_to_centralized"} <= set(cell["bars"])
     assert cell["pareto_front"] and not {"centralized", "oracle_router"} & set(cell["pareto_front"])
     assert panel["cells"][0]["config"]["simulation"]["num_clients"] == 3
+    (bar_note,) = [n for n in panel["notes"] if n.startswith("Bars")]  # names what bars() reads
+    assert all(m in bar_note for m in ("local_expert", "local_head", "shared_fe_own_head"))
 
     comm = run_bench("comm", out_dir)  # reads the panel's runs in the same out dir
     assert comm["summary"]["jobs"] == 1 and comm["summary"]["fedgate_bar_jobs"] == 1
