@@ -379,8 +379,15 @@ class LocalPipeline:
                 if asks
                 else None
             )
+            shift = (
+                self.gate.prior_shift(
+                    self.cfg.gate, self.expert_y[pid], self.num_classes, self.shared_id
+                )
+                if asks
+                else None
+            )
             pending = PendingQuery(plan, y, [len(y)], "infer", self.gate.name, own_ratio)
-            reports = finish_query(pending, remote, self.num_classes, pid, ratios, reweight)
+            reports = finish_query(pending, remote, self.num_classes, pid, ratios, reweight, shift)
             predictions[pid] = reports[0].predictions
         return predictions, time.perf_counter() - started, experts_s
 

@@ -243,6 +243,7 @@ def rule_gate(options: dict[str, Any]) -> Rule:
     from types import SimpleNamespace
 
     from nmoe import gates
+    from nmoe.pipeline import apply_prior_shift
     from nmoe.routing import combine, familiarity
 
     gate = gates.get(str(options["method"]))
@@ -275,6 +276,9 @@ def rule_gate(options: dict[str, Any]) -> Rule:
                 logits = logits.clone()
                 logits[local, i] = d["local_head"][local]
         probs, _ = combine(weights, logits, answered, fallback=i)
+        shift = gate.prior_shift(cfg, fed.data[i]["expert_y"], probs.shape[1], fed.shared)
+        if shift is not None:  # as `finish_query`
+            probs = apply_prior_shift(probs, weights, logits, answered, shift)
         return probs
 
     return rule
@@ -306,20 +310,23 @@ KNOWGATE_BEFORE = {
     **KNOWGATE_DEFAULTS,
     "know_shared_ratio": 0.25,
     "local_first_class_confidence": 0.0,
+    "know_prior_weight": 0.0,
 }
 # the knowgate grid searched on the lab's (held-out) seeds. A first search chose the defaults of
 # 2026-11-25 (know_quantile 0.5/0.7/0.9, own_bias 1.0-2.0, k 1-3, temperature 0.1/0.3); a second
 # asked whether H_0 should compete (know_shared_ratio); a third (2026-11-26) put stage 1's own
 # model (F + head) in the shared slot and asked how strongly it competes against the own expert
 # (know_shared_ratio 0.25-1.0, own_bias 1.5-3, temperature 0.15/0.3, k 2/3, local-first quantile
-# 0.7/0.8, class confidence 0/0.5). This one (2026-11-27) asks the same of converged F (stage 1
-# with the panel's patience of 30) and whether the local head should answer local-first rows
+# 0.7/0.8, class confidence 0/0.5); a fourth (2026-11-27, eleventh session) asked the same of
+# converged F (stage 1 with the panel's patience of 30) and whether the local head should answer
+# local-first rows (local head on/off, shared ratio 0.25-1.0, own bias 1.5-3, local-first
+# quantile 0.6-0.8, class confidence 0/0.5: the defaults stayed). This one (twelfth session) asks
+# how much of the blend towards the device's own classes (know_prior_weight, 0 = off) and how
+# strong a pull (know_prior_boost), with and without the local head
 KNOWGATE_GRID = {
     "local_head": [True, False],
-    "know_shared_ratio": [0.25, 0.5, 0.75, 1.0],
-    "know_own_bias": [1.5, 2.0, 3.0],
-    "local_first_quantile": [0.6, 0.7, 0.8],
-    "local_first_class_confidence": [0.0, 0.5],  # with local_first_class_min 3
+    "know_prior_weight": [0.0, 0.3, 0.5, 0.7],
+    "know_prior_boost": [1.0, 2.0, 4.0],
 }
 
 RULES: dict[str, Rule] = {
@@ -333,6 +340,7 @@ RULES: dict[str, Rule] = {
     "knowgate_before": rule_gate(KNOWGATE_BEFORE),
     # where the devices hold a local head (`expert.local_head`): their own expert answers instead
     "knowgate_without_local_head": rule_gate({**KNOWGATE_DEFAULTS, "local_head": False}),
+    "knowgate_without_prior_shift": rule_gate({**KNOWGATE_DEFAULTS, "know_prior_weight": 0.0}),
 }
 
 

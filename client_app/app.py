@@ -660,9 +660,12 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
             num_experts=node.num_experts,
             experts_cached=int(answered.all(dim=0).sum()),
         )
-    reweight, ratios = None, {}
+    reweight, ratios, shift = None, {}, None
     if asks:
         gate, gate_cfg = gates.get(pending.gate), node.cfg.gate
+        shift = gate.prior_shift(
+            gate_cfg, node.split("expert")[1], node.num_classes, node.shared_expert_id
+        )
         reweight = partial(
             gate.reweight,
             own=node.pid,
@@ -673,7 +676,7 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
         for e, value in familiarity.items():
             if e in remote and not np.isnan(value).any():  # inf means: not familiar at all
                 ratios[e] = torch.from_numpy(np.array(value, dtype=np.float32))
-    reports = finish_query(pending, remote, node.num_classes, node.pid, ratios, reweight)
+    reports = finish_query(pending, remote, node.num_classes, node.pid, ratios, reweight, shift)
     node.state.drop(name)
     if pending.mode == "serve":  # predictions stay on the device: the server gets counts only
         inbox = node.inbox()

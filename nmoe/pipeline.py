@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .routing import answer_locally, combine
+from .routing import answer_locally, blend_prior_shift, combine
 from .training import accuracy, forward_batched
 
 ORACLE = "oracle"  # the query mode of the oracle router
@@ -29,6 +29,34 @@ class RoutePlan:
     weights: torch.Tensor  # (B, E) routing weights, zero for experts not chosen
     local_logits: dict[int, torch.Tensor]  # expert id -> (B, C), for experts held locally
     remote_index: dict[int, torch.Tensor]  # expert id -> indices of the samples sent to it
+
+
+@dataclass
+class PriorShift:
+    """KnowGate's blend towards the device's own classes (`gate.know_prior_weight`): the shared
+    slot's probabilities times `factor` (`nmoe.routing.own_prior_factor`), mixed in with `weight`
+    on every row but those the shared slot answers alone."""
+
+    shared: int  # the shared slot's expert id
+    factor: torch.Tensor  # (C,)
+    weight: float
+
+
+def apply_prior_shift(
+    combined: torch.Tensor,
+    weights: torch.Tensor,
+    logits: torch.Tensor,
+    answered: torch.Tensor,
+    shift: PriorShift,
+) -> torch.Tensor:
+    """(B, C) the mixture `combined` of `weights` (B, E) over `logits` (B, E, C) with `shift`
+    blended in, except on the rows the shared slot answers alone (nobody knows them: they stay
+    exactly the shared model's) or did not answer."""
+    chosen = weights > 0
+    alone = chosen[:, shift.shared] & (chosen.sum(dim=1) == 1)
+    shared_probs = torch.softmax(logits[:, shift.shared], dim=1)
+    keep = alone | ~answered[:, shift.shared]
+    return blend_prior_shift(combined, shared_probs, shift.factor, shift.weight, keep)
 
 
 @dataclass
@@ -228,9 +256,11 @@ def finish_query(
     own: int,
     remote_ratios: dict[int, torch.Tensor] | None = None,
     reweight: Reweight | None = None,
+    prior_shift: PriorShift | None = None,
 ) -> list[SplitReport]:
     """Wave 3 on the requester: combine local and returned logits (renormalised over the experts
-    that answered; the own expert is always there) and report per split, in order."""
+    that answered; the own expert is always there), blend in `prior_shift` where given, and
+    report per split, in order."""
     plan = pending.plan
     logits, answered = assemble(plan, remote_logits, num_classes)
     if reweight is not None:
@@ -244,6 +274,8 @@ def finish_query(
             oracle_weights(logits, answered, pending.labels), plan.local_logits, plan.remote_index
         )
     combined, degraded = combine(plan.weights, logits, answered, fallback=own)
+    if prior_shift is not None and pending.mode != ORACLE:
+        combined = apply_prior_shift(combined, plan.weights, logits, answered, prior_shift)
     predictions = combined.argmax(dim=1)
     held_elsewhere = torch.ones(plan.weights.shape[1], dtype=torch.bool)
     held_elsewhere[list(plan.local_logits)] = False

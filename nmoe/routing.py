@@ -179,3 +179,30 @@ def answer_locally(weights: torch.Tensor, own: int, local: torch.Tensor) -> torc
     out[local] = 0.0
     out[local, own] = 1.0
     return out
+
+
+PRIOR_SMOOTHING = 0.5  # added to every class count of the device's label prior
+
+
+def own_prior_factor(own_labels: torch.Tensor, num_classes: int, boost: float) -> torch.Tensor:
+    """(C,) 1 + boost * C * pi(y), pi the device's own label distribution (counts + 1/2). Times a
+    posterior calibrated to balanced classes, it gives (up to a constant) the posterior under the
+    mixture of the balanced distribution and `boost` times the device's own, if only the label
+    frequencies differ between them (label shift): boost 1 is the even mixture."""
+    counts = torch.bincount(own_labels, minlength=num_classes).float() + PRIOR_SMOOTHING
+    return 1.0 + boost * num_classes * counts / counts.sum()
+
+
+def blend_prior_shift(
+    combined: torch.Tensor,
+    shared_probs: torch.Tensor,
+    factor: torch.Tensor,
+    weight: float,
+    keep: torch.Tensor,
+) -> torch.Tensor:
+    """(B, C) (1 - weight) * `combined` + weight * `shared_probs` re-weighted by the (C,)
+    `factor` (`own_prior_factor`) and renormalised; the rows of the bool (B,) mask `keep` stay
+    exactly `combined`."""
+    shifted = shared_probs * factor
+    shifted = shifted / shifted.sum(dim=1, keepdim=True)
+    return torch.where(keep.unsqueeze(1), combined, (1 - weight) * combined + weight * shifted)

@@ -10,6 +10,7 @@ import torch
 from nmoe.config import compose_config
 from nmoe.gates import get
 from nmoe.models import build_expert
+from nmoe.pipeline import apply_prior_shift
 from nmoe.routing import combine, familiarity
 from nmoe.training import train_classifier
 
@@ -42,12 +43,12 @@ def world(request) -> dict:
         ["experiment=smoke", "gate=knowgate", "expert=with_shared", "model.feature_dim=16"]
         + SHARED_RATIOS[request.param]
     )
-    experts, train_x = {}, {}
+    experts, train_x, train_y = {}, {}, {}
     for e, classes in {**PERSONAL, SHARED: tuple(range(NUM_CLASSES))}.items():
         x, y = cluster_samples(list(classes), 40, seed=e)
         expert = build_expert(cfg.model, NUM_CLASSES, seed=e)
         train_classifier(expert, x, y, epochs=60, lr=1e-2, batch_size=32, seed=e)
-        experts[e], train_x[e] = expert.eval(), x
+        experts[e], train_x[e], train_y[e] = expert.eval(), x, y
     test_x, test_y = cluster_samples(list(range(NUM_CLASSES)), 50, seed=99)
     with torch.no_grad():
         logits = torch.stack([experts[e](test_x) for e in sorted(experts)], dim=1)
@@ -55,8 +56,14 @@ def world(request) -> dict:
         [familiarity(test_x, train_x[e], cfg.gate.know_quantile) for e in sorted(experts)], dim=1
     )
     answered = torch.ones(len(test_y), len(experts), dtype=torch.bool)
-    weights = get("knowgate").reweight(ratios, answered, OWN, SHARED, cfg.gate.k, cfg.gate)
+    gate = get("knowgate")
+    weights = gate.reweight(ratios, answered, OWN, SHARED, cfg.gate.k, cfg.gate)
     mixed, _ = combine(weights, logits, answered, fallback=OWN)
+    # wave 3 as `finish_query` ends it: the blend towards the requester's own classes (on by
+    # default), with the labels its own expert trained on
+    shift = gate.prior_shift(cfg.gate, train_y[OWN], NUM_CLASSES, SHARED)
+    assert shift is not None and shift.weight == 0.5
+    mixed = apply_prior_shift(mixed, weights, logits, answered, shift)
     return {"logits": logits, "weights": weights, "mixed": mixed, "y": test_y, "cfg": cfg}
 
 

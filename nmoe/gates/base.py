@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..models import build_gate, load_numpy, state_numpy
+from ..pipeline import PriorShift
 from ..training import gate_weights, train_gate
 
 Params = dict[str, np.ndarray]
@@ -128,6 +129,14 @@ class Gate:
         """(B, E) final weights from the experts' familiarity `ratios` (inf where unknown), for
         gates that `asks_familiarity`."""
         raise NotImplementedError
+
+    def prior_shift(
+        self, gate_cfg: Any, own_labels: torch.Tensor, num_classes: int, shared: int | None
+    ) -> PriorShift | None:
+        """The blend towards the device's own classes its requester applies in wave 3 (see
+        `nmoe.pipeline.PriorShift`), from the labels of its own expert's training images; None:
+        no blend."""
+        return None
 
     # ---------------------------------------------------------------- server side
     def train_federated(

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..pipeline import PriorShift
+from ..routing import own_prior_factor
 from .base import Gate, Params
 
 
@@ -32,6 +34,10 @@ class KnowGateOptions:
     know_temperature: float = 0.3  # softmax temperature over -ratio of the experts mixed
     know_max_ratio: float = 3.0  # beyond this ratio for every expert: the shared expert alone
     know_shared_ratio: float = 0.5  # > 0: the shared expert competes as if this familiar
+    # the requester's blend towards its own classes: this weight of the shared model's
+    # probabilities times 1 + know_prior_boost * C * (own label frequency), renormalised (0: off)
+    know_prior_weight: float = 0.5
+    know_prior_boost: float = 2.0
 
 
 class KnowGate(Gate):
@@ -52,6 +58,16 @@ class KnowGate(Gate):
             g.know_shared_ratio >= 0,
             "gate.know_shared_ratio",
             f"must be >= 0, got {g.know_shared_ratio}",
+        )
+        require(
+            0 <= g.know_prior_weight <= 1,
+            "gate.know_prior_weight",
+            f"must be in [0, 1], got {g.know_prior_weight}",
+        )
+        require(
+            g.know_prior_boost >= 0,
+            "gate.know_prior_boost",
+            f"must be >= 0, got {g.know_prior_boost}",
         )
         require(
             not used or bool(cfg.expert.shared_expert),
@@ -96,3 +112,12 @@ class KnowGate(Gate):
         weights[nobody] = 0.0
         weights[nobody, shared] = 1.0
         return weights
+
+    def prior_shift(
+        self, gate_cfg: Any, own_labels: torch.Tensor, num_classes: int, shared: int | None
+    ) -> PriorShift | None:
+        weight = float(gate_cfg.know_prior_weight)
+        if weight == 0 or shared is None:
+            return None
+        factor = own_prior_factor(own_labels, num_classes, float(gate_cfg.know_prior_boost))
+        return PriorShift(shared, factor, weight)
