@@ -9,8 +9,11 @@ its queries mostly come from where its own data does), weights softmax(-ratio / 
 the shared expert (H_0, or stage 1's model with `expert.shared_model=stage1`) competes for every
 row as if at ratio `know_shared_ratio` (0: it does not). A sample that no reachable personal
 expert knows (every ratio, the own one unbiased, above `know_max_ratio`) goes to the shared
-expert alone: there the answer is exactly the shared model's. Nothing is trained
-and no statistics are published; each answer reveals one familiarity ratio per row.
+expert alone: there the answer is exactly the shared model's. Every other row's answer is
+blended in wave 3 with the shared model's probabilities pulled towards the requester's own
+classes (`know_prior_weight`, `know_prior_boost`; `prior_shift`): under label shift, the posterior
+of a mixture of the balanced distribution and the device's own. Nothing is trained and no
+statistics are published; each answer reveals one familiarity ratio per row.
 Chosen on held-out seeds with bench/routing_lab.py (see bench/README.md).
 """
 
