@@ -219,6 +219,17 @@ def rule_class_oracle(fed: Federation, i: int, split: str) -> torch.Tensor:
     return torch.where(better[y].unsqueeze(1), own, stage1)
 
 
+def rule_stage1_task_prior(fed: Federation, i: int, split: str) -> torch.Tensor:
+    """Stage 1's model alone, moved to the label prior its task's rows estimate (as KnowGate's
+    blend does with weight 1, on every row): what the estimate is worth without any expert."""
+    from nmoe.routing import blend_prior_shift, mixture_prior, own_label_prior, task_mixture_weight
+
+    probs = rule_fedavg(fed, i, split)
+    own = own_label_prior(fed.data[i]["expert_y"], probs.shape[1])
+    prior = mixture_prior(own, task_mixture_weight(probs, own))
+    return blend_prior_shift(probs, probs, prior, 1.0, torch.zeros(len(probs), dtype=torch.bool))
+
+
 def local_first_rows(fed: Federation, i: int, split: str, options: dict[str, Any]) -> torch.Tensor:
     """bool (B,): the rows device i answers alone under gate `options` (as `Node.local_rows`)."""
     from nmoe.routing import familiar, outside_own_classes
@@ -278,7 +289,7 @@ def rule_gate(options: dict[str, Any]) -> Rule:
         probs, _ = combine(weights, logits, answered, fallback=i)
         shift = gate.prior_shift(cfg, fed.data[i]["expert_y"], probs.shape[1], fed.shared)
         if shift is not None:  # as `finish_query`
-            probs = apply_prior_shift(probs, weights, logits, answered, shift)
+            probs = apply_prior_shift(probs, weights, logits, answered, shift, [len(probs)])
         return probs
 
     return rule
@@ -320,13 +331,16 @@ KNOWGATE_BEFORE = {
 # 0.7/0.8, class confidence 0/0.5); a fourth (2026-11-27, eleventh session) asked the same of
 # converged F (stage 1 with the panel's patience of 30) and whether the local head should answer
 # local-first rows (local head on/off, shared ratio 0.25-1.0, own bias 1.5-3, local-first
-# quantile 0.6-0.8, class confidence 0/0.5: the defaults stayed). This one (twelfth session) asks
-# how much of the blend towards the device's own classes (know_prior_weight, 0 = off) and how
-# strong a pull (know_prior_boost), with and without the local head
+# quantile 0.6-0.8, class confidence 0/0.5: the defaults stayed); a fifth (twelfth session) how
+# much of a blend towards the device's own classes (know_prior_weight 0-0.7) and how strong a
+# fixed pull (boost 1/2/4, i.e. know_prior_mix 1/2, 2/3, 4/5), with and without the local head.
+# This one (thirteenth session) asks whether each task should estimate the mix (None) and how much
+# of the blend then (know_prior_weight 0-1), with and without the local head
+TWELFTH_PRIOR = {"know_prior_weight": 0.5, "know_prior_mix": 2 / 3}  # the twelfth session's blend
 KNOWGATE_GRID = {
     "local_head": [True, False],
-    "know_prior_weight": [0.0, 0.3, 0.5, 0.7],
-    "know_prior_boost": [1.0, 2.0, 4.0],
+    "know_prior_weight": [0.0, 0.3, 0.5, 0.7, 1.0],
+    "know_prior_mix": [None, 2 / 3],
 }
 
 RULES: dict[str, Rule] = {
@@ -341,6 +355,8 @@ RULES: dict[str, Rule] = {
     # where the devices hold a local head (`expert.local_head`): their own expert answers instead
     "knowgate_without_local_head": rule_gate({**KNOWGATE_DEFAULTS, "local_head": False}),
     "knowgate_without_prior_shift": rule_gate({**KNOWGATE_DEFAULTS, "know_prior_weight": 0.0}),
+    "knowgate_fixed_prior": rule_gate({**KNOWGATE_DEFAULTS, **TWELFTH_PRIOR}),
+    "stage1_task_prior": rule_stage1_task_prior,
 }
 
 

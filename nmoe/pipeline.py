@@ -14,7 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .routing import answer_locally, blend_prior_shift, combine
+from .routing import (
+    answer_locally,
+    blend_prior_shift,
+    combine,
+    mixture_prior,
+    task_mixture_weight,
+)
 from .training import accuracy, forward_batched
 
 ORACLE = "oracle"  # the query mode of the oracle router
@@ -34,12 +40,14 @@ class RoutePlan:
 @dataclass
 class PriorShift:
     """KnowGate's blend towards the device's own classes (`gate.know_prior_weight`): the shared
-    slot's probabilities times `factor` (`nmoe.routing.own_prior_factor`), mixed in with `weight`
-    on every row but those the shared slot answers alone."""
+    slot's probabilities moved to the prior `mix` * `own_prior` + (1 - `mix`) * balanced
+    (`nmoe.routing.mixture_prior`), mixed in with `weight` on every row but those the shared slot
+    answers alone. `mix` None: estimated per task (`nmoe.routing.task_mixture_weight`)."""
 
     shared: int  # the shared slot's expert id
-    factor: torch.Tensor  # (C,)
+    own_prior: torch.Tensor  # (C,) the device's own label distribution
     weight: float
+    mix: float | None = None
 
 
 def apply_prior_shift(
@@ -48,15 +56,31 @@ def apply_prior_shift(
     logits: torch.Tensor,
     answered: torch.Tensor,
     shift: PriorShift,
+    segments: list[int],
 ) -> torch.Tensor:
     """(B, C) the mixture `combined` of `weights` (B, E) over `logits` (B, E, C) with `shift`
     blended in, except on the rows the shared slot answers alone (nobody knows them: they stay
-    exactly the shared model's) or did not answer."""
+    exactly the shared model's) or did not answer. Each segment of rows (`segments`: sizes, in
+    order) is one task: where `shift.mix` is None its prior is estimated from its own rows only."""
     chosen = weights > 0
     alone = chosen[:, shift.shared] & (chosen.sum(dim=1) == 1)
     shared_probs = torch.softmax(logits[:, shift.shared], dim=1)
-    keep = alone | ~answered[:, shift.shared]
-    return blend_prior_shift(combined, shared_probs, shift.factor, shift.weight, keep)
+    heard = answered[:, shift.shared]
+    keep = alone | ~heard
+    if sum(segments) != len(combined):
+        raise ValueError(f"segments {segments} do not cover the {len(combined)} rows")
+    parts, start = [], 0
+    for size in segments:
+        task = slice(start, start + size)
+        start += size
+        mix = shift.mix
+        if mix is None:
+            mix = task_mixture_weight(shared_probs[task][heard[task]], shift.own_prior)
+        prior = mixture_prior(shift.own_prior, mix)
+        parts.append(
+            blend_prior_shift(combined[task], shared_probs[task], prior, shift.weight, keep[task])
+        )
+    return torch.cat(parts) if parts else combined[:0]
 
 
 @dataclass
@@ -275,7 +299,9 @@ def finish_query(
         )
     combined, degraded = combine(plan.weights, logits, answered, fallback=own)
     if prior_shift is not None and pending.mode != ORACLE:
-        combined = apply_prior_shift(combined, plan.weights, logits, answered, prior_shift)
+        combined = apply_prior_shift(
+            combined, plan.weights, logits, answered, prior_shift, pending.segments
+        )
     predictions = combined.argmax(dim=1)
     held_elsewhere = torch.ones(plan.weights.shape[1], dtype=torch.bool)
     held_elsewhere[list(plan.local_logits)] = False

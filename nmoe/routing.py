@@ -182,27 +182,43 @@ def answer_locally(weights: torch.Tensor, own: int, local: torch.Tensor) -> torc
 
 
 PRIOR_SMOOTHING = 0.5  # added to every class count of the device's label prior
+MIX_STEPS = 100  # a task's mixture weight is estimated to 1 / MIX_STEPS
 
 
-def own_prior_factor(own_labels: torch.Tensor, num_classes: int, boost: float) -> torch.Tensor:
-    """(C,) 1 + boost * C * pi(y), pi the device's own label distribution (counts + 1/2). Times a
-    posterior calibrated to balanced classes, it gives (up to a constant) the posterior under the
-    mixture of the balanced distribution and `boost` times the device's own, if only the label
-    frequencies differ between them (label shift): boost 1 is the even mixture."""
+def own_label_prior(own_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C,) the device's own label distribution: its class counts + PRIOR_SMOOTHING, normalised."""
     counts = torch.bincount(own_labels, minlength=num_classes).float() + PRIOR_SMOOTHING
-    return 1.0 + boost * num_classes * counts / counts.sum()
+    return counts / counts.sum()
+
+
+def mixture_prior(own_prior: torch.Tensor, mix: float) -> torch.Tensor:
+    """(C,) mix * `own_prior` + (1 - mix) * the balanced distribution."""
+    return mix * own_prior + (1 - mix) / len(own_prior)
+
+
+def task_mixture_weight(shared_probs: torch.Tensor, own_prior: torch.Tensor) -> float:
+    """The weight in [0, 1] of the device's own label distribution in the prior that makes a task's
+    rows most likely (`mixture_prior`), read from a classifier calibrated to balanced classes
+    (`shared_probs`, (B, C)). Under label shift row i's likelihood under that prior is proportional
+    to 1 + mix * (C * sum_y p(y | x_i) own(y) - 1), concave in mix: maximum likelihood on a grid
+    (Saerens et al., 2002, along one direction). 0 for an empty task."""
+    lift = shared_probs.shape[1] * (shared_probs * own_prior).sum(dim=1) - 1
+    grid = torch.linspace(0, 1, MIX_STEPS + 1)
+    loglik = torch.log1p(grid.unsqueeze(1) * lift.unsqueeze(0)).sum(dim=1)
+    return float(grid[loglik.argmax()])
 
 
 def blend_prior_shift(
     combined: torch.Tensor,
     shared_probs: torch.Tensor,
-    factor: torch.Tensor,
+    prior: torch.Tensor,
     weight: float,
     keep: torch.Tensor,
 ) -> torch.Tensor:
-    """(B, C) (1 - weight) * `combined` + weight * `shared_probs` re-weighted by the (C,)
-    `factor` (`own_prior_factor`) and renormalised; the rows of the bool (B,) mask `keep` stay
+    """(B, C) (1 - weight) * `combined` + weight * `shared_probs` re-weighted by the (C,) `prior`
+    and renormalised (for probabilities calibrated to balanced classes: the posterior under that
+    prior, if only the label frequencies differ); the rows of the bool (B,) mask `keep` stay
     exactly `combined`."""
-    shifted = shared_probs * factor
+    shifted = shared_probs * prior
     shifted = shifted / shifted.sum(dim=1, keepdim=True)
     return torch.where(keep.unsqueeze(1), combined, (1 - weight) * combined + weight * shifted)

@@ -59,11 +59,11 @@ def world(request) -> dict:
     gate = get("knowgate")
     weights = gate.reweight(ratios, answered, OWN, SHARED, cfg.gate.k, cfg.gate)
     mixed, _ = combine(weights, logits, answered, fallback=OWN)
-    # wave 3 as `finish_query` ends it: the blend towards the requester's own classes (on by
-    # default), with the labels its own expert trained on
+    # wave 3 as `finish_query` ends it: the blend towards the task's label prior (on by default,
+    # estimated from the test rows: one task), with the labels its own expert trained on
     shift = gate.prior_shift(cfg.gate, train_y[OWN], NUM_CLASSES, SHARED)
-    assert shift is not None and shift.weight == 0.5
-    mixed = apply_prior_shift(mixed, weights, logits, answered, shift)
+    assert shift is not None and (shift.weight, shift.mix) == (0.7, None)
+    mixed = apply_prior_shift(mixed, weights, logits, answered, shift, [len(test_y)])
     return {"logits": logits, "weights": weights, "mixed": mixed, "y": test_y, "cfg": cfg}
 
 

@@ -1,5 +1,6 @@
-"""KnowGate's blend towards the requester's own classes (`gate.know_prior_weight`,
-`gate.know_prior_boost`): what it computes, where wave 3 applies it, and where it must not."""
+"""KnowGate's blend towards the task's label prior (`gate.know_prior_weight`,
+`gate.know_prior_mix`): what it estimates, what it computes, where wave 3 applies it, and where it
+must not; each task's estimate reads its own rows only."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ import torch
 
 from nmoe.config import ConfigError, compose_config
 from nmoe.gates import get
-from nmoe.pipeline import PendingQuery, PriorShift, RoutePlan, finish_query
-from nmoe.routing import PRIOR_SMOOTHING, own_prior_factor
+from nmoe.pipeline import PendingQuery, PriorShift, RoutePlan, apply_prior_shift, finish_query
+from nmoe.routing import (
+    blend_prior_shift,
+    mixture_prior,
+    own_label_prior,
+    task_mixture_weight,
+)
 
 CLASSES = 3
 MEANS = torch.tensor([-2.0, 0.0, 2.0])  # class-conditional N(mean, 1) in one dimension
+OWN_LABELS = torch.tensor([0] * 30 + [1] * 9 + [2] * 1)  # a device that mostly saw class 0
 
 
 def density(x: torch.Tensor) -> torch.Tensor:
@@ -20,18 +27,56 @@ def density(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-0.5 * (x.view(-1, 1) - MEANS) ** 2)
 
 
-def test_boost_one_gives_the_bayes_posterior_of_the_even_mixture() -> None:
-    """Under label shift, the balanced posterior times the factor of boost 1 is the posterior of
-    an even mixture of the balanced distribution and the device's own."""
-    own_labels = torch.tensor([0] * 30 + [1] * 9 + [2] * 1)
-    counts = torch.bincount(own_labels, minlength=CLASSES).float() + PRIOR_SMOOTHING
-    own_prior = counts / counts.sum()
+def balanced_posterior(x: torch.Tensor) -> torch.Tensor:
+    """(B, C) the exact posterior under balanced classes: what the shared model approximates."""
+    return density(x) / density(x).sum(dim=1, keepdim=True)
+
+
+def task(mix: float, rows: int, seed: int) -> torch.Tensor:
+    """(rows,) inputs of a task drawn from `mixture_prior(own, mix)` under label shift."""
+    g = torch.Generator().manual_seed(seed)
+    prior = mixture_prior(own_label_prior(OWN_LABELS, CLASSES), mix)
+    y = torch.multinomial(prior, rows, replacement=True, generator=g)
+    return MEANS[y] + torch.randn(rows, generator=g)
+
+
+def test_the_mixture_prior_gives_the_bayes_posterior() -> None:
+    """The balanced posterior moved to a mixture prior (the blend at weight 1) is the posterior
+    of that mixture, if only the label frequencies differ."""
+    own = own_label_prior(OWN_LABELS, CLASSES)
     x = torch.linspace(-4, 4, 41)
-    balanced = density(x) / density(x).sum(dim=1, keepdim=True)
-    shifted = balanced * own_prior_factor(own_labels, CLASSES, 1.0)
-    shifted = shifted / shifted.sum(dim=1, keepdim=True)
-    mixture = density(x) * (0.5 * own_prior + 0.5 / CLASSES)
+    prior = mixture_prior(own, 0.5)
+    shifted = blend_prior_shift(
+        balanced_posterior(x), balanced_posterior(x), prior, 1.0, torch.zeros(41, dtype=torch.bool)
+    )
+    mixture = density(x) * (0.5 * own + 0.5 / CLASSES)
     assert torch.allclose(shifted, mixture / mixture.sum(dim=1, keepdim=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.4, 1.0])
+def test_a_task_recovers_the_weight_of_the_devices_own_distribution(mix: float) -> None:
+    own = own_label_prior(OWN_LABELS, CLASSES)
+    estimate = task_mixture_weight(balanced_posterior(task(mix, 4000, seed=1)), own)
+    assert abs(estimate - mix) <= 0.08
+    assert task_mixture_weight(torch.empty(0, CLASSES), own) == 0.0
+
+
+def test_moving_a_task_to_its_estimated_prior_beats_both_fixed_priors() -> None:
+    """On a task from the device's own distribution and on a balanced one, the estimated prior
+    answers as well as the right fixed prior and better than the wrong one."""
+    own = own_label_prior(OWN_LABELS, CLASSES)
+    g = torch.Generator().manual_seed(2)
+    for mix, wrong in ((1.0, 0.0), (0.0, 1.0)):
+        prior = mixture_prior(own, mix)
+        y = torch.multinomial(prior, 4000, replacement=True, generator=g)
+        probs = balanced_posterior(MEANS[y] + torch.randn(4000, generator=g))
+
+        def accuracy(m: float, probs: torch.Tensor = probs, y: torch.Tensor = y) -> float:
+            moved = probs * mixture_prior(own, m)
+            return float((moved.argmax(dim=1) == y).float().mean())
+
+        estimated = accuracy(task_mixture_weight(probs, own))
+        assert estimated >= accuracy(mix) - 0.005 and estimated > accuracy(wrong) + 0.02
 
 
 def _finish(shift: PriorShift | None, mode: str = "infer") -> torch.Tensor:
@@ -51,9 +96,9 @@ def _finish(shift: PriorShift | None, mode: str = "infer") -> torch.Tensor:
 
 def test_wave_three_blends_every_row_but_those_nobody_knows() -> None:
     own_labels = torch.tensor([0] * 40)  # a device that only ever saw class 0
-    cfg = compose_config(["experiment=digits_default"]).gate
+    cfg = compose_config(["experiment=digits_default", "gate.know_prior_mix=1.0"]).gate
     shift = get("knowgate").prior_shift(cfg, own_labels, CLASSES, shared=2)
-    assert shift is not None and (shift.weight, cfg.know_prior_boost) == (0.5, 2.0)
+    assert shift is not None and (shift.weight, shift.mix) == (0.7, 1.0)
     plain, blended = _finish(None), _finish(shift)
     assert torch.equal(blended[0], plain[0])  # nobody knows it: exactly the shared model
     for row in (1, 2):  # pulled towards the device's class 0, which now wins
@@ -65,9 +110,32 @@ def test_wave_three_blends_every_row_but_those_nobody_knows() -> None:
     assert get("knowgate").prior_shift(off, own_labels, CLASSES, shared=2) is None
 
 
+def test_each_task_estimates_its_prior_from_its_own_rows() -> None:
+    """Two tasks in one query (a task from the device's own distribution, a balanced one): each
+    is answered exactly as if it had come alone, and only the first is moved towards the
+    device's classes."""
+    own_task, balanced_task = task(1.0, 300, seed=3), task(0.0, 300, seed=4)
+    shift = PriorShift(shared=1, own_prior=own_label_prior(OWN_LABELS, CLASSES), weight=1.0)
+
+    def wave_three(x: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        shared = torch.log(balanced_posterior(x))
+        logits = torch.stack([torch.zeros_like(shared), shared], dim=1)  # (B, own + shared, C)
+        weights = torch.tensor([[0.5, 0.5]]).expand(len(x), -1)  # every row routed to both
+        answered = torch.ones(len(x), 2, dtype=torch.bool)
+        return apply_prior_shift(balanced_posterior(x), weights, logits, answered, shift, segments)
+
+    together = wave_three(torch.cat([own_task, balanced_task]), [300, 300])
+    assert torch.equal(together[:300], wave_three(own_task, [300]))
+    assert torch.equal(together[300:], wave_three(balanced_task, [300]))
+    moved_to_own = (together - balanced_posterior(torch.cat([own_task, balanced_task])))[:, 0]
+    assert moved_to_own[:300].mean() > 0.1 > moved_to_own[300:].abs().mean()
+    with pytest.raises(ValueError, match="segments"):
+        wave_three(own_task, [200])
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("gate.know_prior_weight=1.5", "know_prior_weight"), ("gate.know_prior_boost=-1", "boost")],
+    [("gate.know_prior_weight=1.5", "know_prior_weight"), ("gate.know_prior_mix=-1", "mix")],
 )
 def test_out_of_range_blend_options_are_refused(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):

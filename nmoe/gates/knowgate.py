@@ -10,22 +10,23 @@ the shared expert (H_0, or stage 1's model with `expert.shared_model=stage1`) co
 row as if at ratio `know_shared_ratio` (0: it does not). A sample that no reachable personal
 expert knows (every ratio, the own one unbiased, above `know_max_ratio`) goes to the shared
 expert alone: there the answer is exactly the shared model's. Every other row's answer is
-blended in wave 3 with the shared model's probabilities pulled towards the requester's own
-classes (`know_prior_weight`, `know_prior_boost`; `prior_shift`): under label shift, the posterior
-of a mixture of the balanced distribution and the device's own. Nothing is trained and no
-statistics are published; each answer reveals one familiarity ratio per row.
+blended in wave 3 with the shared model's probabilities moved to the task's label prior
+(`know_prior_weight`, `know_prior_mix`; `prior_shift`): a mixture of the balanced distribution and
+the device's own, whose weight each task's rows estimate by maximum likelihood (a balanced task
+keeps the balanced prior, a task from the device's own distribution gets the device's). Nothing is
+trained and no statistics are published; each answer reveals one familiarity ratio per row.
 Chosen on held-out seeds with bench/routing_lab.py (see bench/README.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ..pipeline import PriorShift
-from ..routing import own_prior_factor
+from ..routing import own_label_prior
 from .base import Gate, Params
 
 
@@ -37,10 +38,11 @@ class KnowGateOptions:
     know_temperature: float = 0.3  # softmax temperature over -ratio of the experts mixed
     know_max_ratio: float = 3.0  # beyond this ratio for every expert: the shared expert alone
     know_shared_ratio: float = 0.5  # > 0: the shared expert competes as if this familiar
-    # the requester's blend towards its own classes: this weight of the shared model's
-    # probabilities times 1 + know_prior_boost * C * (own label frequency), renormalised (0: off)
-    know_prior_weight: float = 0.5
-    know_prior_boost: float = 2.0
+    # the requester's blend towards the task's label prior: this weight of the shared model's
+    # probabilities moved to mix * (own label frequencies) + (1 - mix) * balanced (0: off) ...
+    know_prior_weight: float = 0.7
+    # ... mix estimated from each task's rows (None), or fixed (the twelfth session's 2/3)
+    know_prior_mix: Optional[float] = None
 
 
 class KnowGate(Gate):
@@ -68,9 +70,9 @@ class KnowGate(Gate):
             f"must be in [0, 1], got {g.know_prior_weight}",
         )
         require(
-            g.know_prior_boost >= 0,
-            "gate.know_prior_boost",
-            f"must be >= 0, got {g.know_prior_boost}",
+            g.know_prior_mix is None or 0 <= g.know_prior_mix <= 1,
+            "gate.know_prior_mix",
+            f"must be null (estimated per task) or in [0, 1], got {g.know_prior_mix}",
         )
         require(
             not used or bool(cfg.expert.shared_expert),
@@ -122,5 +124,10 @@ class KnowGate(Gate):
         weight = float(gate_cfg.know_prior_weight)
         if weight == 0 or shared is None:
             return None
-        factor = own_prior_factor(own_labels, num_classes, float(gate_cfg.know_prior_boost))
-        return PriorShift(shared, factor, weight)
+        mix = gate_cfg.know_prior_mix
+        return PriorShift(
+            shared,
+            own_label_prior(own_labels, num_classes),
+            weight,
+            None if mix is None else float(mix),
+        )
