@@ -7,9 +7,11 @@ It loads the personal state a training run saved under `state_key` once (the sam
 as the device's SuperNode: its data, policy, inbox and outbox), then watches the inbox: a file
 familiar to the device's own training data (local-first: within the `gate.local_first_quantile`
 of its nearest-neighbour distances, or the node's `min-local-first`, and passing the class check
-`gate.local_first_class_confidence` if set) is answered at once by the device's own expert,
-exactly as the routed query would answer it; the others are handed to the
-federation (`<inbox>/federated/`), which answers them in its next serving waves (`mode=serve`).
+`gate.local_first_class_confidence` if set) is answered at once on the device, as the routed query
+answers its local-first rows (its local head where it has one, else its expert; then the gate's
+wave-3 blend, e.g. KnowGate's towards the task's label prior, the files of one step being the
+task); the others are handed to the federation (`<inbox>/federated/`), which answers them in its
+next serving waves (`mode=serve`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.config import parse_config_args
 from safetensors import safe_open
 
+from nmoe import gates
+from nmoe.pipeline import PendingQuery, finish_query, plan_query
 from nmoe.routing import own_spread_of
 from nmoe.training import forward_batched
 
@@ -41,7 +45,17 @@ class DeviceService:
         node = self.node
         self.inbox = node.inbox()
         self.fe = node.extractor()
-        self.expert = node.expert()
+        self.experts = node.local_experts()  # its own expert and the shared slot
+        self.own_model = node.local_head()  # None: its expert answers its own rows
+        gate = gates.get(str(node.cfg.gate.method))
+        self.gate_name = gate.name
+        self.shift = (
+            gate.prior_shift(
+                node.cfg.gate, node.split("expert")[1], node.num_classes, node.shared_expert_id
+            )
+            if gate.asks_familiarity
+            else None
+        )
         quantile = node.policy.local_first(float(node.cfg.gate.local_first_quantile))
         self.quantile = quantile
         self.own_feats = forward_batched(self.fe, node.data.train_x) if quantile > 0 else None
@@ -60,12 +74,23 @@ class DeviceService:
             local = self.node.local_rows(feats, self.own_feats, self.quantile, self.own_spread)
         chosen = [i for i, keep in zip(items, local.tolist(), strict=True) if keep]
         if chosen:
-            probs = torch.softmax(forward_batched(self.expert, feats[local]), dim=1)
-            self.inbox.answer(chosen, probs, "device")
+            self.inbox.answer(chosen, self.answer(feats[local]), "device")
         for item, keep in zip(items, local.tolist(), strict=True):
             if not keep:
                 self.inbox.defer(item)
         return {"device": len(chosen), "federated": len(items) - len(chosen)}
+
+    def answer(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, C) probabilities for rows kept on the device: waves 1 and 3 of a routed query
+        whose rows all stay local (no wave 2)."""
+        node, rows = self.node, len(feats)
+        weights = torch.zeros(rows, node.num_experts)
+        everything = torch.ones(rows, dtype=torch.bool)
+        plan = plan_query(feats, weights, self.experts, node.pid, everything, self.own_model)
+        labels = torch.zeros(rows, dtype=torch.long)  # unknown: the accuracy is not used
+        pending = PendingQuery(plan, labels, [rows], "serve", self.gate_name)
+        (report,) = finish_query(pending, {}, node.num_classes, node.pid, prior_shift=self.shift)
+        return report.probabilities
 
 
 def load_node(node_config: dict[str, Any], state_key: str) -> Node:
