@@ -379,13 +379,9 @@ class LocalPipeline:
                 if asks
                 else None
             )
-            shift = (
-                self.gate.prior_shift(
-                    self.cfg.gate, self.expert_y[pid], self.num_classes, self.shared_id
-                )
-                if asks
-                else None
-            )
+            shift = self.gate.prior_shift(
+                self.cfg.gate, self.expert_y[pid], self.num_classes, self.shared_id
+            )  # None for gates with no wave-3 blend
             pending = PendingQuery(plan, y, [len(y)], "infer", self.gate.name, own_ratio)
             reports = finish_query(pending, remote, self.num_classes, pid, ratios, reweight, shift)
             predictions[pid] = reports[0].predictions

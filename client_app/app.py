@@ -663,9 +663,7 @@ def combine_answer(node: Node, request: wire.CombineRequest) -> wire.CombineRepl
     reweight, ratios, shift = None, {}, None
     if asks:
         gate, gate_cfg = gates.get(pending.gate), node.cfg.gate
-        shift = gate.prior_shift(
-            gate_cfg, node.split("expert")[1], node.num_classes, node.shared_expert_id
-        )
+        shift = node.prior_shift(gate)
         reweight = partial(
             gate.reweight,
             own=node.pid,

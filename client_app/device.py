@@ -49,13 +49,7 @@ class DeviceService:
         self.own_model = node.local_head()  # None: its expert answers its own rows
         gate = gates.get(str(node.cfg.gate.method))
         self.gate_name = gate.name
-        self.shift = (
-            gate.prior_shift(
-                node.cfg.gate, node.split("expert")[1], node.num_classes, node.shared_expert_id
-            )
-            if gate.asks_familiarity
-            else None
-        )
+        self.shift = node.prior_shift(gate)  # None for gates with no wave-3 blend
         quantile = node.policy.local_first(float(node.cfg.gate.local_first_quantile))
         self.quantile = quantile
         self.own_feats = forward_batched(self.fe, node.data.train_x) if quantile > 0 else None

@@ -31,6 +31,7 @@ from nmoe.datasets import DatasetInfo, dataset_info
 from nmoe.device_data import load_device_data
 from nmoe.inbox import Inbox
 from nmoe.models import ExtractorBundle, build_bundle, build_expert, load_numpy, stage1_keys
+from nmoe.pipeline import PriorShift
 from nmoe.routing import (
     familiarity_radius,
     familiarity_ratios,
@@ -138,6 +139,12 @@ class Node:
         expert = build_expert(self.cfg.model, self.num_classes, self.seed())
         load_numpy(expert, self.state.get(group))
         return expert
+
+    def prior_shift(self, gate: gates.Gate) -> PriorShift | None:
+        """The blend `gate` asks this device to apply in wave 3 (`Gate.prior_shift`), from the
+        labels of its own expert's training images; None: no blend."""
+        labels = self.split("expert")[1]
+        return gate.prior_shift(self.cfg.gate, labels, self.num_classes, self.shared_expert_id)
 
     def local_head(self) -> torch.nn.Module | None:
         """The head that answers this device's own local-first rows where `expert.local_head`
