@@ -113,6 +113,7 @@ def method_stages(config: dict[str, Any]) -> dict[str, list[str]]:
         "local_expert": personal,
         "shared_fe_own_head": [fe, "baseline_own_head"],
         "fedavg": [fe] if config["fe"]["method"] == "fedce" else ["baseline_fedavg"],
+        "fedavg_task_prior": [fe] if config["fe"]["method"] == "fedce" else ["baseline_fedavg"],
         "local_only": ["baseline_local_only"],
         "centralized": [],  # moves no model; see raw_training_data_upload_bytes
         "oracle_router": personal,

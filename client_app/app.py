@@ -33,6 +33,7 @@ from nmoe.pipeline import (
     outgoing_features,
     plan_query,
 )
+from nmoe.routing import move_to_task_prior, own_label_prior
 from nmoe.ssl import client_correlation, round_lr
 from nmoe.training import (
     accuracy,
@@ -388,20 +389,25 @@ def train_local_only(node: Node, request: wire.LocalOnlyRequest) -> wire.Accurac
         batch_size=int(ex.batch_size),
         seed=node.seed(7),
     )
-    reply = accuracies(node, len(y), [lambda inp: expert(bundle.fe(inp))])
+    reply = accuracies(node, len(y), [partial(forward_batched, lambda x: expert(bundle.fe(x)))])
     return dataclasses.replace(reply, epochs_run=int(run["epochs_run"]))
 
 
-def accuracies(node: Node, num_examples: int, models: list[Callable]) -> wire.Accuracies:
-    """Each model's accuracy on the local test split and (if the node holds one) the global set."""
+def accuracies(node: Node, num_examples: int, answerers: list[Callable]) -> wire.Accuracies:
+    """Each answerer's accuracy on the local test split and (if the node holds one) the global
+    set; an answerer takes a whole split (one task) and returns (n, C) class scores."""
     d = node.data
     return wire.Accuracies(
         num_examples=num_examples,
-        acc_local=[accuracy(forward_batched(m, d.test_x), d.test_y) for m in models],
-        acc_global=[accuracy(forward_batched(m, d.global_x), d.global_y) for m in models]
-        if d.has_global
-        else [],
+        acc_local=[accuracy(a(d.test_x), d.test_y) for a in answerers],
+        acc_global=[accuracy(a(d.global_x), d.global_y) for a in answerers] if d.has_global else [],
     )
+
+
+def at_task_prior(model: Callable, own_prior: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`model`'s class probabilities on the task `x` moved to the label prior estimated from the
+    task's own rows (`fedavg_task_prior`)."""
+    return move_to_task_prior(torch.softmax(forward_batched(model, x), dim=1), own_prior)
 
 
 # ---------------------------------------------------------------------------- stage 3
@@ -438,23 +444,28 @@ def train_gate(node: Node, request: wire.GateRequest) -> wire.TrainReply:
 def evaluate(node: Node, request: wire.EvaluateRequest) -> wire.Accuracies:
     """Accuracies of the methods answered without routing, on local test and global test."""
     bundle = node.installed_bundle()
-    models: list[Callable] = []
+    fedavg = bundle  # the stage-1 model, or the separately trained FedCE model
+    if node.state.has(FEDAVG_GROUP):
+        fedavg = node.bundle(node.state.get(FEDAVG_GROUP), "fedce")
+    answerers: list[Callable] = []
     for method in request.methods:
         if method in ("local_expert", "local_head"):
             own = node.expert() if method == "local_expert" else node.local_head()
             if own is None:
                 raise ValueError("this node holds no local head (expert.local_head)")
-            models.append(lambda x, e=own: e(bundle.fe(x)))
-        elif method == "fedavg":  # the stage-1 model, or the separately trained FedCE model
-            fedavg = bundle
-            if node.state.has(FEDAVG_GROUP):
-                fedavg = node.bundle(node.state.get(FEDAVG_GROUP), "fedce")
-            models.append(fedavg.classify)
+            model: Callable = lambda x, e=own: e(bundle.fe(x))
+        elif method == "fedavg":
+            model = fedavg.classify
+        elif method == "fedavg_task_prior":
+            prior = own_label_prior(node.own_labels(), node.num_classes)
+            answerers.append(partial(at_task_prior, fedavg.classify, prior))
+            continue
         else:
             head = node.bundle().head
             load_numpy(head, node.state.get(OWN_HEAD_GROUP))
-            models.append(lambda x, h=head: h(bundle.fe(x)))
-    return accuracies(node, len(node.data.test_y), models)
+            model = lambda x, h=head: h(bundle.fe(x))
+        answerers.append(partial(forward_batched, model))
+    return accuracies(node, len(node.data.test_y), answerers)
 
 
 # ---------------------------------------------------------------------------- peer inference

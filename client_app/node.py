@@ -143,8 +143,14 @@ class Node:
     def prior_shift(self, gate: gates.Gate) -> PriorShift | None:
         """The blend `gate` asks this device to apply in wave 3 (`Gate.prior_shift`), from the
         labels of its own expert's training images; None: no blend."""
-        labels = self.split("expert")[1]
-        return gate.prior_shift(self.cfg.gate, labels, self.num_classes, self.shared_expert_id)
+        return gate.prior_shift(
+            self.cfg.gate, self.own_labels(), self.num_classes, self.shared_expert_id
+        )
+
+    def own_labels(self) -> torch.Tensor:
+        """The labels of the images this device's own expert trains on: what its label prior is
+        read from."""
+        return self.split("expert")[1]
 
     def local_head(self) -> torch.nn.Module | None:
         """The head that answers this device's own local-first rows where `expert.local_head`

@@ -29,7 +29,14 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 EXTRACTORS = ("cnn", "resnet")
 TOPOLOGIES = ("full", "ring", "regular", "geometric")
 # baselines besides the gates: the FedAvg model, FedRep-style heads, local-only, pooled data
-MODEL_BASELINES = ("fedavg", "shared_fe_own_head", "local_only", "centralized", "oracle_router")
+MODEL_BASELINES = (
+    "fedavg",
+    "fedavg_task_prior",
+    "shared_fe_own_head",
+    "local_only",
+    "centralized",
+    "oracle_router",
+)
 BASELINES = MODEL_BASELINES + gates.names()
 ALL_BASELINES = "all"  # `baselines=[all]`: every baseline above, the registry's gates included
 LOG_LEVELS = ("quiet", "info", "verbose")

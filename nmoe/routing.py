@@ -215,10 +215,21 @@ def blend_prior_shift(
     weight: float,
     keep: torch.Tensor,
 ) -> torch.Tensor:
-    """(B, C) (1 - weight) * `combined` + weight * `shared_probs` re-weighted by the (C,) `prior`
-    and renormalised (for probabilities calibrated to balanced classes: the posterior under that
-    prior, if only the label frequencies differ); the rows of the bool (B,) mask `keep` stay
-    exactly `combined`."""
-    shifted = shared_probs * prior
-    shifted = shifted / shifted.sum(dim=1, keepdim=True)
+    """(B, C) (1 - weight) * `combined` + weight * `shared_probs` moved to the (C,) `prior`
+    (`move_to_prior`); the rows of the bool (B,) mask `keep` stay exactly `combined`."""
+    shifted = move_to_prior(shared_probs, prior)
     return torch.where(keep.unsqueeze(1), combined, (1 - weight) * combined + weight * shifted)
+
+
+def move_to_prior(probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """(B, C) `probs` re-weighted by the (C,) `prior` and renormalised: for probabilities
+    calibrated to balanced classes, the posterior under that prior if only the label frequencies
+    differ."""
+    shifted = probs * prior
+    return shifted / shifted.sum(dim=1, keepdim=True)
+
+
+def move_to_task_prior(probs: torch.Tensor, own_prior: torch.Tensor) -> torch.Tensor:
+    """(B, C) `probs` of one task's rows moved to the prior `task_mixture_weight` estimates from
+    those rows: the correction KnowGate's wave 3 applies, on one model alone."""
+    return move_to_prior(probs, mixture_prior(own_prior, task_mixture_weight(probs, own_prior)))

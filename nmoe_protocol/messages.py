@@ -72,7 +72,13 @@ GATED_MODES = ("infer", "serve")  # the gate routes (and local-first applies)
 SETUP_REFUSED = 1701
 _REFUSAL = re.compile(r"^setup refused by partition (\d+) of (\d+): ")
 SPLITS = ("train", "gate", "test", "global", "inbox")
-LOCAL_EVAL_METHODS = ("local_expert", "local_head", "fedavg", "shared_fe_own_head")
+LOCAL_EVAL_METHODS = (
+    "local_expert",
+    "local_head",
+    "fedavg",
+    "fedavg_task_prior",
+    "shared_fe_own_head",
+)
 
 # Personal state groups a node reports holding (`NodeInfo.holds`): a resumed run skips a
 # client-side stage whose result every node still holds.

@@ -47,7 +47,8 @@ def run_stages(run: Run) -> None:
     plain_fedce = (
         method == "fedce" and float(cfg.fe.logit_adjust) == 0 and float(cfg.fe.server_momentum) == 0
     )
-    if "fedavg" in cfg.baselines and not plain_fedce:  # FedAvg: a plain FedCE run of its own
+    with_fedavg = {"fedavg", "fedavg_task_prior"} & set(cfg.baselines)
+    if with_fedavg and not plain_fedce:  # FedAvg: a plain FedCE run of its own
         fedavg = run.resumable(
             "baseline_fedavg",
             lambda: extractor.train_extractor(run, "fedce", "baseline_fedavg", "fedavg"),

@@ -150,7 +150,9 @@ def test_panel_and_comm(out_dir: Path) -> None:
     assert {"nmoe", "local_expert", "fedavg", "centralized", "oracle_router"} <= methods
     assert set(gates.names()) <= methods  # the panel preset runs every gate of the registry
     assert {"global_vs_fedavg", "local_vs_best_personal", "headroom_share"} <= set(cell["bars"])
-    assert {"on_pareto_front", "gap_to_centralized"} <= set(cell["bars"])
+    assert {"on_pareto_front", "gap_to_centralized", "gap_to_fedavg_task_prior"} <= set(
+        cell["bars"]
+    )
     assert cell["pareto_front"] and not {"centralized", "oracle_router"} & set(cell["pareto_front"])
     assert panel["cells"][0]["config"]["simulation"]["num_clients"] == 3
     (bar_note,) = [n for n in panel["notes"] if n.startswith("Bars")]  # names what bars() reads

@@ -304,6 +304,7 @@ def test_routing_k_larger_than_neighbourhood_raises():
 ALL_METHODS = (
     "oracle_router",
     "fedavg",
+    "fedavg_task_prior",
     "shared_fe_own_head",
     "local_only",
     "centralized",
@@ -336,8 +337,8 @@ def rollgate_results(tmp_path_factory):
             "fe.local_epochs=1",
             f"baseline.epochs={CONVERGENCE_CAP}",
             f"baseline.patience={PATIENCE}",
-            "baselines=[fedavg,shared_fe_own_head,local_only,centralized,rangate,fedgate,"
-            "oracle_router]",
+            "baselines=[fedavg,fedavg_task_prior,shared_fe_own_head,local_only,centralized,"
+            "rangate,fedgate,oracle_router]",
         ],
     )
 

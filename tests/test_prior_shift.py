@@ -133,6 +133,34 @@ def test_each_task_estimates_its_prior_from_its_own_rows() -> None:
         wave_three(own_task, [200])
 
 
+def test_the_fedavg_task_prior_baseline_moves_each_whole_split_to_its_own_prior() -> None:
+    """`fedavg_task_prior` (the label-shift correction without experts) reads its prior from the
+    whole split it answers, even one larger than an inference batch: it answers the device-like
+    task better than the model alone and the balanced task no worse."""
+    from client_app.app import at_task_prior
+    from nmoe.training import INFERENCE_BATCH
+
+    own = own_label_prior(OWN_LABELS, CLASSES)
+    rows = 3 * INFERENCE_BATCH
+    g = torch.Generator().manual_seed(4)
+
+    def model(x: torch.Tensor) -> torch.Tensor:  # calibrated to balanced classes
+        return torch.log(balanced_posterior(x.view(-1)))
+
+    for mix in (1.0, 0.0):
+        y = torch.multinomial(mixture_prior(own, mix), rows, replacement=True, generator=g)
+        x = (MEANS[y] + torch.randn(rows, generator=g)).view(-1, 1)
+        moved = at_task_prior(model, own, x)
+        whole = balanced_posterior(x.view(-1)) * mixture_prior(
+            own, task_mixture_weight(balanced_posterior(x.view(-1)), own)
+        )
+        assert torch.allclose(moved, whole / whole.sum(dim=1, keepdim=True), atol=1e-6)
+        gain = (moved.argmax(dim=1) == y).float().mean() - (
+            model(x).argmax(dim=1) == y
+        ).float().mean()
+        assert gain > 0.05 if mix == 1.0 else gain >= -0.005
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [("gate.know_prior_weight=1.5", "know_prior_weight"), ("gate.know_prior_mix=-1", "mix")],

@@ -98,10 +98,12 @@ def evaluate_routed(run: Run, gate_names: list[str], nmoe_gate: str) -> None:
 
 
 def evaluate_local(run: Run) -> None:
-    """Methods answered on each client alone: own expert, local head, F + global head, F + own
-    head."""
+    """Methods answered on each client alone: own expert, local head, F + global head (alone and
+    moved to each task's label prior), F + own head."""
     methods = ["local_expert"] + (["local_head"] if run.cfg.expert.local_head else [])
-    methods += [m for m in ("fedavg", "shared_fe_own_head") if m in run.cfg.baselines]
+    methods += [
+        m for m in ("fedavg", "fedavg_task_prior", "shared_fe_own_head") if m in run.cfg.baselines
+    ]
     replies = run.broadcast(wire.EvaluateRequest(methods=methods), wire.Accuracies)
     for i, method in enumerate(methods):
         local = {p: r.acc_local[i] for p, r in replies.items()}
