@@ -22,7 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 from benchlib import base_parser, machine_info, write_result
-from panel import BAR_GLOBAL_MARGIN, BAR_LOCAL_MARGIN, DATASET_SETTINGS, PERSONAL, SETTINGS, preset
+from panel import (
+    BAR_GLOBAL_MARGIN,
+    BAR_LOCAL_MARGIN,
+    DATASET_SETTINGS,
+    HEADROOM_MIN,
+    PERSONAL,
+    SETTINGS,
+    preset,
+)
 
 NAME = "routing_lab"
 # what the rules need: F, experts, H_0 and the baselines they are compared with (no trained gate)
@@ -230,6 +238,132 @@ def rule_stage1_task_prior(fed: Federation, i: int, split: str) -> torch.Tensor:
     return blend_prior_shift(probs, probs, prior, 1.0, torch.zeros(len(probs), dtype=torch.bool))
 
 
+# ---------------------------------------------------------------------------- pooled-label ceilings
+# Not deployable: each is fitted on every client's labelled images pooled in one place, with every
+# expert's outputs on them (an expert never on its own training images). They measure how
+# much of the oracle's headroom a combiner of these experts could close with labels no federated
+# gate holds. The shared slot holds stage 1's model where the panel's gate puts it there.
+POOLED_STEPS, POOLED_LR, POOLED_DECAYS, POOLED_VAL = 400, 0.02, (0.0, 1e-3, 1e-2, 1e-1), 0.25
+
+
+def pooled_inputs(fed: Federation, feats: torch.Tensor, i: int | None = None) -> torch.Tensor:
+    """(B, E, C) every expert's log-probabilities on `feats` (the shared slot as the panel's
+    gate fills it); experts out of client i's reach at log(1/C)."""
+    from nmoe.training import forward_batched
+
+    logits = torch.stack([forward_batched(e, feats) for e in fed.experts], dim=1)
+    if KNOWGATE_DEFAULTS.get("shared_model") == "stage1" and fed.shared is not None:
+        logits[:, fed.shared] = forward_batched(fed.head, feats)
+    logp = torch.log_softmax(logits, dim=2)
+    if i is not None:
+        logp[:, ~fed.data[i]["reachable"]] = -float(np.log(logp.shape[2]))
+    return logp
+
+
+def pooled_rows(fed: Federation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every labelled image of every client: features, labels, expert log-probabilities and
+    reach (B, E). On a client's expert split its own expert (trained on those rows) counts as out
+    of reach, so that no expert is scored on its own training images."""
+    parts = []
+    for i, d in enumerate(fed.data):
+        own_out = d["reachable"].clone()
+        own_out[i] = False
+        for x, y, reach in ((d["gate_feats"], d["gate_y"], d["reachable"]),
+                            (d["expert_feats"], d["expert_y"], own_out)):  # fmt: skip
+            if len(y):
+                logp = pooled_inputs(fed, x, i)
+                logp[:, ~reach] = -float(np.log(logp.shape[2]))
+                parts.append((x, y, logp, reach.expand(len(y), -1)))
+    feats, y, logp, reach = (torch.cat([p[k] for p in parts]) for k in range(4))
+    return feats, y, logp, reach
+
+
+def fit_pooled(
+    loss_of: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    make: Callable[[], torch.nn.Module],
+    rows: int,
+    seed: int,
+) -> torch.nn.Module:
+    """Adam on the full batch: weight decay and steps chosen on a held-out quarter of the rows
+    (by the loss), then refitted on every row with that choice."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(rows, generator=g)
+    val, fit = order[: int(POOLED_VAL * rows)], order[int(POOLED_VAL * rows) :]
+
+    def train(index: torch.Tensor, decay: float, steps: int, watch: torch.Tensor | None):
+        torch.manual_seed(seed)
+        model = make()
+        opt = torch.optim.Adam(model.parameters(), lr=POOLED_LR, weight_decay=decay)
+        best = (float("inf"), steps)
+        for step in range(1, steps + 1):
+            opt.zero_grad()
+            loss_of(model, index).backward()
+            opt.step()
+            if watch is not None and step % 10 == 0:
+                with torch.no_grad():
+                    best = min(best, (float(loss_of(model, watch)), step))
+        return model, best
+
+    choices = [(train(fit, d, POOLED_STEPS, val)[1], d) for d in POOLED_DECAYS]
+    (_, steps), decay = min(choices)
+    return train(torch.arange(rows), decay, steps, None)[0]
+
+
+def pooled_models(fed: Federation) -> dict[str, torch.nn.Module]:
+    """The three pooled-label combiners of one federation, fitted once."""
+    key = ("pooled",)
+    if key in fed.ratio_cache:
+        return fed.ratio_cache[key]
+    feats, y, logp, reach = pooled_rows(fed)
+    mean, std = feats.mean(dim=0), feats.std(dim=0) + 1e-6
+    z = (feats - mean) / std
+    dim, experts, classes = feats.shape[1], logp.shape[1], logp.shape[2]
+
+    def gate_loss(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        scores = model(z[idx]).masked_fill(~reach[idx], -float("inf"))
+        mix = torch.logsumexp(torch.log_softmax(scores, dim=1).unsqueeze(2) + logp[idx], dim=1)
+        return -mix.gather(1, y[idx].view(-1, 1)).mean()
+
+    stack_in = torch.cat([z, logp.flatten(1)], dim=1)
+
+    def stack_loss(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(stack_in[idx]), y[idx])
+
+    def head_loss(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(z[idx]), y[idx])
+
+    models = {
+        "gate": fit_pooled(gate_loss, lambda: torch.nn.Linear(dim, experts), len(y), 0),
+        "stack": fit_pooled(
+            stack_loss, lambda: torch.nn.Linear(stack_in.shape[1], classes), len(y), 0
+        ),
+        "head": fit_pooled(head_loss, lambda: torch.nn.Linear(dim, classes), len(y), 0),
+    }
+    fed.ratio_cache[key] = models
+    fed.ratio_cache[("pooled_norm",)] = (mean, std)
+    return models
+
+
+def pooled_rule(kind: str) -> Rule:
+    """Client i's answer by the pooled-label combiner `kind` (gate, stack or head)."""
+
+    def rule(fed: Federation, i: int, split: str) -> torch.Tensor:
+        model = pooled_models(fed)[kind]
+        mean, std = fed.ratio_cache[("pooled_norm",)]
+        feats = fed.data[i][split]["feats"]
+        z = (feats - mean) / std
+        with torch.no_grad():
+            if kind == "head":
+                return torch.softmax(model(z), dim=1)
+            logp = pooled_inputs(fed, feats, i)
+            if kind == "stack":
+                return torch.softmax(model(torch.cat([z, logp.flatten(1)], dim=1)), dim=1)
+            scores = model(z).masked_fill(~fed.data[i]["reachable"], -float("inf"))
+            return torch.exp(torch.logsumexp(torch.log_softmax(scores, 1).unsqueeze(2) + logp, 1))
+
+    return rule
+
+
 def local_first_rows(fed: Federation, i: int, split: str, options: dict[str, Any]) -> torch.Tensor:
     """bool (B,): the rows device i answers alone under gate `options` (as `Node.local_rows`)."""
     from nmoe.routing import familiar, outside_own_classes
@@ -357,6 +491,9 @@ RULES: dict[str, Rule] = {
     "knowgate_without_prior_shift": rule_gate({**KNOWGATE_DEFAULTS, "know_prior_weight": 0.0}),
     "knowgate_fixed_prior": rule_gate({**KNOWGATE_DEFAULTS, **TWELFTH_PRIOR}),
     "stage1_task_prior": rule_stage1_task_prior,
+    "pooled_label_gate": pooled_rule("gate"),
+    "pooled_label_stack": pooled_rule("stack"),
+    "pooled_label_head": pooled_rule("head"),
 }
 
 
@@ -404,6 +541,23 @@ def ranking(table: dict[str, Any]) -> list[dict[str, Any]]:
                 row["shortfall"] += shortfall(s, bar)
                 row["met"] += sum(s[k] >= bar[k] for k in ("test", "global"))
     return sorted(totals.values(), key=lambda row: row["shortfall"])
+
+
+def headroom_shares(table: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per federation, the share of the oracle router's global headroom over fedavg (the run's
+    own, as `panel.headroom` reads it) each named rule closes, where that headroom is at least
+    HEADROOM_MIN."""
+    out = {}
+    for name, seeds in table.items():
+        for seed, scores in seeds.items():
+            run = scores["run"]
+            room = run["oracle_router"]["global"] - run["fedavg"]["global"]
+            if room >= HEADROOM_MIN:
+                out[f"{name}/seed{seed}"] = {
+                    rule: (scores[rule]["global"] - run["fedavg"]["global"]) / room
+                    for rule in RULES
+                }
+    return out
 
 
 def grid(base: dict[str, Any], axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -479,7 +633,12 @@ def main() -> None:
     ranked = ranking(table)
     for row in ranked[:10]:
         print(f"[lab] shortfall {row['shortfall']:.1f}, bars met {row['met']}: {row['rule']}")
-    payload = {"scores": table, "rules": list(RULES), "ranking": ranked}
+    shares = headroom_shares(table)
+    for rule in RULES:
+        values = [v[rule] for v in shares.values()]
+        if values:
+            print(f"[lab] headroom closed, mean over {len(values)}: {np.mean(values):.0%} {rule}")
+    payload = {"scores": table, "rules": list(RULES), "ranking": ranked, "headroom": shares}
     write_result(args.out_dir, NAME, payload, started)
     print(json.dumps(table, indent=1)[:2000])
 
