@@ -229,13 +229,12 @@ def rule_class_oracle(fed: Federation, i: int, split: str) -> torch.Tensor:
 
 def rule_stage1_task_prior(fed: Federation, i: int, split: str) -> torch.Tensor:
     """Stage 1's model alone, moved to the label prior its task's rows estimate (as KnowGate's
-    blend does with weight 1, on every row): what the estimate is worth without any expert."""
-    from nmoe.routing import blend_prior_shift, mixture_prior, own_label_prior, task_mixture_weight
+    blend does with weight 1, on every row): what the estimate is worth without any expert. The
+    panel's `fedavg_task_prior` baseline."""
+    from nmoe.routing import move_to_task_prior, own_label_prior
 
     probs = rule_fedavg(fed, i, split)
-    own = own_label_prior(fed.data[i]["expert_y"], probs.shape[1])
-    prior = mixture_prior(own, task_mixture_weight(probs, own))
-    return blend_prior_shift(probs, probs, prior, 1.0, torch.zeros(len(probs), dtype=torch.bool))
+    return move_to_task_prior(probs, own_label_prior(fed.data[i]["expert_y"], probs.shape[1]))
 
 
 # ---------------------------------------------------------------------------- pooled-label ceilings
@@ -609,6 +608,7 @@ def main() -> None:
     for dataset, setting, seed_name in named:
         seed = seed_name.removeprefix("seed")
         cfg, run_dir = lab_config(run_root, dataset, setting, seed, args.overrides)
+        torch.set_num_threads(max(1, int(cfg.torch_threads)))  # as the panel's jobs run
         if not (args.reuse and (run_dir / "results.json").is_file()):
             t0 = time.monotonic()
             simulate(cfg, run_dir)

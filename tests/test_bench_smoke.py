@@ -9,9 +9,11 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -230,3 +232,73 @@ def test_scale(out_dir: Path) -> None:
         for s in result["sizes"]
     )
     assert result["fits_seconds_vs_clients"]["fe_ce"]["points"] == 2
+
+
+class _KnowsClasses(torch.nn.Module):
+    """An expert on 2-D features that knows `classes` (nearest centre among them) and gives every
+    other class a logit of -50: confidently wrong on the classes it never saw."""
+
+    def __init__(self, centres: torch.Tensor, classes: list[int]) -> None:
+        super().__init__()
+        self.centres, self.known = centres, torch.zeros(len(centres), dtype=torch.bool)
+        self.known[classes] = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = -(torch.cdist(x, self.centres) ** 2)
+        return logits.masked_fill(~self.known, -50.0)
+
+
+def test_the_pooled_label_gate_learns_who_knows_what_and_its_headroom_share_is_read_right():
+    """The routing lab's pooled-label ceiling on a constructed federation: two experts that each
+    know two of four classes and a shared slot that knows none; fitted on both clients' labelled
+    rows pooled, the gate routes the balanced test almost perfectly, where either expert alone
+    gets half of it."""
+    import routing_lab
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 6,000 small steps: 4 s on one thread, minutes on two under load
+    try:
+        _pooled_gate_case(routing_lab)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pooled_gate_case(routing_lab: Any) -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [0.0, 4.0], [4.0, 0.0], [4.0, 4.0]])
+
+    def rows(classes: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=g)]
+        return centres[y] + 0.5 * torch.randn(n, 2, generator=g), y
+
+    experts = [_KnowsClasses(centres, [0, 1]), _KnowsClasses(centres, [2, 3])]
+    blind = torch.nn.Linear(2, 4)  # stage 1's model in the shared slot: uniform
+    torch.nn.init.zeros_(blind.weight), torch.nn.init.zeros_(blind.bias)
+    gx, gy = rows([0, 1, 2, 3], 200)
+    data = []
+    for known in ([0, 1], [2, 3]):
+        (ex, ey), (tx, ty) = rows(known, 100), rows(known, 40)
+        data.append(
+            {
+                "expert_feats": ex,
+                "expert_y": ey,
+                "gate_feats": tx,
+                "gate_y": ty,
+                "global": {"feats": gx, "y": gy},
+                "reachable": torch.tensor([True, True, True]),
+            }
+        )
+    fed = SimpleNamespace(n=2, shared=2, num_experts=3, experts=[*experts, blind], head=blind)
+    fed.data, fed.ratio_cache = data, {}
+    gate = routing_lab.RULES["pooled_label_gate"]
+    for i in range(2):
+        right = gate(fed, i, "global").argmax(dim=1) == gy
+        assert float(right.float().mean()) >= 0.95
+        assert float((experts[i](gx).argmax(dim=1) == gy).float().mean()) <= 0.6
+
+    scores = {rule: {"test": 0.5, "global": 0.7} for rule in routing_lab.RULES}
+    scores["run"] = {"fedavg": {"global": 0.6}, "oracle_router": {"global": 1.0}}
+    shares = routing_lab.headroom_shares({"a/x": {"1": scores}, "b/y": {"1": {**scores, "run": {
+        "fedavg": {"global": 0.6}, "oracle_router": {"global": 0.61}}}}})  # fmt: skip
+    assert list(shares) == ["a/x/seed1"]  # b/y's headroom is under 2 points
+    assert shares["a/x/seed1"]["pooled_label_gate"] == pytest.approx(0.25)
