@@ -363,6 +363,79 @@ def pooled_rule(kind: str) -> Rule:
     return rule
 
 
+# ---------------------------------------------------------------------------- CCVR (a direction)
+# Classifier calibration with virtual representations (Luo et al., NeurIPS 2021): each client
+# shares per-class counts, means and covariances of F's features on its labelled images; the
+# server pools them into one Gaussian per class, samples a balanced set of virtual features and
+# fine-tunes stage 1's head on them. The lab fits it offline, with fixed settings (not tuned).
+CCVR_PER_CLASS, CCVR_STEPS, CCVR_LR = 300, 200, 0.01
+
+
+def class_statistics(feats: torch.Tensor, y: torch.Tensor, classes: int) -> list[tuple]:
+    """Per class: (count, mean, sum of outer products), what one client would share."""
+    return [(int((y == c).sum()), feats[y == c].sum(0), feats[y == c].T @ feats[y == c])
+            for c in range(classes)]  # fmt: skip
+
+
+def ccvr_head(fed: Federation, seed: int = 0) -> torch.nn.Module:
+    """Stage 1's head fine-tuned on virtual features drawn from the pooled class Gaussians."""
+    import copy
+
+    classes = fed.head.out_features
+    stats = [
+        class_statistics(torch.cat([d["expert_feats"], d["gate_feats"]]),
+                         torch.cat([d["expert_y"], d["gate_y"]]), classes)
+        for d in fed.data
+    ]  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c in range(classes):
+        n = sum(s[c][0] for s in stats)
+        if n < 2:
+            continue
+        mean = sum(s[c][1] for s in stats) / n
+        cov = sum(s[c][2] for s in stats) / n - torch.outer(mean, mean)
+        cov = cov * n / (n - 1) + 1e-4 * torch.eye(len(mean))
+        dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        xs.append(dist.sample((CCVR_PER_CLASS,)))
+        ys.append(torch.full((CCVR_PER_CLASS,), c))
+    x, y = torch.cat(xs), torch.cat(ys)
+    head = copy.deepcopy(fed.head)
+    opt = torch.optim.Adam(head.parameters(), lr=CCVR_LR)
+    for _ in range(CCVR_STEPS):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(x), y).backward()
+        opt.step()
+    return head.eval()
+
+
+def ccvr_view(fed: Federation) -> Any:
+    """The federation with stage 1's head replaced by its CCVR-calibrated copy (in the shared
+    slot, in local-first's class check, wherever the rules read `fedavg`)."""
+    import copy
+
+    key = ("ccvr_view",)
+    if key not in fed.ratio_cache:
+        head = ccvr_head(fed)
+        view = copy.copy(fed)
+        view.head, view.ratio_cache = head, {}
+        view.data = []
+        for d in fed.data:
+            entry = dict(d)
+            for split in ("test", "global"):
+                with torch.no_grad():
+                    entry[split] = {**d[split], "fedavg": head(d[split]["feats"])}
+            view.data.append(entry)
+        fed.ratio_cache[key] = view
+    return fed.ratio_cache[key]
+
+
+def on_ccvr(rule: Rule) -> Rule:
+    """`rule` on the federation whose stage-1 head is CCVR-calibrated."""
+    return lambda fed, i, split: rule(ccvr_view(fed), i, split)
+
+
 def local_first_rows(fed: Federation, i: int, split: str, options: dict[str, Any]) -> torch.Tensor:
     """bool (B,): the rows device i answers alone under gate `options` (as `Node.local_rows`)."""
     from nmoe.routing import familiar, outside_own_classes
@@ -493,6 +566,9 @@ RULES: dict[str, Rule] = {
     "pooled_label_gate": pooled_rule("gate"),
     "pooled_label_stack": pooled_rule("stack"),
     "pooled_label_head": pooled_rule("head"),
+    "ccvr_head": on_ccvr(rule_fedavg),
+    "ccvr_task_prior": on_ccvr(rule_stage1_task_prior),
+    "knowgate_ccvr": on_ccvr(rule_gate(KNOWGATE_DEFAULTS)),
 }
 
 
