@@ -105,6 +105,7 @@ def shared_gate_bytes(config: dict[str, Any], sizes: dict[str, int]) -> float:
 def method_stages(config: dict[str, Any]) -> dict[str, list[str]]:
     """The ledger stages whose traffic each method's training needs (gates from the registry)."""
     from nmoe import gates
+    from nmoe.config import FEDAVG_MODEL_BASELINES
     from server_app.app import STAGE1_NAMES
 
     fe = STAGE1_NAMES[config["fe"]["method"]]
@@ -112,8 +113,10 @@ def method_stages(config: dict[str, Any]) -> dict[str, list[str]]:
     stages = {
         "local_expert": personal,
         "shared_fe_own_head": [fe, "baseline_own_head"],
-        "fedavg": [fe] if config["fe"]["method"] == "fedce" else ["baseline_fedavg"],
-        "fedavg_task_prior": [fe] if config["fe"]["method"] == "fedce" else ["baseline_fedavg"],
+        **{
+            m: [fe] if config["fe"]["method"] == "fedce" else ["baseline_fedavg"]
+            for m in FEDAVG_MODEL_BASELINES
+        },
         "local_only": ["baseline_local_only"],
         "centralized": [],  # moves no model; see raw_training_data_upload_bytes
         "oracle_router": personal,

@@ -38,6 +38,7 @@ MODEL_BASELINES = (
     "oracle_router",
 )
 BASELINES = MODEL_BASELINES + gates.names()
+FEDAVG_MODEL_BASELINES = ("fedavg", "fedavg_task_prior")  # the baselines the FedAvg model answers
 ALL_BASELINES = "all"  # `baselines=[all]`: every baseline above, the registry's gates included
 LOG_LEVELS = ("quiet", "info", "verbose")
 MODES = ("train", "inference", "serve")

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from nmoe import gates
-from nmoe.config import compose_config, parse_overrides
+from nmoe.config import FEDAVG_MODEL_BASELINES, compose_config, parse_overrides
 from nmoe_protocol import messages as wire
 
 from .report import RESULTS_FILE, write_plots
@@ -47,7 +47,7 @@ def run_stages(run: Run) -> None:
     plain_fedce = (
         method == "fedce" and float(cfg.fe.logit_adjust) == 0 and float(cfg.fe.server_momentum) == 0
     )
-    with_fedavg = {"fedavg", "fedavg_task_prior"} & set(cfg.baselines)
+    with_fedavg = set(FEDAVG_MODEL_BASELINES) & set(cfg.baselines)
     if with_fedavg and not plain_fedce:  # FedAvg: a plain FedCE run of its own
         fedavg = run.resumable(
             "baseline_fedavg",
