@@ -337,7 +337,10 @@ def test_run_finishes_without_the_dropped_node_and_names_it(crashed_runs: dict[s
     assert status == COMPLETED_STATUS, crashed_runs["logs"]["tolerant"][-3000:]
     assert results["status"] == "completed"
     dropped = results["extra"]["dropped"]
-    assert dropped and all(entry["clients"] == [VICTIM] for entry in dropped), dropped
+    # intermittent: a whole stage-1 attempt has waited out its timeout with every node dropped,
+    # though the live nodes' executors answered in seconds; the run's log says what it saw
+    log_tail = crashed_runs["logs"]["tolerant"][-6000:]
+    assert dropped and all(entry["clients"] == [VICTIM] for entry in dropped), (dropped, log_tail)
     stage1 = [entry["round"] for entry in dropped if entry["stage"] == "fe_ce"]
     assert stage1 and min(stage1) > KILL_AFTER_ROUND
     history = {h["round"]: h["replies"] for h in results["history"] if h["stage"] == "fe_ce"}
