@@ -308,22 +308,23 @@ def fit_pooled(
     return train(torch.arange(rows), decay, steps, None)[0]
 
 
-def pooled_models(fed: Federation) -> dict[str, torch.nn.Module]:
-    """The three pooled-label combiners of one federation, fitted once."""
-    key = ("pooled",)
-    if key in fed.ratio_cache:
-        return fed.ratio_cache[key]
-    feats, y, logp, reach = pooled_rows(fed)
+Combiners = tuple[dict[str, torch.nn.Module], torch.Tensor, torch.Tensor]  # models, mean, std
+
+
+def fit_combiners(
+    feats: torch.Tensor, y: torch.Tensor, logp: torch.Tensor, reach: torch.Tensor
+) -> Combiners:
+    """The gate, the stacker and the head fitted on these labelled rows (`fit_pooled` each), and
+    the feature normalisation they expect."""
     mean, std = feats.mean(dim=0), feats.std(dim=0) + 1e-6
     z = (feats - mean) / std
     dim, experts, classes = feats.shape[1], logp.shape[1], logp.shape[2]
+    stack_in = torch.cat([z, logp.flatten(1)], dim=1)
 
     def gate_loss(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         scores = model(z[idx]).masked_fill(~reach[idx], -float("inf"))
         mix = torch.logsumexp(torch.log_softmax(scores, dim=1).unsqueeze(2) + logp[idx], dim=1)
         return -mix.gather(1, y[idx].view(-1, 1)).mean()
-
-    stack_in = torch.cat([z, logp.flatten(1)], dim=1)
 
     def stack_loss(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(model(stack_in[idx]), y[idx])
@@ -338,29 +339,67 @@ def pooled_models(fed: Federation) -> dict[str, torch.nn.Module]:
         ),
         "head": fit_pooled(head_loss, lambda: torch.nn.Linear(dim, classes), len(y), 0),
     }
-    fed.ratio_cache[key] = models
-    fed.ratio_cache[("pooled_norm",)] = (mean, std)
-    return models
+    return models, mean, std
+
+
+def combiner_probs(
+    kind: str, fitted: Combiners, feats: torch.Tensor, logp: torch.Tensor, reach: torch.Tensor
+) -> torch.Tensor:
+    """(B, C) the answer of the fitted combiner `kind` (gate, stack or head) on these rows."""
+    models, mean, std = fitted
+    z = (feats - mean) / std
+    with torch.no_grad():
+        if kind == "head":
+            return torch.softmax(models[kind](z), dim=1)
+        if kind == "stack":
+            return torch.softmax(models[kind](torch.cat([z, logp.flatten(1)], dim=1)), dim=1)
+        scores = models[kind](z).masked_fill(~reach, -float("inf"))
+        return torch.exp(torch.logsumexp(torch.log_softmax(scores, 1).unsqueeze(2) + logp, 1))
 
 
 def pooled_rule(kind: str) -> Rule:
-    """Client i's answer by the pooled-label combiner `kind` (gate, stack or head)."""
+    """Client i's answer by the combiner `kind` fitted on every client's labelled images."""
 
     def rule(fed: Federation, i: int, split: str) -> torch.Tensor:
-        model = pooled_models(fed)[kind]
-        mean, std = fed.ratio_cache[("pooled_norm",)]
+        key = ("pooled",)
+        if key not in fed.ratio_cache:
+            fed.ratio_cache[key] = fit_combiners(*pooled_rows(fed))
         feats = fed.data[i][split]["feats"]
-        z = (feats - mean) / std
-        with torch.no_grad():
-            if kind == "head":
-                return torch.softmax(model(z), dim=1)
-            logp = pooled_inputs(fed, feats, i)
-            if kind == "stack":
-                return torch.softmax(model(torch.cat([z, logp.flatten(1)], dim=1)), dim=1)
-            scores = model(z).masked_fill(~fed.data[i]["reachable"], -float("inf"))
-            return torch.exp(torch.logsumexp(torch.log_softmax(scores, 1).unsqueeze(2) + logp, 1))
+        reach = fed.data[i]["reachable"].expand(len(feats), -1)
+        return combiner_probs(
+            kind, fed.ratio_cache[key], feats, pooled_inputs(fed, feats, i), reach
+        )
 
     return rule
+
+
+def crossfit_rule(kind: str) -> Rule:
+    """Client i's answer by the combiner `kind` fitted on the test split itself, with its labels:
+    every client's rows of the split pooled, row j in fold j mod 2 (the global test is the same
+    images on every client, so an image is in one fold only), each row answered by the combiner
+    fitted on the other fold. Clean for every expert and for stage 1's model, which trained on
+    none of these rows; a generous ceiling: it learns on the very distribution it is scored on."""
+
+    def answers(fed: Federation, split: str) -> list[torch.Tensor]:
+        key = ("crossfit", kind, split)
+        if key in fed.ratio_cache:
+            return fed.ratio_cache[key]
+        rows = []
+        for i, d in enumerate(fed.data):
+            feats = d[split]["feats"]
+            reach = d["reachable"].expand(len(feats), -1)
+            fold = torch.arange(len(feats)) % 2
+            rows.append((feats, d[split]["y"], pooled_inputs(fed, feats, i), reach, fold))
+        feats, y, logp, reach, fold = (torch.cat([r[k] for r in rows]) for k in range(5))
+        probs = torch.zeros(len(y), logp.shape[2])
+        for f in (0, 1):
+            fit, out = fold != f, fold == f
+            fitted = fit_combiners(feats[fit], y[fit], logp[fit], reach[fit])
+            probs[out] = combiner_probs(kind, fitted, feats[out], logp[out], reach[out])
+        fed.ratio_cache[key] = list(probs.split([len(r[1]) for r in rows]))
+        return fed.ratio_cache[key]
+
+    return lambda fed, i, split: answers(fed, split)[i]
 
 
 # ---------------------------------------------------------------------------- CCVR (a direction)
@@ -566,6 +605,9 @@ RULES: dict[str, Rule] = {
     "pooled_label_gate": pooled_rule("gate"),
     "pooled_label_stack": pooled_rule("stack"),
     "pooled_label_head": pooled_rule("head"),
+    "crossfit_gate": crossfit_rule("gate"),
+    "crossfit_stack": crossfit_rule("stack"),
+    "crossfit_head": crossfit_rule("head"),
     "ccvr_head": on_ccvr(rule_fedavg),
     "ccvr_task_prior": on_ccvr(rule_stage1_task_prior),
     "knowgate_ccvr": on_ccvr(rule_gate(KNOWGATE_DEFAULTS)),
