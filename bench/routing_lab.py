@@ -373,35 +373,6 @@ def pooled_rule(kind: str) -> Rule:
     return rule
 
 
-def crossfit_rule(kind: str) -> Rule:
-    """Client i's answer by the combiner `kind` fitted on the test split itself, with its labels:
-    every client's rows of the split pooled, row j in fold j mod 2 (the global test is the same
-    images on every client, so an image is in one fold only), each row answered by the combiner
-    fitted on the other fold. Clean for every expert and for stage 1's model, which trained on
-    none of these rows; a generous ceiling: it learns on the very distribution it is scored on."""
-
-    def answers(fed: Federation, split: str) -> list[torch.Tensor]:
-        key = ("crossfit", kind, split)
-        if key in fed.ratio_cache:
-            return fed.ratio_cache[key]
-        rows = []
-        for i, d in enumerate(fed.data):
-            feats = d[split]["feats"]
-            reach = d["reachable"].expand(len(feats), -1)
-            fold = torch.arange(len(feats)) % 2
-            rows.append((feats, d[split]["y"], pooled_inputs(fed, feats, i), reach, fold))
-        feats, y, logp, reach, fold = (torch.cat([r[k] for r in rows]) for k in range(5))
-        probs = torch.zeros(len(y), logp.shape[2])
-        for f in (0, 1):
-            fit, out = fold != f, fold == f
-            fitted = fit_combiners(feats[fit], y[fit], logp[fit], reach[fit])
-            probs[out] = combiner_probs(kind, fitted, feats[out], logp[out], reach[out])
-        fed.ratio_cache[key] = list(probs.split([len(r[1]) for r in rows]))
-        return fed.ratio_cache[key]
-
-    return lambda fed, i, split: answers(fed, split)[i]
-
-
 # ---------------------------------------------------------------------------- CCVR (a direction)
 # Classifier calibration with virtual representations (Luo et al., NeurIPS 2021): each client
 # shares per-class counts, means and covariances of F's features on its labelled images; the
@@ -605,9 +576,6 @@ RULES: dict[str, Rule] = {
     "pooled_label_gate": pooled_rule("gate"),
     "pooled_label_stack": pooled_rule("stack"),
     "pooled_label_head": pooled_rule("head"),
-    "crossfit_gate": crossfit_rule("gate"),
-    "crossfit_stack": crossfit_rule("stack"),
-    "crossfit_head": crossfit_rule("head"),
     "ccvr_head": on_ccvr(rule_fedavg),
     "ccvr_task_prior": on_ccvr(rule_stage1_task_prior),
     "knowgate_ccvr": on_ccvr(rule_gate(KNOWGATE_DEFAULTS)),
