@@ -209,15 +209,17 @@ def front(table: dict[str, Any]) -> list[str]:
     return pareto_front(points)
 
 
+def headroom_share(method: float, fedavg: float, oracle: float) -> float | None:
+    """(method - fedavg) / (oracle - fedavg); None where that headroom is under HEADROOM_MIN."""
+    room = oracle - fedavg
+    return None if room < HEADROOM_MIN else (method - fedavg) / room
+
+
 def headroom(table: dict[str, Any], gate: str) -> float | None:
-    """(gate - fedavg) / (oracle - fedavg) on global accuracy; None where the headroom is < 2
-    pts."""
+    """`headroom_share` of `gate` on global accuracy; None where a method is missing."""
     if ORACLE not in table or FEDAVG not in table or gate not in table:
         return None
-    room = table[ORACLE]["global_mean"] - table[FEDAVG]["global_mean"]
-    if room < HEADROOM_MIN:
-        return None
-    return (table[gate]["global_mean"] - table[FEDAVG]["global_mean"]) / room
+    return headroom_share(*(table[m]["global_mean"] for m in (gate, FEDAVG, ORACLE)))
 
 
 def bars(table: dict[str, Any]) -> dict[str, Any]:

@@ -26,9 +26,9 @@ from panel import (
     BAR_GLOBAL_MARGIN,
     BAR_LOCAL_MARGIN,
     DATASET_SETTINGS,
-    HEADROOM_MIN,
     PERSONAL,
     SETTINGS,
+    headroom_share,
     preset,
 )
 
@@ -630,18 +630,15 @@ def ranking(table: dict[str, Any]) -> list[dict[str, Any]]:
 
 def headroom_shares(table: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per federation, the share of the oracle router's global headroom over fedavg (the run's
-    own, as `panel.headroom` reads it) each named rule closes, where that headroom is at least
+    own, `panel.headroom_share`) each named rule closes, where that headroom is at least
     HEADROOM_MIN."""
     out = {}
     for name, seeds in table.items():
         for seed, scores in seeds.items():
-            run = scores["run"]
-            room = run["oracle_router"]["global"] - run["fedavg"]["global"]
-            if room >= HEADROOM_MIN:
-                out[f"{name}/seed{seed}"] = {
-                    rule: (scores[rule]["global"] - run["fedavg"]["global"]) / room
-                    for rule in RULES
-                }
+            fedavg, oracle = (scores["run"][m]["global"] for m in ("fedavg", "oracle_router"))
+            shares = {r: headroom_share(scores[r]["global"], fedavg, oracle) for r in RULES}
+            if None not in shares.values():  # the same headroom for every rule
+                out[f"{name}/seed{seed}"] = shares
     return out
 
 

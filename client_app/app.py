@@ -22,6 +22,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from nmoe import gates
+from nmoe.config import FEDAVG_MODEL_BASELINES
 from nmoe.gates import GateData
 from nmoe.losses import label_log_prior
 from nmoe.models import build_expert, load_numpy, stage1_keys, state_numpy
@@ -445,7 +446,7 @@ def evaluate(node: Node, request: wire.EvaluateRequest) -> wire.Accuracies:
     """Accuracies of the methods answered without routing, on local test and global test."""
     bundle = node.installed_bundle()
     fedavg = bundle  # the stage-1 model, or the separately trained FedCE model
-    if node.state.has(FEDAVG_GROUP):
+    if node.state.has(FEDAVG_GROUP) and set(FEDAVG_MODEL_BASELINES) & set(request.methods):
         fedavg = node.bundle(node.state.get(FEDAVG_GROUP), "fedce")
     answerers: list[Callable] = []
     for method in request.methods:
