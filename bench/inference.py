@@ -286,7 +286,9 @@ class LocalPipeline:
                 )
             )
             self.local_heads.append(
-                held_local_head(cfg, self.num_classes, state.get(LOCAL_HEAD_GROUP))
+                held_local_head(
+                    cfg, self.num_classes, state.get(LOCAL_HEAD_GROUP), lambda h=bundle.head: h
+                )
             )
             mask = torch.zeros(num_experts, dtype=torch.bool)
             mask[neighbours[pid]] = True

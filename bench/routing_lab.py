@@ -13,6 +13,7 @@ Writes bench/results/routing_lab.json.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -83,7 +84,12 @@ class Federation:
     """Everything a routing rule may use, as tensors (see the module docstring)."""
 
     def __init__(self, cfg: Any, run_dir: Path) -> None:
-        from client_app.node import LOCAL_HEAD_GROUP, held_experts, held_local_head
+        from client_app.node import (
+            LOCAL_HEAD_GROUP,
+            OWN_HEAD_GROUP,
+            held_experts,
+            held_local_head,
+        )
         from client_app.state import read_state_file
         from nmoe import topology
         from nmoe.config import to_dict
@@ -118,7 +124,14 @@ class Federation:
         ]  # fmt: skip
         experts = [held[i][i] for i in range(n)]
         # what answers a device's own local-first rows, where it is not the expert
-        local_heads = [held_local_head(cfg, 10, s.get(LOCAL_HEAD_GROUP)) for s in states]
+        local_heads = [
+            held_local_head(cfg, 10, s.get(LOCAL_HEAD_GROUP), lambda: self.head) for s in states
+        ]
+        own_heads = []
+        for s in states:
+            own_heads.append(copy.deepcopy(self.head) if OWN_HEAD_GROUP in s else None)
+            if own_heads[-1] is not None:
+                load_numpy(own_heads[-1], s[OWN_HEAD_GROUP])
         if self.shared is not None:
             experts.append(held[0][self.shared])
         self.neighbours = topology.neighbour_sets(cfg.topology, n, int(cfg.seed))
@@ -149,6 +162,8 @@ class Federation:
                 }
                 if local_heads[i] is not None:
                     entry[split]["local_head"] = forward_batched(local_heads[i], feats)
+                if own_heads[i] is not None:  # the `shared_fe_own_head` baseline's head
+                    entry[split]["own_head"] = forward_batched(own_heads[i], feats)
             reach = torch.zeros(self.num_experts, dtype=torch.bool)
             reach[self.neighbours[i]] = True
             if self.shared is not None:
@@ -499,13 +514,21 @@ def rule_gate(options: dict[str, Any]) -> Rule:
             local = local_first_rows(fed, i, split, options)
             weights[local] = 0.0
             weights[local, i] = 1.0
-            if "local_head" in d and options.get("local_head", True):  # as `plan_query`
-                logits = logits.clone()
-                logits[local, i] = d["local_head"][local]
+        # the device's local head: as held, or the `shared_fe_own_head` baseline's head, the same
+        # recipe as `expert.local_head_init=stage1`, for federations trained before that option
+        head = d.get(str(options.get("local_head_source", "local_head")))
+        if not options.get("local_head", True):
+            head = None
+        if float(cfg.local_first_quantile) > 0 and head is not None:  # as `plan_query`
+            logits = logits.clone()
+            logits[local, i] = head[local]
         probs, _ = combine(weights, logits, answered, fallback=i)
         shift = gate.prior_shift(cfg, fed.data[i]["expert_y"], probs.shape[1], fed.shared)
-        if shift is not None:  # as `finish_query`
-            probs = apply_prior_shift(probs, weights, logits, answered, shift, [len(probs)])
+        if shift is not None:  # as `finish_query`: the own share from the local head, else expert
+            own_probs = torch.softmax(head if head is not None else logits[:, i], dim=1)
+            probs = apply_prior_shift(
+                probs, weights, logits, answered, shift, [len(probs)], own_probs
+            )
         return probs
 
     return rule
@@ -572,6 +595,11 @@ RULES: dict[str, Rule] = {
     "knowgate_without_local_head": rule_gate({**KNOWGATE_DEFAULTS, "local_head": False}),
     "knowgate_without_prior_shift": rule_gate({**KNOWGATE_DEFAULTS, "know_prior_weight": 0.0}),
     "knowgate_fixed_prior": rule_gate({**KNOWGATE_DEFAULTS, **TWELFTH_PRIOR}),
+    # the fifteenth session's question: each task's own share (`gate.know_own_share`), from a
+    # local head fine-tuned from stage 1's head (`expert.local_head_init=stage1`; on federations
+    # trained before it, the `shared_fe_own_head` baseline's head, the same recipe)
+    "knowgate_without_own_share": rule_gate({**KNOWGATE_DEFAULTS, "know_own_share": False}),
+    "knowgate_own_head": rule_gate({**KNOWGATE_DEFAULTS, "local_head_source": "own_head"}),
     "stage1_task_prior": rule_stage1_task_prior,
     "pooled_label_gate": pooled_rule("gate"),
     "pooled_label_stack": pooled_rule("stack"),

@@ -324,9 +324,12 @@ def train_expert(node: Node, request: wire.ExpertRequest) -> wire.ExpertReply:
     proximal = float(ex.proximal) if request.init == "shared" else 0.0
     schedule = dict(epochs=int(ex.epochs), lr=float(ex.lr), batch_size=int(ex.batch_size))
     loss = train_classifier(expert, feats, y, **schedule, seed=node.seed(3), proximal=proximal)
-    if proximal > 0 and bool(ex.local_head):  # the same start and schedule, no pull, and every
-        # labelled image: no gate learns from this head's outputs, so none is held out for one
-        head = node.expert(SHARED_EXPERT_GROUP)
+    if bool(ex.local_head):  # the same schedule, no pull, and every labelled image: no gate
+        # learns from this head's outputs, so none is held out for one
+        if ex.local_head_init == "stage1":
+            head = node.installed_bundle().head
+        else:
+            head = node.expert(SHARED_EXPERT_GROUP)
         x_all, y_all = node.split("train")
         train_classifier(head, forward_batched(fe, x_all), y_all, **schedule, seed=node.seed(3))
         node.state.put(LOCAL_HEAD_GROUP, state_numpy(head))
@@ -570,7 +573,7 @@ def route_rows(
     quantile = node.policy.local_first(configured) if gated else 0.0
     own_feats = forward_batched(fe, node.data.train_x) if quantile > 0 else None
     local = node.local_rows(feats, own_feats, quantile) if own_feats is not None else None
-    own_model = node.local_head() if local is not None else None
+    own_model = node.local_head() if gated else None  # local-first rows, the own share
     plan = plan_query(feats, weights, node.local_experts(), node.pid, local, own_model)
     own_ratio = None
     if gated and gates.get(request.gate).asks_familiarity:

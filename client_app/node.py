@@ -3,6 +3,7 @@ torch modules built from them."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,7 +157,9 @@ class Node:
         """The head that answers this device's own local-first rows where `expert.local_head`
         trained one, else None (its expert does)."""
         held = self.state.get(LOCAL_HEAD_GROUP) if self.state.has(LOCAL_HEAD_GROUP) else None
-        return held_local_head(self.cfg, self.num_classes, held)
+        return held_local_head(
+            self.cfg, self.num_classes, held, lambda: self.installed_bundle().head
+        )
 
     def extractor(self) -> torch.nn.Module:
         """The installed F, built once per call: reuse it for several batches."""
@@ -389,14 +392,21 @@ def held_experts(
 
 
 def held_local_head(
-    cfg: DictConfig, num_classes: int, arrays: dict[str, np.ndarray] | None
+    cfg: DictConfig,
+    num_classes: int,
+    arrays: dict[str, np.ndarray] | None,
+    stage1_head: Callable[[], torch.nn.Module],
 ) -> torch.nn.Module | None:
     """The local head (`expert.local_head`) a device holds, from its `LOCAL_HEAD_GROUP` arrays
-    (None where it holds none: its expert answers its local-first rows). The ClientApp and the
-    benchmarks build it here."""
+    (None where it holds none: its expert answers its local-first rows), in the shape of what it
+    was fine-tuned from (`expert.local_head_init`: H_0, or stage 1's head, built by
+    `stage1_head`). The ClientApp and the benchmarks build it here."""
     if arrays is None:
         return None
-    head = build_expert(cfg.model, num_classes, 0)
+    if cfg.expert.get("local_head_init", "shared_expert") == "stage1":
+        head = copy.deepcopy(stage1_head())  # never the module that fills the shared slot
+    else:
+        head = build_expert(cfg.model, num_classes, 0)
     load_numpy(head, arrays)
     return head
 

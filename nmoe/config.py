@@ -46,6 +46,7 @@ AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 # what answers in the mixture's shared slot (`expert.shared_model`): H_0, a FedAvg expert on the
 # frozen F, or stage 1's own global model (F + its head: what `fedavg` is under FedCE)
 SHARED_MODELS = ("expert", "stage1")
+LOCAL_HEAD_INITS = ("shared_expert", "stage1")  # what `expert.local_head` is fine-tuned from
 
 
 class ConfigError(ValueError):
@@ -163,10 +164,13 @@ class ExpertConfig:
     # with init_from_shared: weight of a proximal term ||w - w_shared||^2 / 2 that keeps each
     # personal expert near the shared expert it starts from (Ditto-style; 0 = plain fine-tuning)
     proximal: float = 0.0
-    # with proximal > 0: also fine-tune a plain head from the shared expert (no pull, every
-    # labelled image) that answers the rows local-first keeps on the device (reported alone as
-    # `local_head`); peers and the gates get the proximal expert
+    # also fine-tune a plain head (no pull, every labelled image) that answers the rows
+    # local-first keeps on the device and is the device's own model of the gate's own share
+    # (reported alone as `local_head`); peers and the gates get the expert. It starts from the
+    # shared expert H_0 (`local_head_init: shared_expert`, with proximal > 0: without the pull
+    # the expert is that head) or from stage 1's head on F (`stage1`: FedRep's personal head)
     local_head: bool = False
+    local_head_init: str = "shared_expert"
     shared_model: str = "expert"  # the shared slot: "expert" (H_0) or "stage1" (F + its head)
 
 
@@ -394,11 +398,21 @@ def validate(cfg: DictConfig) -> None:
         "pulls a personal expert towards the shared expert it starts from: needs "
         "expert.init_from_shared=true",
     )
+    _choice(cfg.expert.local_head_init, "expert.local_head_init", LOCAL_HEAD_INITS)
     _require(
-        not cfg.expert.local_head or cfg.expert.proximal > 0,
+        not cfg.expert.local_head
+        or cfg.expert.local_head_init != "shared_expert"
+        or cfg.expert.proximal > 0,
         "expert.local_head",
-        "answers the device's own rows with a head fine-tuned without the proximal pull: needs "
-        "expert.proximal > 0 (without it the expert is that head)",
+        "fine-tuned from H_0 without the proximal pull: needs expert.proximal > 0 (without it "
+        "the expert is that head), or expert.local_head_init=stage1",
+    )
+    _require(
+        not cfg.expert.local_head
+        or cfg.expert.local_head_init != "stage1"
+        or "head" in STAGE1_PARTS[cfg.fe.method],
+        "expert.local_head_init",
+        f"'stage1' needs a stage 1 that trains a head (fedce, hybrid), not {cfg.fe.method}",
     )
     _require(
         not cfg.expert.init_from_shared or bool(cfg.expert.shared_expert),

@@ -8,7 +8,7 @@ handlers only move their inputs and outputs across the wire.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ class RoutePlan:
     weights: torch.Tensor  # (B, E) routing weights, zero for experts not chosen
     local_logits: dict[int, torch.Tensor]  # expert id -> (B, C), for experts held locally
     remote_index: dict[int, torch.Tensor]  # expert id -> indices of the samples sent to it
+    # (B, C) the device's own model (its local head) on every sample, where it holds one
+    own_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -42,12 +44,16 @@ class PriorShift:
     """KnowGate's blend towards the device's own classes (`gate.know_prior_weight`): the shared
     slot's probabilities moved to the prior `mix` * `own_prior` + (1 - `mix`) * balanced
     (`nmoe.routing.mixture_prior`), mixed in with `weight` on every row but those the shared slot
-    answers alone. `mix` None: estimated per task (`nmoe.routing.task_mixture_weight`)."""
+    answers alone. `mix` None: estimated per task (`nmoe.routing.task_mixture_weight`). With
+    `own_share` those rows then also take the share `mix` of the device's own model (its local
+    head, else its expert): a task that looks like the device's own data is answered mostly by
+    it, a balanced one by the mixture."""
 
     shared: int  # the shared slot's expert id
     own_prior: torch.Tensor  # (C,) the device's own label distribution
     weight: float
     mix: float | None = None
+    own_share: bool = False
 
 
 def apply_prior_shift(
@@ -57,11 +63,16 @@ def apply_prior_shift(
     answered: torch.Tensor,
     shift: PriorShift,
     segments: list[int],
+    own_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, C) the mixture `combined` of `weights` (B, E) over `logits` (B, E, C) with `shift`
     blended in, except on the rows the shared slot answers alone (nobody knows them: they stay
     exactly the shared model's) or did not answer. Each segment of rows (`segments`: sizes, in
-    order) is one task: where `shift.mix` is None its prior is estimated from its own rows only."""
+    order) is one task: where `shift.mix` is None its prior is estimated from its own rows only.
+    With `shift.own_share` the same rows then take the share mix of `own_probs` (B, C), the
+    device's own model."""
+    if shift.own_share and own_probs is None:
+        raise ValueError("the prior shift asks for the own model's share: own_probs is needed")
     chosen = weights > 0
     alone = chosen[:, shift.shared] & (chosen.sum(dim=1) == 1)
     shared_probs = torch.softmax(logits[:, shift.shared], dim=1)
@@ -77,9 +88,13 @@ def apply_prior_shift(
         if mix is None:
             mix = task_mixture_weight(shared_probs[task][heard[task]], shift.own_prior)
         prior = mixture_prior(shift.own_prior, mix)
-        parts.append(
-            blend_prior_shift(combined[task], shared_probs[task], prior, shift.weight, keep[task])
+        part = blend_prior_shift(
+            combined[task], shared_probs[task], prior, shift.weight, keep[task]
         )
+        if shift.own_share:
+            shared_by_own = (1 - mix) * part + mix * own_probs[task]
+            part = torch.where(keep[task].unsqueeze(1), part, shared_by_own)
+        parts.append(part)
     return torch.cat(parts) if parts else combined[:0]
 
 
@@ -107,6 +122,8 @@ class PendingQuery:
         }
         if self.own_ratio is not None:
             arrays["own_ratio"] = self.own_ratio.numpy()
+        if self.plan.own_logits is not None:
+            arrays["own_logits"] = self.plan.own_logits.numpy()
         arrays.update({f"local.{e}": v.numpy() for e, v in self.plan.local_logits.items()})
         arrays.update({f"index.{e}": v.numpy() for e, v in self.plan.remote_index.items()})
         return arrays
@@ -120,7 +137,10 @@ class PendingQuery:
                 if k.startswith(prefix)
             }
 
-        plan = RoutePlan(torch.from_numpy(arrays["weights"]), by_id("local."), by_id("index."))
+        own_logits = torch.from_numpy(arrays["own_logits"]) if "own_logits" in arrays else None
+        plan = RoutePlan(
+            torch.from_numpy(arrays["weights"]), by_id("local."), by_id("index."), own_logits
+        )
         own_ratio = torch.from_numpy(arrays["own_ratio"]) if "own_ratio" in arrays else None
         return cls(
             plan,
@@ -166,13 +186,15 @@ def plan_query(
     """Wave 1 on the requester: the gate's `weights`, local-first routing (the rows of the bool
     (B,) mask `local`, see `nmoe.routing.local_first_mask`, go to the own slot alone, answered by
     `own_model` where given, e.g. a local head, else by the own expert), the local experts'
-    logits, and the samples each remote expert must see."""
+    logits, `own_model`'s logits on every sample (for `PriorShift.own_share`), and the samples
+    each remote expert must see."""
     logits = local_logits(feats, local_experts)
+    own_logits = forward_batched(own_model, feats) if own_model is not None else None
     if local is not None:
         weights = answer_locally(weights, own, local)
-        if own_model is not None and bool(local.any()):
-            logits[own][local] = forward_batched(own_model, feats[local])
-    return plan_route(weights, logits)
+        if own_logits is not None:
+            logits[own][local] = own_logits[local]
+    return replace(plan_route(weights, logits), own_logits=own_logits)
 
 
 def outgoing_features(
@@ -288,19 +310,22 @@ def finish_query(
     plan = pending.plan
     logits, answered = assemble(plan, remote_logits, num_classes)
     if reweight is not None:
-        plan = RoutePlan(
-            familiar_weights(pending, answered, remote_ratios or {}, own, reweight),
-            plan.local_logits,
-            plan.remote_index,
+        plan = replace(
+            plan, weights=familiar_weights(pending, answered, remote_ratios or {}, own, reweight)
         )
     if pending.mode == ORACLE:
-        plan = RoutePlan(
-            oracle_weights(logits, answered, pending.labels), plan.local_logits, plan.remote_index
-        )
+        plan = replace(plan, weights=oracle_weights(logits, answered, pending.labels))
     combined, degraded = combine(plan.weights, logits, answered, fallback=own)
     if prior_shift is not None and pending.mode != ORACLE:
+        own_logits = plan.own_logits if plan.own_logits is not None else logits[:, own]
         combined = apply_prior_shift(
-            combined, plan.weights, logits, answered, prior_shift, pending.segments
+            combined,
+            plan.weights,
+            logits,
+            answered,
+            prior_shift,
+            pending.segments,
+            torch.softmax(own_logits, dim=1),
         )
     predictions = combined.argmax(dim=1)
     held_elsewhere = torch.ones(plan.weights.shape[1], dtype=torch.bool)

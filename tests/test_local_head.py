@@ -111,12 +111,55 @@ def test_local_first_rows_get_the_local_head_and_the_others_the_expert() -> None
     assert torch.equal(plan.remote_index[1], torch.nonzero(~local).flatten())
 
 
-def test_the_local_head_needs_a_proximal_expert() -> None:
+def test_the_local_head_needs_a_proximal_expert_or_stage1s_head() -> None:
     from nmoe.config import ConfigError, compose_config
 
+    from_h0 = ["experiment=digits_default", "expert.local_head_init=shared_expert"]
     with pytest.raises(ConfigError, match="'expert.local_head'"):
-        compose_config(["experiment=digits_default", "expert.proximal=0", "expert.local_head=true"])
-    assert bool(compose_config(["experiment=digits_default"]).expert.local_head)
+        compose_config([*from_h0, "expert.proximal=0", "expert.local_head=true"])
+    cfg = compose_config(["experiment=digits_default"]).expert
+    assert bool(cfg.local_head) and cfg.local_head_init == "stage1"
+    compose_config(["experiment=digits_default", "expert.proximal=0"])  # stage 1's head: no pull
+    with pytest.raises(ConfigError, match="'expert.local_head_init'"):  # FedSC trains no head
+        compose_config(["experiment=digits_default", "fe=fedsc", "expert.shared_model=expert"])
+    with pytest.raises(ConfigError, match="'expert.local_head_init'"):
+        compose_config(["experiment=digits_default", "expert.local_head_init=h0"])
+
+
+def test_a_local_head_from_stage1_is_stage1s_head_fine_tuned(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """With `expert.local_head_init=stage1` (digits_default) the local head is stage 1's installed
+    head fine-tuned without pull on every labelled image with the expert's schedule (FedRep's
+    personal head); the node builds it in that shape, and it is what `local_head` reports."""
+    live = fine_tuned_from_shared(
+        tmp_path, ["expert.proximal=1.0", "expert.local_head=true", "expert.local_head_init=stage1"]
+    )
+    node = open_node(live.context)
+    reference = node.installed_bundle().head
+    x, y = node.split("train")
+    ex = live.cfg.expert
+    train_classifier(
+        reference,
+        node.features(x),
+        y,
+        epochs=int(ex.epochs),
+        lr=float(ex.lr),
+        batch_size=int(ex.batch_size),
+        seed=node.seed(3),
+    )
+    head = _group(live, HEAD)
+    assert set(head) == set(state_numpy(reference))
+    for key, value in state_numpy(reference).items():
+        np.testing.assert_array_equal(head[key], value)
+    held = node.local_head()
+    assert isinstance(held, torch.nn.Linear)
+    assert not torch.equal(held.weight, node.installed_bundle().head.weight)  # trained, not F's
+    (head_acc,) = _local_accuracies(live, ["local_head"])
+    test_x, test_y = node.split("test")
+    with torch.no_grad():
+        by_hand = float((reference(node.features(test_x)).argmax(1) == test_y).float().mean())
+    assert head_acc == pytest.approx(by_hand)
 
 
 def test_wave_one_answers_the_rows_kept_on_the_device_with_the_local_head(

@@ -4,6 +4,8 @@ must not; each task's estimate reads its own rows only."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -79,24 +81,34 @@ def test_moving_a_task_to_its_estimated_prior_beats_both_fixed_priors() -> None:
         assert estimated >= accuracy(mix) - 0.005 and estimated > accuracy(wrong) + 0.02
 
 
-def _finish(shift: PriorShift | None, mode: str = "infer") -> torch.Tensor:
+HEAD_PROBS = torch.tensor([[0.1, 0.8, 0.1]] * 3)  # the device's local head: sure of class 1
+
+
+def _finish(shift: PriorShift | None, mode: str = "infer", head: bool = False) -> torch.Tensor:
     """Three rows through wave 3: row 0 left to the shared slot (2) alone, row 1 mixed from
-    the own expert (0) and the shared slot, row 2 kept on the own expert by local-first."""
+    the own expert (0) and the shared slot, row 2 kept on the own expert by local-first; with
+    `head`, the device also holds a local head (HEAD_PROBS) that wave 1 ran on every row."""
     weights = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 0.5], [1.0, 0.0, 0.0]])
     shared_logits = torch.log(torch.tensor([[0.3, 0.1, 0.6]] * 3))  # class 2, not sure
     own_logits = torch.log(torch.tensor([[0.35, 0.1, 0.55]] * 3))
     local = {0: own_logits, 2: shared_logits}  # both held on the device, as in the ClientApp
-    plan = RoutePlan(weights, local, {})
+    plan = RoutePlan(weights, local, {}, torch.log(HEAD_PROBS) if head else None)
     labels = torch.zeros(3, dtype=torch.long)
-    (report,) = finish_query(
-        PendingQuery(plan, labels, [3], mode, "knowgate"), {}, CLASSES, 0, prior_shift=shift
+    pending = PendingQuery.from_arrays(
+        PendingQuery(plan, labels, [3], mode, "knowgate").to_arrays()
     )
+    (report,) = finish_query(pending, {}, CLASSES, 0, prior_shift=shift)
     return report.probabilities
 
 
 def test_wave_three_blends_every_row_but_those_nobody_knows() -> None:
     own_labels = torch.tensor([0] * 40)  # a device that only ever saw class 0
-    cfg = compose_config(["experiment=digits_default", "gate.know_prior_mix=1.0"]).gate
+    overrides = [
+        "experiment=digits_default",
+        "gate.know_prior_mix=1.0",
+        "gate.know_own_share=false",
+    ]
+    cfg = compose_config(overrides).gate
     shift = get("knowgate").prior_shift(cfg, own_labels, CLASSES, shared=2)
     assert shift is not None and (shift.weight, shift.mix) == (0.7, 1.0)
     plain, blended = _finish(None), _finish(shift)
@@ -168,3 +180,25 @@ def test_the_fedavg_task_prior_baseline_moves_each_whole_split_to_its_own_prior(
 def test_out_of_range_blend_options_are_refused(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         compose_config(["experiment=digits_default", override])
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_the_own_share_hands_a_device_like_task_to_the_device(head: bool) -> None:
+    """`gate.know_own_share` (on in digits_default): after the blend, every row but those the
+    shared slot answers alone takes the share mix of the device's own model (its local head where
+    it holds one, else its own expert). A task of the device's own classes (mix 1) is the device's
+    answer alone, a balanced one (mix 0) the plain blend; a row nobody knows stays exactly the
+    shared model's whatever the mix."""
+    own_labels = torch.tensor([0] * 40)
+    own = HEAD_PROBS[0] if head else torch.tensor([0.35, 0.1, 0.55])
+    for mix in (0.0, 0.5, 1.0):
+        overrides = ["experiment=digits_default", f"gate.know_prior_mix={mix}"]
+        cfg = compose_config(overrides).gate
+        shift = get("knowgate").prior_shift(cfg, own_labels, CLASSES, shared=2)
+        assert shift is not None and shift.own_share
+        blended = _finish(replace(shift, own_share=False), head=head)
+        shared = _finish(shift, head=head)
+        assert torch.equal(shared[0], _finish(None, head=head)[0])
+        for row in (1, 2):
+            torch.testing.assert_close(shared[row], (1 - mix) * blended[row] + mix * own)
+    assert torch.equal(_finish(shift, mode="oracle", head=head), _finish(None, mode="oracle"))

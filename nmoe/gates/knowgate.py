@@ -41,8 +41,10 @@ class KnowGateOptions:
     # the requester's blend towards the task's label prior: this weight of the shared model's
     # probabilities moved to mix * (own label frequencies) + (1 - mix) * balanced (0: off) ...
     know_prior_weight: float = 0.7
-    # ... mix estimated from each task's rows (None), or fixed (the twelfth session's 2/3)
+    # ... mix estimated from each task's rows (None), or fixed (the twelfth session's 2/3); and
+    # those rows then take the share mix of the device's own model (its local head, else expert)
     know_prior_mix: Optional[float] = None
+    know_own_share: bool = False
 
 
 class KnowGate(Gate):
@@ -130,4 +132,5 @@ class KnowGate(Gate):
             own_label_prior(own_labels, num_classes),
             weight,
             None if mix is None else float(mix),
+            bool(gate_cfg.know_own_share),
         )
