@@ -561,6 +561,7 @@ KNOWGATE_BEFORE = {
     "know_shared_ratio": 0.25,
     "local_first_class_confidence": 0.0,
     "know_prior_weight": 0.0,
+    "know_own_share": False,
 }
 # the knowgate grid searched on the lab's (held-out) seeds. A first search chose the defaults of
 # 2026-11-25 (know_quantile 0.5/0.7/0.9, own_bias 1.0-2.0, k 1-3, temperature 0.1/0.3); a second
@@ -575,7 +576,12 @@ KNOWGATE_BEFORE = {
 # fixed pull (boost 1/2/4, i.e. know_prior_mix 1/2, 2/3, 4/5), with and without the local head.
 # This one (thirteenth session) asks whether each task should estimate the mix (None) and how much
 # of the blend then (know_prior_weight 0-1), with and without the local head
-TWELFTH_PRIOR = {"know_prior_weight": 0.5, "know_prior_mix": 2 / 3}  # the twelfth session's blend
+TWELFTH_PRIOR = {  # the twelfth session's blend (no own share then)
+    "know_prior_weight": 0.5,
+    "know_prior_mix": 2 / 3,
+    "know_own_share": False,
+}
+GRID_BASE = {**KNOWGATE_DEFAULTS, "know_own_share": False}  # the grid predates the own share
 KNOWGATE_GRID = {
     "local_head": [True, False],
     "know_prior_weight": [0.0, 0.3, 0.5, 0.7, 1.0],
@@ -593,7 +599,9 @@ RULES: dict[str, Rule] = {
     "knowgate_before": rule_gate(KNOWGATE_BEFORE),
     # where the devices hold a local head (`expert.local_head`): their own expert answers instead
     "knowgate_without_local_head": rule_gate({**KNOWGATE_DEFAULTS, "local_head": False}),
-    "knowgate_without_prior_shift": rule_gate({**KNOWGATE_DEFAULTS, "know_prior_weight": 0.0}),
+    "knowgate_without_prior_shift": rule_gate(  # no wave-3 correction at all
+        {**KNOWGATE_DEFAULTS, "know_prior_weight": 0.0, "know_own_share": False}
+    ),
     "knowgate_fixed_prior": rule_gate({**KNOWGATE_DEFAULTS, **TWELFTH_PRIOR}),
     # the fifteenth session's question: each task's own share (`gate.know_own_share`), from a
     # local head fine-tuned from stage 1's head (`expert.local_head_init=stage1`; on federations
@@ -733,7 +741,7 @@ def main() -> None:
         scores["run"] = run_scores(baselines)
         scores["grid"] = [
             {"options": o, **score(fed, rule_gate(o))}
-            for o in ([] if args.no_grid else grid(KNOWGATE_DEFAULTS, KNOWGATE_GRID))
+            for o in ([] if args.no_grid else grid(GRID_BASE, KNOWGATE_GRID))
         ]
         table.setdefault(f"{dataset}/{setting}", {})[seed] = scores
         print(

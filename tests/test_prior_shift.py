@@ -118,8 +118,8 @@ def test_wave_three_blends_every_row_but_those_nobody_knows() -> None:
         assert int(blended[row].argmax()) == 0
     assert torch.allclose(blended.sum(dim=1), torch.ones(3))
     assert torch.equal(_finish(shift, mode="oracle"), _finish(None, mode="oracle"))
-    off = compose_config(["experiment=digits_default", "gate.know_prior_weight=0"]).gate
-    assert get("knowgate").prior_shift(off, own_labels, CLASSES, shared=2) is None
+    off = ["experiment=digits_default", "gate.know_prior_weight=0", "gate.know_own_share=false"]
+    assert get("knowgate").prior_shift(compose_config(off).gate, own_labels, CLASSES, 2) is None
 
 
 def test_each_task_estimates_its_prior_from_its_own_rows() -> None:
@@ -191,14 +191,16 @@ def test_the_own_share_hands_a_device_like_task_to_the_device(head: bool) -> Non
     shared model's whatever the mix."""
     own_labels = torch.tensor([0] * 40)
     own = HEAD_PROBS[0] if head else torch.tensor([0.35, 0.1, 0.55])
-    for mix in (0.0, 0.5, 1.0):
-        overrides = ["experiment=digits_default", f"gate.know_prior_mix={mix}"]
-        cfg = compose_config(overrides).gate
-        shift = get("knowgate").prior_shift(cfg, own_labels, CLASSES, shared=2)
-        assert shift is not None and shift.own_share
+    cfg = compose_config(["experiment=digits_default"]).gate
+    estimated = get("knowgate").prior_shift(cfg, own_labels, CLASSES, shared=2)
+    assert estimated is not None and estimated.own_share and estimated.mix is None
+    for mix in (0.0, 0.5, 1.0):  # the share is the mix: fixed here to read it
+        shift = replace(estimated, mix=mix)
         blended = _finish(replace(shift, own_share=False), head=head)
         shared = _finish(shift, head=head)
         assert torch.equal(shared[0], _finish(None, head=head)[0])
         for row in (1, 2):
             torch.testing.assert_close(shared[row], (1 - mix) * blended[row] + mix * own)
     assert torch.equal(_finish(shift, mode="oracle", head=head), _finish(None, mode="oracle"))
+    with pytest.raises(ConfigError, match="'gate.know_own_share'"):  # every task would get 2/3
+        compose_config(["experiment=digits_default", "gate.know_prior_mix=0.67"])

@@ -77,6 +77,13 @@ class KnowGate(Gate):
             f"must be null (estimated per task) or in [0, 1], got {g.know_prior_mix}",
         )
         require(
+            not g.know_own_share or g.know_prior_mix is None,
+            "gate.know_own_share",
+            "the own share is each task's estimated mix: needs gate.know_prior_mix=null (a fixed "
+            f"mix of {g.know_prior_mix} would hand every task, balanced ones too, that share of "
+            "the device's own model)",
+        )
+        require(
             not used or bool(cfg.expert.shared_expert),
             "expert.shared_expert",
             "knowgate falls back on the shared expert: use expert=with_shared",
@@ -124,7 +131,7 @@ class KnowGate(Gate):
         self, gate_cfg: Any, own_labels: torch.Tensor, num_classes: int, shared: int | None
     ) -> PriorShift | None:
         weight = float(gate_cfg.know_prior_weight)
-        if weight == 0 or shared is None:
+        if (weight == 0 and not gate_cfg.know_own_share) or shared is None:
             return None
         mix = gate_cfg.know_prior_mix
         return PriorShift(
