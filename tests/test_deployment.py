@@ -147,6 +147,13 @@ def crashed_runs(crash: dict[str, Any]) -> dict[str, Any]:
         "killed": crash["killed"],
         "status": statuses,
         "logs": {name: deployment.logs(run_id) for name, run_id in crash["runs"].items()},
+        # what the SuperLink refused or gave up (a reply it would not store, a node it declared
+        # offline): said on failure, next to the run's own log
+        "superlink_warnings": [
+            line
+            for line in (deployment.logs_dir / "superlink.log").read_text().splitlines()
+            if "ERROR" in line or "WARNING" in line
+        ][-40:],
         "results": {
             name: results_of(out) if (out / "results.json").is_file() else {}
             for name, out in crash["outs"].items()
@@ -344,7 +351,12 @@ def test_run_finishes_without_the_dropped_node_and_names_it(crashed_runs: dict[s
     # intermittent: a whole stage-1 attempt has waited out its timeout with every node dropped,
     # though the live nodes' executors answered in seconds; the run's log says what it saw
     log_tail = crashed_runs["logs"]["tolerant"][-6000:]
-    assert dropped and all(entry["clients"] == [VICTIM] for entry in dropped), (dropped, log_tail)
+    superlink = crashed_runs["superlink_warnings"]
+    assert dropped and all(entry["clients"] == [VICTIM] for entry in dropped), (
+        dropped,
+        log_tail,
+        superlink,
+    )
     stage1 = [entry["round"] for entry in dropped if entry["stage"] == "fe_ce"]
     assert stage1 and min(stage1) > KILL_AFTER_ROUND
     history = {h["round"]: h["replies"] for h in results["history"] if h["stage"] == "fe_ce"}
