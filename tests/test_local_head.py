@@ -33,6 +33,24 @@ def _local_accuracies(live: LiveNode, methods: list[str]) -> list[float]:
     return wire.Accuracies.from_message(reply).acc_local
 
 
+def _fine_tuned_by_hand(live: LiveNode, module: torch.nn.Module) -> torch.nn.Module:
+    """`module` trained as stage 2 trains a local head: no pull, every labelled image, the
+    expert's schedule and seed."""
+    node = open_node(live.context)
+    x, y = node.split("train")
+    ex = live.cfg.expert
+    train_classifier(
+        module,
+        node.features(x),
+        y,
+        epochs=int(ex.epochs),
+        lr=float(ex.lr),
+        batch_size=int(ex.batch_size),
+        seed=node.seed(3),
+    )
+    return module
+
+
 def test_the_local_head_is_a_plain_fine_tuning_on_every_labelled_image(
     tmp_path: Path, task_identity: None
 ) -> None:
@@ -43,19 +61,9 @@ def test_the_local_head_is_a_plain_fine_tuning_on_every_labelled_image(
     live = fine_tuned_from_shared(tmp_path, ["expert.proximal=1000", "expert.local_head=true"])
     assert float(live.cfg.expert.gate_holdout_fraction) > 0  # the expert holds images out
     node = open_node(live.context)
-    x, y = node.split("train")
+    _, y = node.split("train")
     assert len(y) > len(node.split("expert")[1])
-    reference = _module(live, "model/shared_expert")
-    ex = live.cfg.expert
-    train_classifier(
-        reference,
-        node.features(x),
-        y,
-        epochs=int(ex.epochs),
-        lr=float(ex.lr),
-        batch_size=int(ex.batch_size),
-        seed=node.seed(3),
-    )
+    reference = _fine_tuned_by_hand(live, _module(live, "model/shared_expert"))
     head, expert = _group(live, HEAD), _group(live, EXPERT)
     for key, value in state_numpy(reference).items():
         np.testing.assert_array_equal(head[key], value)
@@ -136,18 +144,7 @@ def test_a_local_head_from_stage1_is_stage1s_head_fine_tuned(
         tmp_path, ["expert.proximal=1.0", "expert.local_head=true", "expert.local_head_init=stage1"]
     )
     node = open_node(live.context)
-    reference = node.installed_bundle().head
-    x, y = node.split("train")
-    ex = live.cfg.expert
-    train_classifier(
-        reference,
-        node.features(x),
-        y,
-        epochs=int(ex.epochs),
-        lr=float(ex.lr),
-        batch_size=int(ex.batch_size),
-        seed=node.seed(3),
-    )
+    reference = _fine_tuned_by_hand(live, node.installed_bundle().head)
     head = _group(live, HEAD)
     assert set(head) == set(state_numpy(reference))
     for key, value in state_numpy(reference).items():
