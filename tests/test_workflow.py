@@ -53,6 +53,8 @@ README_OVERRIDES = (
     "topology=ring",
     "topology=regular topology.degree=3",
     "expert=with_shared",
+    "expert=with_shared expert.local_head=true expert.local_head_init=stage1 gate=knowgate "
+    "gate.know_own_share=true",
     "seed=3",
 )
 BAD_OVERRIDES = (  # (override, pattern the error message must contain)
