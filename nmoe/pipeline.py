@@ -92,8 +92,8 @@ def apply_prior_shift(
             combined[task], shared_probs[task], prior, shift.weight, keep[task]
         )
         if shift.own_share:
-            shared_by_own = (1 - mix) * part + mix * own_probs[task]
-            part = torch.where(keep[task].unsqueeze(1), part, shared_by_own)
+            with_own = (1 - mix) * part + mix * own_probs[task]
+            part = torch.where(keep[task].unsqueeze(1), part, with_own)
         parts.append(part)
     return torch.cat(parts) if parts else combined[:0]
 
