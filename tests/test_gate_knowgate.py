@@ -123,6 +123,7 @@ def stage1_slot_results(tmp_path_factory) -> dict:
             "expert=with_shared",
             "expert.shared_model=stage1",
             "gate.know_max_ratio=1e-9",  # nobody knows anything
+            "gate.know_own_share=true",  # ... so no row takes the device's own share either
             "gate.local_first_quantile=0",
             "simulation.num_clients=3",
             "baselines=[fedavg]",
