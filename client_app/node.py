@@ -157,9 +157,8 @@ class Node:
         """The head that answers this device's own local-first rows where `expert.local_head`
         trained one, else None (its expert does)."""
         held = self.state.get(LOCAL_HEAD_GROUP) if self.state.has(LOCAL_HEAD_GROUP) else None
-        return held_local_head(
-            self.cfg, self.num_classes, held, lambda: self.installed_bundle().head
-        )
+        # the head's every key is loaded from `held`: a fresh bundle's head is the shape to fill
+        return held_local_head(self.cfg, self.num_classes, held, lambda: self.bundle().head)
 
     def extractor(self) -> torch.nn.Module:
         """The installed F, built once per call: reuse it for several batches."""
