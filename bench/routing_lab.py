@@ -485,6 +485,7 @@ def rule_gate(options: dict[str, Any]) -> Rule:
     from types import SimpleNamespace
 
     from nmoe import gates
+    from nmoe.models import mean_of_probabilities
     from nmoe.pipeline import apply_prior_shift
     from nmoe.routing import combine, familiarity
 
@@ -519,6 +520,8 @@ def rule_gate(options: dict[str, Any]) -> Rule:
         head = d.get(str(options.get("local_head_source", "local_head")))
         if not options.get("local_head", True):
             head = None
+        if head is not None and options.get("own_model") == "head_and_expert":  # `Node.own_model`
+            head = mean_of_probabilities(head, d["logits"][:, i])
         if float(cfg.local_first_quantile) > 0 and head is not None:  # as `plan_query`
             logits = logits.clone()
             logits[local, i] = head[local]
@@ -551,7 +554,12 @@ def preset_options(preset_name: str = "panel_digits") -> dict[str, Any]:
         "local_first_class_min",
     ]
     options = {key: gate[key] for key in keys}
-    return {"method": str(gate.method), "shared_model": str(cfg.expert.shared_model), **options}
+    return {
+        "method": str(gate.method),
+        "shared_model": str(cfg.expert.shared_model),
+        "own_model": str(cfg.expert.own_model),
+        **options,
+    }
 
 
 KNOWGATE_DEFAULTS = preset_options()
@@ -562,6 +570,7 @@ KNOWGATE_BEFORE = {
     "local_first_class_confidence": 0.0,
     "know_prior_weight": 0.0,
     "know_own_share": False,
+    "own_model": "local_head",
 }
 # the knowgate grid searched on the lab's (held-out) seeds. A first search chose the defaults of
 # 2026-11-25 (know_quantile 0.5/0.7/0.9, own_bias 1.0-2.0, k 1-3, temperature 0.1/0.3); a second
@@ -580,8 +589,9 @@ TWELFTH_PRIOR = {  # the twelfth session's blend (no own share then)
     "know_prior_weight": 0.5,
     "know_prior_mix": 2 / 3,
     "know_own_share": False,
+    "own_model": "local_head",
 }
-GRID_BASE = {**KNOWGATE_DEFAULTS, "know_own_share": False}  # the grid predates the own share
+GRID_BASE = {**KNOWGATE_DEFAULTS, "know_own_share": False, "own_model": "local_head"}  # earlier
 KNOWGATE_GRID = {
     "local_head": [True, False],
     "know_prior_weight": [0.0, 0.3, 0.5, 0.7, 1.0],
@@ -606,8 +616,15 @@ RULES: dict[str, Rule] = {
     # the fifteenth session's question: each task's own share (`gate.know_own_share`), from a
     # local head fine-tuned from stage 1's head (`expert.local_head_init=stage1`; on federations
     # trained before it, the `shared_fe_own_head` baseline's head, the same recipe)
-    "knowgate_without_own_share": rule_gate({**KNOWGATE_DEFAULTS, "know_own_share": False}),
+    "knowgate_without_own_share": rule_gate(
+        {**KNOWGATE_DEFAULTS, "know_own_share": False, "own_model": "local_head"}
+    ),
     "knowgate_own_head": rule_gate({**KNOWGATE_DEFAULTS, "local_head_source": "own_head"}),
+    # the sixteenth session's question: the own rows and share answered by the head alone (the
+    # fifteenth session's default) or by the mean of the head's and the expert's probabilities
+    "knowgate_own_head_alone": rule_gate(
+        {**KNOWGATE_DEFAULTS, "local_head_source": "own_head", "own_model": "local_head"}
+    ),
     "stage1_task_prior": rule_stage1_task_prior,
     "pooled_label_gate": pooled_rule("gate"),
     "pooled_label_stack": pooled_rule("stack"),

@@ -574,8 +574,8 @@ def route_rows(
     own_feats = forward_batched(fe, node.data.train_x) if quantile > 0 else None
     local = node.local_rows(feats, own_feats, quantile) if own_feats is not None else None
     shift = node.prior_shift(gates.get(request.gate)) if gated else None
-    # the local head answers the local-first rows and, with the own share, its part of every row
-    own_model = node.local_head() if local is not None or (shift and shift.own_share) else None
+    # the own model answers the local-first rows and, with the own share, its part of every row
+    own_model = node.own_model() if local is not None or (shift and shift.own_share) else None
     plan = plan_query(feats, weights, node.local_experts(), node.pid, local, own_model)
     own_ratio = None
     if gated and gates.get(request.gate).asks_familiarity:

@@ -46,7 +46,7 @@ class DeviceService:
         self.inbox = node.inbox()
         self.fe = node.extractor()
         self.experts = node.local_experts()  # its own expert and the shared slot
-        self.own_model = node.local_head()  # None: its expert answers its own rows
+        self.own_model = node.own_model()  # None: its expert answers its own rows
         gate = gates.get(str(node.cfg.gate.method))
         self.gate_name = gate.name
         self.shift = node.prior_shift(gate)  # None for gates with no wave-3 blend

@@ -31,7 +31,14 @@ from nmoe.data import (
 from nmoe.datasets import DatasetInfo, dataset_info
 from nmoe.device_data import load_device_data
 from nmoe.inbox import Inbox
-from nmoe.models import ExtractorBundle, build_bundle, build_expert, load_numpy, stage1_keys
+from nmoe.models import (
+    ExtractorBundle,
+    MeanOfProbabilities,
+    build_bundle,
+    build_expert,
+    load_numpy,
+    stage1_keys,
+)
 from nmoe.pipeline import PriorShift
 from nmoe.routing import (
     familiarity_radius,
@@ -159,6 +166,15 @@ class Node:
         held = self.state.get(LOCAL_HEAD_GROUP) if self.state.has(LOCAL_HEAD_GROUP) else None
         # the head's every key is loaded from `held`: a fresh bundle's head is the shape to fill
         return held_local_head(self.cfg, self.num_classes, held, lambda: self.bundle().head)
+
+    def own_model(self) -> torch.nn.Module | None:
+        """What answers this device's own rows (local-first) and its own share of each task
+        (`expert.own_model`): its local head, or the mean of the head's and its expert's
+        probabilities; None: its expert (no local head)."""
+        head = self.local_head()
+        if head is None or self.cfg.expert.get("own_model", "local_head") == "local_head":
+            return head
+        return MeanOfProbabilities(head, self.expert())
 
     def extractor(self) -> torch.nn.Module:
         """The installed F, built once per call: reuse it for several batches."""

@@ -103,6 +103,23 @@ class Expert(nn.Module):
         return self.net(h)
 
 
+def mean_of_probabilities(*logits: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax is the mean of the members' class probabilities (the log of it)."""
+    probs = torch.stack([torch.softmax(z, dim=-1) for z in logits]).mean(dim=0)
+    return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+
+
+class MeanOfProbabilities(nn.Module):
+    """Several classifiers answering as one: `mean_of_probabilities` of their logits."""
+
+    def __init__(self, *members: nn.Module) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return mean_of_probabilities(*(m(h) for m in self.members))
+
+
 class Gate(nn.Module):
     """Gate G: features -> one score per expert id. `trunk` and `head` sync separately."""
 
