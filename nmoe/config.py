@@ -175,9 +175,9 @@ class ExpertConfig:
     # the expert is that head) or from stage 1's head on F (`stage1`: FedRep's personal head)
     local_head: bool = False
     local_head_init: str = "shared_expert"
-    # what answers the device's own rows (local-first) and its own share: the local head where it
-    # holds one, else its expert (`local_head`), or the mean of the local head's and the expert's
-    # class probabilities (`head_and_expert`, needs local_head)
+    # what answers the device's own rows (local-first) and its own share: its local head
+    # (`local_head`) or the mean of the local head's and its expert's class probabilities
+    # (`head_and_expert`); without a local head (local_head=false), its expert either way
     own_model: str = "local_head"
     shared_model: str = "expert"  # the shared slot: "expert" (H_0) or "stage1" (F + its head)
 
@@ -423,11 +423,6 @@ def validate(cfg: DictConfig) -> None:
         f"'stage1' needs a stage 1 that trains a head (fedce, hybrid), not {cfg.fe.method}",
     )
     _choice(cfg.expert.own_model, "expert.own_model", OWN_MODELS)
-    _require(
-        cfg.expert.own_model != "head_and_expert" or bool(cfg.expert.local_head),
-        "expert.own_model",
-        "'head_and_expert' averages the local head with the expert: needs expert.local_head=true",
-    )
     _require(
         not cfg.expert.init_from_shared or bool(cfg.expert.shared_expert),
         "expert.init_from_shared",

@@ -159,16 +159,19 @@ def test_a_local_head_from_stage1_is_stage1s_head_fine_tuned(
     assert head_acc == pytest.approx(by_hand)
 
 
-def test_wave_one_answers_the_rows_kept_on_the_device_with_the_local_head(
-    tmp_path: Path, task_identity: None
+@pytest.mark.parametrize("own_model", ["local_head", "head_and_expert"])
+def test_wave_one_answers_the_rows_kept_on_the_device_with_its_own_model(
+    tmp_path: Path, task_identity: None, own_model: str
 ) -> None:
     """A device routes its own training images (every one local-first): the logits it keeps for
-    its own slot are its local head's, not its proximal expert's."""
+    its own slot are its own model's (`expert.own_model`): its local head's, or logits whose
+    probabilities are the mean of the head's and the proximal expert's; never the expert's."""
     live = fine_tuned_from_shared(
         tmp_path,
         [
             "expert.proximal=1000",
             "expert.local_head=true",
+            f"expert.own_model={own_model}",
             "gate.local_first_quantile=1.0",
             "gate.local_first_class_confidence=0",
             "seal_payloads=false",
@@ -179,10 +182,22 @@ def test_wave_one_answers_the_rows_kept_on_the_device_with_the_local_head(
     kept = _group(live, "scratch/pending.q")
     node_feats = _features(live, "train")
     with torch.no_grad():
-        head, expert = (_module(live, name)(node_feats).numpy() for name in (HEAD, EXPERT))
-    np.testing.assert_allclose(kept["local.0"], head, rtol=1e-5, atol=1e-5)
-    assert np.abs(kept["local.0"] - expert).max() > 1e-2
+        head, expert = (_module(live, name)(node_feats) for name in (HEAD, EXPERT))
+    probs = torch.softmax(torch.from_numpy(kept["local.0"]), dim=1)
+    want = torch.softmax(head, dim=1)
+    if own_model == "head_and_expert":
+        want = (want + torch.softmax(expert, dim=1)) / 2
+    torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-6)
+    assert (probs - torch.softmax(expert, dim=1)).abs().max() > 1e-2
     assert (kept["weights"][:, 0] == 1).all()
+
+
+def test_the_own_model_is_a_known_choice() -> None:
+    from nmoe.config import ConfigError, compose_config
+
+    assert compose_config(["experiment=digits_default"]).expert.own_model == "head_and_expert"
+    with pytest.raises(ConfigError, match="'expert.own_model'"):
+        compose_config(["experiment=digits_default", "expert.own_model=expert"])
 
 
 def _module(live: LiveNode, group: str) -> torch.nn.Module:
