@@ -206,6 +206,15 @@ def rule_own(fed: Federation, i: int, split: str) -> torch.Tensor:
     return probs_of(fed, i, split)[:, i]
 
 
+def rule_own_head_and_expert(fed: Federation, i: int, split: str) -> torch.Tensor:
+    """The device's own model alone (`expert.own_model=head_and_expert`): the mean of the
+    `shared_fe_own_head` baseline's head's probabilities and its own expert's, never routed."""
+    from nmoe.models import mean_of_probabilities
+
+    d = fed.data[i][split]
+    return torch.softmax(mean_of_probabilities(d["own_head"], d["logits"][:, i]), dim=1)
+
+
 def rule_oracle(fed: Federation, i: int, split: str) -> torch.Tensor:
     from nmoe.pipeline import oracle_weights
 
@@ -602,6 +611,7 @@ RULES: dict[str, Rule] = {
     "fedavg": rule_fedavg,
     "shared_expert": rule_shared,
     "own_expert": rule_own,
+    "own_head_and_expert": rule_own_head_and_expert,
     "oracle": rule_oracle,
     "own_or_stage1_oracle": rule_own_or_stage1_oracle,
     "class_oracle": rule_class_oracle,
