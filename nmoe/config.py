@@ -47,10 +47,9 @@ AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 # frozen F, or stage 1's own global model (F + its head: what `fedavg` is under FedCE)
 SHARED_MODELS = ("expert", "stage1")
 LOCAL_HEAD_INITS = ("shared_expert", "stage1")  # what `expert.local_head` is fine-tuned from
-OWN_MODELS = (
-    "local_head",
-    "head_and_expert",
-)  # what answers a device's own rows (`expert.own_model`)
+# what answers a device's own rows (`expert.own_model`): its local head, or the mean of the head's
+# and its expert's probabilities
+OWN_MODELS = ("local_head", "head_and_expert")
 
 
 class ConfigError(ValueError):
