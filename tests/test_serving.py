@@ -28,6 +28,11 @@ TRAIN = [
     "partition=iid",
     "expert=with_shared",
     "expert.shared_rounds=2",
+    # the device's own model on both paths: the mean of its local head's and its expert's answers
+    "expert.init_from_shared=true",
+    "expert.proximal=1.0",
+    "expert.local_head=true",
+    "expert.own_model=head_and_expert",
     "gate=knowgate",
     "gate.local_first_quantile=0.5",
     # the class check on both paths (device service and routed query): device 0 trained its
@@ -94,7 +99,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, module_task_identity: None)
     for i, pixels in enumerate(raw_pixels(data.test_x.numpy())):
         np.save(inbox / f"img-{i:04d}.npy", pixels)
     node_config = dict(nodes[10 + DEVICE].context.node_config)
-    local = DeviceService(node_config, STATE_KEY).step()
+    service = DeviceService(node_config, STATE_KEY)
+    local = service.step()
     serving = run(tmp, nodes, "serve", ["mode=serve", "serve.duration_s=1", "serve.interval_s=0.2"])
     return {
         "trained": trained,
@@ -104,6 +110,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, module_task_identity: None)
         "outbox": read_outbox(tmp / f"node{DEVICE}" / "outbox"),
         "count": len(data.test_y),
         "inbox": inbox,
+        "service": service,
+        "test_x": data.test_x,
     }
 
 
@@ -121,6 +129,20 @@ def test_every_inbox_image_is_answered_in_the_outbox(served) -> None:
         served["serving"]["extra"]["serving"]["answered"][str(DEVICE)]
         == served["local"]["federated"]
     )
+
+
+def test_the_device_answers_its_own_rows_with_its_own_model(served) -> None:
+    """The rows the device keeps are answered by the mean of its local head's and its expert's
+    probabilities (`expert.own_model=head_and_expert`), as wave 1 answers them."""
+    import torch
+
+    node = served["service"].node
+    feats = node.features(served["test_x"])
+    with torch.no_grad():
+        got = torch.softmax(served["service"].own_model(feats), dim=1)
+        head, expert = (torch.softmax(m(feats), dim=1) for m in (node.local_head(), node.expert()))
+    torch.testing.assert_close(got, (head + expert) / 2)
+    assert (head - expert).abs().max() > 1e-2  # two different models
 
 
 def test_outbox_predictions_equal_the_routed_evaluation(served) -> None:
