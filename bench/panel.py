@@ -71,7 +71,8 @@ DATASET_SETTINGS = {
     if (CONF_DIR / "experiment" / f"{preset(name)}.yaml").is_file()
 }
 PERSONAL_BASELINES = ("shared_fe_own_head", "local_only")
-PERSONAL = ("local_expert", "local_head", *PERSONAL_BASELINES)  # local_head: expert.local_head
+# local_head: with expert.local_head; own_model: with expert.own_model=head_and_expert
+PERSONAL = ("local_expert", "local_head", "own_model", *PERSONAL_BASELINES)
 ORACLE, FEDAVG, NMOE, CENTRALIZED = "oracle_router", "fedavg", "nmoe", "centralized"
 TASK_PRIOR = "fedavg_task_prior"  # fedavg with wave 3's label-shift correction, no experts
 REFERENCES = (ORACLE, CENTRALIZED)  # not deployable methods: left out of the Pareto front

@@ -453,8 +453,9 @@ def evaluate(node: Node, request: wire.EvaluateRequest) -> wire.Accuracies:
         fedavg = node.bundle(node.state.get(FEDAVG_GROUP), "fedce")
     answerers: list[Callable] = []
     for method in request.methods:
-        if method in ("local_expert", "local_head"):
-            own = node.expert() if method == "local_expert" else node.local_head()
+        if method in ("local_expert", "local_head", "own_model"):
+            held = {"local_expert": node.expert, "local_head": node.local_head}
+            own = held.get(method, node.own_model)()
             if own is None:
                 raise ValueError("this node holds no local head (expert.local_head)")
             model: Callable = lambda x, e=own: e(bundle.fe(x))

@@ -75,6 +75,7 @@ SPLITS = ("train", "gate", "test", "global", "inbox")
 LOCAL_EVAL_METHODS = (
     "local_expert",
     "local_head",
+    "own_model",
     "fedavg",
     "fedavg_task_prior",
     "shared_fe_own_head",

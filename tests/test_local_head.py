@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 
 from client_app.node import open_node
 from client_app.state import PersonalState, read_state_file
@@ -192,6 +193,42 @@ def test_wave_one_answers_the_rows_kept_on_the_device_with_its_own_model(
     assert (kept["weights"][:, 0] == 1).all()
 
 
+def test_the_evaluation_reports_the_own_model_as_the_mean_of_head_and_expert(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """`own_model` is scored with the mean of the local head's and the expert's probabilities.
+    Here each model answers one distribution whatever the row: the head 0.5 on the device's
+    commonest test class a and 0.45 on a third class c, the expert 0.5 on its second class b and
+    0.45 on c. Each alone picks its own class, their mean picks c: three different accuracies,
+    each the share of its class in the local test."""
+    live = fine_tuned_from_shared(
+        tmp_path,
+        ["expert.proximal=1000", "expert.local_head=true", "expert.own_model=head_and_expert"],
+    )
+    _, test_y = open_node(live.context).split("test")
+    a, b, c = torch.bincount(test_y, minlength=10).argsort(descending=True)[:3].tolist()
+    for group, top in ((HEAD, a), (EXPERT, b)):
+        probs = torch.full((10,), 0.05 / 8)
+        probs[top], probs[c] = 0.5, 0.45
+        live.context.state[group] = ArrayRecord(
+            {k: Array(v) for k, v in _answers_always(live, probs).items()}
+        )
+    accuracies = _local_accuracies(live, ["local_head", "local_expert", "own_model"])
+    shares = [float((test_y == k).float().mean()) for k in (a, b, c)]
+    assert accuracies == pytest.approx(shares)
+    assert len(set(shares)) == 3, shares  # the check tells the three models apart
+
+
+def _answers_always(live: LiveNode, probs: torch.Tensor) -> dict[str, np.ndarray]:
+    """An expert's parameters whose output is log(probs) on every row: a zero last layer."""
+    module = build_expert(live.cfg.model, 10, 0)
+    last = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(probs.log())
+    return state_numpy(module)
+
+
 def test_the_own_model_is_a_known_choice() -> None:
     from nmoe.config import ConfigError, compose_config
 
@@ -213,7 +250,8 @@ def _features(live: LiveNode, split: str) -> torch.Tensor:
 
 def test_a_run_reports_the_local_head_beside_the_expert(tmp_path: Path) -> None:
     """With `expert.local_head`, results.json has `local_head` per client beside `local_expert`,
-    and both differ; without it, no `local_head`."""
+    and both differ; without it, no `local_head`; with `expert.own_model=head_and_expert` also
+    `own_model`, their mean."""
     common = [
         "experiment=smoke",
         "simulation.num_clients=2",
@@ -225,11 +263,22 @@ def test_a_run_reports_the_local_head_beside_the_expert(tmp_path: Path) -> None:
         "baselines=[]",
     ]
     on = simulate(tmp_path / "on", [*common, "expert.proximal=1000", "expert.local_head=true"])
+    mean = simulate(
+        tmp_path / "mean",
+        [
+            *common,
+            "expert.proximal=1000",
+            "expert.local_head=true",
+            "expert.own_model=head_and_expert",
+        ],
+    )
     off = simulate(tmp_path / "off", [*common, "expert.proximal=1000"])
     head, expert = on["accuracy"]["local_head"], on["accuracy"]["local_expert"]
     assert len(head["per_client"]) == 2 and head["per_client"] != expert["per_client"]
     assert expert == off["accuracy"]["local_expert"]  # the expert is the same with or without
     assert "local_head" not in off["accuracy"]
+    assert "own_model" not in on["accuracy"]  # the own model is the head: reported as local_head
+    assert mean["accuracy"]["local_head"] == head and "own_model" in mean["accuracy"]
 
 
 @pytest.mark.usefixtures("task_identity")

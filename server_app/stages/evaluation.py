@@ -98,9 +98,12 @@ def evaluate_routed(run: Run, gate_names: list[str], nmoe_gate: str) -> None:
 
 
 def evaluate_local(run: Run) -> None:
-    """Methods answered on each client alone: own expert, local head, F + global head (alone and
-    moved to each task's label prior), F + own head."""
+    """Methods answered on each client alone: own expert, local head, the device's own model
+    where it is the mean of the two, F + global head (alone and moved to each task's label
+    prior), F + own head."""
     methods = ["local_expert"] + (["local_head"] if run.cfg.expert.local_head else [])
+    if run.cfg.expert.local_head and run.cfg.expert.own_model == "head_and_expert":
+        methods.append("own_model")
     methods += [
         m for m in ("fedavg", "fedavg_task_prior", "shared_fe_own_head") if m in run.cfg.baselines
     ]
