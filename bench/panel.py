@@ -342,11 +342,17 @@ def markdown(analysis: dict[str, Any]) -> str:
 
 def plot(analysis: dict[str, Any], out_dir: Path) -> list[Path]:
     """Local vs global accuracy, one panel per setting, one figure per dataset."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     paths = []
     for dataset, settings in analysis.items():
+        # one colour per method, the same in every setting: tab20's ten dark hues, then the light
+        methods = sorted({m for entry in settings.values() for m in entry["methods"]})
+        colour = {
+            m: colormaps["tab20"]((2 * i) % 20 + (2 * i) // 20) for i, m in enumerate(methods)
+        }
         fig = Figure(figsize=(FIGSIZE[0] * len(settings), FIGSIZE[1]))
         axes = fig.subplots(1, len(settings), squeeze=False)[0]
         for ax, (setting, entry) in zip(axes, settings.items(), strict=True):
@@ -356,6 +362,7 @@ def plot(analysis: dict[str, Any], out_dir: Path) -> list[Path]:
                     row["global_mean"],
                     xerr=row["local_std"] if not math.isnan(row["local_std"]) else None,
                     yerr=row["global_std"] if not math.isnan(row["global_std"]) else None,
+                    color=colour[method],
                     marker="*" if method == NMOE else "o",
                     markersize=12 if method == NMOE else 6,
                     linestyle="none",
