@@ -454,8 +454,12 @@ def evaluate(node: Node, request: wire.EvaluateRequest) -> wire.Accuracies:
     answerers: list[Callable] = []
     for method in request.methods:
         if method in ("local_expert", "local_head", "own_model"):
-            held = {"local_expert": node.expert, "local_head": node.local_head}
-            own = held.get(method, node.own_model)()
+            held = {
+                "local_expert": node.expert,
+                "local_head": node.local_head,
+                "own_model": node.own_model,
+            }
+            own = held[method]()
             if own is None:
                 raise ValueError("this node holds no local head (expert.local_head)")
             model: Callable = lambda x, e=own: e(bundle.fe(x))

@@ -172,7 +172,7 @@ class Node:
         (`expert.own_model`): its local head, or the mean of the head's and its expert's
         probabilities; None: its expert (no local head)."""
         head = self.local_head()
-        if head is None or self.cfg.expert.get("own_model", "local_head") == "local_head":
+        if head is None or self.cfg.expert.own_model == "local_head":
             return head
         return MeanOfProbabilities(head, self.expert())
 
